@@ -1,0 +1,1 @@
+"""Pure-ASGI middleware: request context and access log, auth, metadata."""

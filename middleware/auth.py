@@ -1,0 +1,64 @@
+"""Authentication of team keys on provider routes.
+
+The key is taken from ``Authorization: Bearer sk_…`` (OpenAI SDK, curl) or ``x-api-key: sk_…``
+(Anthropic SDK). A cached key costs a dict read; an uncached one one store query. A missing or
+unknown key gets a 401 shaped as the provider's error, and nothing reaches the upstream.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from middleware.context import request_info
+from service import keys
+from service.errors import AuthenticationFailed, ServiceUnavailable
+from service.respond import send_error
+from service.store import StoreUnavailableError
+from service.teams import UNKNOWN, TeamDirectory
+
+MISSING = AuthenticationFailed(
+    "Missing API key: send your gateway key as 'Authorization: Bearer sk_…' or 'x-api-key: sk_…'."
+)
+INVALID = AuthenticationFailed("Invalid API key: the key is unknown, rotated or revoked.")
+
+
+def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    bearer = api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            if value[:7].lower() == b"bearer ":
+                bearer = value[7:].strip().decode("latin-1")
+        elif name == b"x-api-key":
+            api_key = value.strip().decode("latin-1")
+    if bearer and keys.is_well_formed(bearer):
+        return bearer
+    return api_key or bearer
+
+
+class Auth:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        info = request_info(scope)
+        key = presented_key(scope["headers"])
+        if not key:
+            await send_error(send, MISSING, info.error_shape, info.request_id)
+            return
+        team = None
+        if keys.is_well_formed(key):
+            teams: TeamDirectory = scope["state"]["teams"]
+            digest = keys.digest(key)
+            team = teams.peek(digest)
+            if team is None:
+                try:
+                    team = await teams.load(digest)
+                except StoreUnavailableError:
+                    error = ServiceUnavailable("The key store is unavailable; try again shortly.")
+                    await send_error(send, error, info.error_shape, info.request_id)
+                    return
+        if team is None or team is UNKNOWN:
+            await send_error(send, INVALID, info.error_shape, info.request_id)
+            return
+        info.team = team
+        await self.app(scope, receive, send)

@@ -1,0 +1,251 @@
+"""The shared relay: one provider request in, the upstream's answer streamed back unchanged.
+
+Bytes in, bytes out: the request body is streamed up as it arrives (or sent as is when it came in
+one piece), the upstream's status, headers and body chunks are passed back as they arrive, never
+decompressed, parsed or buffered whole. The upstream response is released here, also when the
+client disconnects, which cancels the upstream call at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
+
+from config import Settings
+from middleware.context import RequestInfo, request_info
+from providers.base import Provider
+from service.errors import (
+    GatewayError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from service.respond import send_error
+
+log = structlog.get_logger("gateway.relay")
+
+REST_KEY = "gateway.rest"
+
+# Never forwarded up: hop-by-hop headers, the host, the team's credentials, and the headers the
+# gateway sets itself.
+_DROP_UP = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"authorization",
+        b"x-api-key",
+        b"cf-aig-authorization",
+        b"cf-aig-metadata",
+    }
+)
+# Never passed back down: hop-by-hop headers (the server frames the response itself) and the
+# upstream's Date (the server sends its own; a response has one).
+_DROP_DOWN = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"te",
+        b"date",
+    }
+)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the request body was complete."""
+
+
+class Relay:
+    def __init__(self, provider: Provider, settings: Settings) -> None:
+        self.provider = provider
+        self.base = f"{settings.ai_gateway_url}/{provider.name}/" if settings.ai_gateway_url else None
+        self.added = provider.upstream_headers(settings)
+        self.timeout = settings.upstream_timeout_seconds
+        self.max_body = settings.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        info = request_info(scope)
+        if self.base is None:
+            error = ServiceUnavailable(
+                "The gateway has no upstream: set AI_GATEWAY_URL to enable provider routes."
+            )
+            await send_error(send, error, info.error_shape, info.request_id)
+            return
+
+        headers: list[tuple[str, str]] = []
+        declared_length = None
+        for name, value in scope["headers"]:
+            if name in _DROP_UP:
+                continue
+            if name == b"content-length":
+                declared_length = value
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers.extend(self.added)
+        headers.append(("cf-aig-metadata", info.metadata or ""))
+        if declared_length is not None and (
+            not declared_length.isdigit() or int(declared_length) > self.max_body
+        ):
+            await send_error(send, self._too_large(), info.error_shape, info.request_id)
+            return
+
+        query = scope["query_string"]
+        target = self.base + self.provider.upstream_path(scope[REST_KEY])
+        url = URL(target + "?" + query.decode("latin-1") if query else target, encoded=True)
+
+        task = asyncio.current_task()
+        assert task is not None
+        state = _Exchange(task, receive)
+        try:
+            first = await receive()
+            if first["type"] == "http.disconnect":
+                return
+            body = first.get("body", b"")
+            info.bytes_in = len(body)
+            data: bytes | AsyncIterator[bytes] | None
+            if first.get("more_body", False):
+                data = self._stream_body(body, receive, state, info)
+            else:
+                data = body or None
+                state.watch()
+            await self._exchange(scope, url, headers, data, send, state, info)
+        except asyncio.CancelledError:
+            if not state.client_gone:
+                raise
+            task.uncancel()
+            info.truncated = info.status != 0
+        finally:
+            state.stop()
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
+
+    async def _stream_body(
+        self, first: bytes, receive: Receive, state: _Exchange, info: RequestInfo
+    ) -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state.client_gone = True
+                raise ClientGone
+            chunk = message.get("body", b"")
+            info.bytes_in += len(chunk)
+            if info.bytes_in > self.max_body:
+                state.too_large = True
+                raise ClientGone
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                break
+        state.watch()
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        url: URL,
+        headers: list[tuple[str, str]],
+        data: bytes | AsyncIterator[bytes] | None,
+        send: Send,
+        state: _Exchange,
+        info: RequestInfo,
+    ) -> None:
+        session: aiohttp.ClientSession = scope["state"]["http"]
+        error: GatewayError | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                response = await session.request(
+                    scope["method"], url, headers=headers, data=data, allow_redirects=False
+                )
+        except TimeoutError:
+            error = UpstreamTimeout(f"The upstream sent no response within {self.timeout:g} seconds.")
+        except (aiohttp.ClientError, OSError, ClientGone) as exc:
+            if state.client_gone:
+                return
+            if state.too_large:
+                error = self._too_large()
+            else:
+                log.warning("upstream_unavailable", request_id=info.request_id, error=type(exc).__name__)
+                error = UpstreamUnavailable(
+                    "The upstream refused or dropped the connection before answering."
+                )
+        if error is not None:
+            await send_error(send, error, info.error_shape, info.request_id)
+            return
+
+        clean = False
+        try:
+            info.upstream_status = response.status
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": [(k, v) for k, v in response.raw_headers if k.lower() not in _DROP_DOWN],
+                }
+            )
+            content = response.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, OSError) as exc:
+                    log.warning("upstream_truncated", request_id=info.request_id, error=type(exc).__name__)
+                    info.truncated = True
+                    return  # the server closes the connection: the client sees an abrupt end
+                last = not chunk or content.at_eof()
+                if last:
+                    state.finished = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    clean = True
+                    return
+        finally:
+            if clean:
+                response.release()
+            else:
+                response.close()
+
+
+class _Exchange:
+    """Per-request state shared by the relay and the disconnect watcher."""
+
+    __slots__ = ("client_gone", "finished", "receive", "task", "too_large", "watcher")
+
+    def __init__(self, task: asyncio.Task[object], receive: Receive) -> None:
+        self.task = task
+        self.receive = receive
+        self.client_gone = False
+        self.too_large = False
+        self.finished = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    def watch(self) -> None:
+        """Once the body is read, wait for a disconnect and cancel the relay when it comes."""
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message: Message = await self.receive()
+        if message["type"] == "http.disconnect" and not self.finished:
+            self.client_gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.finished = True
+        if self.watcher is not None:
+            self.watcher.cancel()

@@ -1,0 +1,1 @@
+"""The gateway service: app factory, token API, store, errors."""

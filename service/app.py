@@ -1,0 +1,155 @@
+"""The application: ``create_app(settings)`` wires settings, store, session pool and routes.
+
+Shape of one process::
+
+    RequestContext                       request id, timing, access line
+    └── Gateway                          prefix dispatch, no routing table on the proxy path
+        ├── /openai, /anthropic, …       ProviderMount → Auth → Metadata → Relay
+        └── everything else              Starlette: token API, /healthz, /readyz, JSON 404s
+
+The Starlette app owns the lifespan: it opens the store, the team cache and the one aiohttp
+session of this worker, and hands them to every request through lifespan state.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from config import Settings, SettingsError
+from config.logging import configure_logging
+from middleware.context import RequestContext
+from providers import REGISTRY
+from providers.mount import ProviderMount
+from service import tokens
+from service.errors import GatewayError, ServiceUnavailable
+from service.store import SQLiteStore, StoreUnavailableError
+from service.teams import TeamDirectory
+
+log = structlog.get_logger("gateway")
+
+STARTUP_FAILURE = 3  # uvicorn's supervisor stops instead of restarting a worker that exits with it
+
+
+def http_session(settings: Settings) -> aiohttp.ClientSession:
+    """The worker's one upstream session: no decompression, no cookies, no proxy from the environment."""
+    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(settings.upstream_timeout_seconds, 30)),
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        trust_env=False,
+    )
+
+
+def make_lifespan(settings: Settings) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        log.info("gateway_starting", **settings.public_view())
+        if not settings.ai_gateway_url:
+            log.warning(
+                "ai_gateway_url_unset", message="AI_GATEWAY_URL is not set: provider routes answer 503"
+            )
+        store = SQLiteStore(settings.database_path)
+        await store.open()
+        teams = TeamDirectory(store, settings.auth_cache_refresh_seconds)
+        await teams.start()
+        session = http_session(settings)
+        try:
+            yield {"http": session, "teams": teams, "store": store}
+        finally:
+            await teams.stop()
+            await session.close()
+            await store.close()
+            log.info("gateway_stopped")
+
+    return lifespan
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        await request.state.store.ping()
+    except StoreUnavailableError:
+        return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
+    return JSONResponse({"status": "ready", "store": "ok"})
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def store_error(request: Request, exc: Exception) -> Response:
+    return await gateway_error(
+        request, ServiceUnavailable("The key store is unavailable; try again shortly.")
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, exc.detail)
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+class Gateway:
+    """Dispatch by first path segment: a provider mount, or the Starlette app for the rest."""
+
+    def __init__(self, mounts: dict[str, ProviderMount], fallback: Starlette) -> None:
+        self.mounts = mounts
+        self.fallback = fallback
+        self.state = fallback.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            end = path.find("/", 1)
+            mount = self.mounts.get(path[1:end] if end > 0 else path[1:])
+            if mount is not None:
+                raw = scope.get("raw_path")
+                if raw is None:
+                    scope["raw_path"] = raw = path.encode()
+                if mount.matches(raw):
+                    await mount(scope, receive, send)
+                    return
+        await self.fallback(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> ASGIApp:
+    """Build the gateway. Without ``settings`` they are read from the environment and ``.env``;
+    a malformed value ends the process with one line naming the variable."""
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(STARTUP_FAILURE) from None
+    configure_logging(settings.log_level)
+    starlette = Starlette(
+        routes=[*tokens.routes, Route("/healthz", healthz), Route("/readyz", readyz)],
+        lifespan=make_lifespan(settings),
+        exception_handlers={
+            GatewayError: gateway_error,
+            StoreUnavailableError: store_error,
+            HTTPException: http_error,
+        },
+    )
+    starlette.state.settings = settings
+    mounts = {name: ProviderMount(provider, settings) for name, provider in REGISTRY.items()}
+    return RequestContext(Gateway(mounts, starlette))

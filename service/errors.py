@@ -1,0 +1,118 @@
+"""The gateway's errors and how a client sees them.
+
+Hierarchy::
+
+    GatewayError                 status, a message safe to show, never exception text
+    ├── BadRequest               400 malformed path, body or field
+    ├── AuthenticationFailed     401 missing or unknown key, missing or wrong admin bearer
+    ├── Forbidden                403 the feature is switched off
+    ├── NotFound                 404 unknown route or token
+    ├── PayloadTooLarge          413 body over the limit
+    ├── ServiceUnavailable       503 not configured, or the store is down
+    ├── UpstreamUnavailable      502 the upstream refused or reset before answering
+    └── UpstreamTimeout          504 no upstream response headers in time
+
+``render(error, shape, request_id)`` turns one into the JSON body a client of that shape expects, so
+the OpenAI and Anthropic SDKs raise their usual exceptions (``AuthenticationError`` for 401, …).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import orjson
+
+Shape = Literal["openai", "anthropic", "cloudflare", "plain"]
+
+
+class GatewayError(Exception):
+    status = 500
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(GatewayError):
+    status = 400
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    code = "bad_request"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    openai_type = "invalid_request_error"
+    anthropic_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    openai_type = "invalid_request_error"
+    anthropic_type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    openai_type = "invalid_request_error"
+    anthropic_type = "not_found_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    openai_type = "invalid_request_error"
+    anthropic_type = "request_too_large"
+    code = "request_too_large"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+    code = "service_unavailable"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    openai_type = "api_error"
+    anthropic_type = "timeout_error"
+    code = "upstream_timeout"
+
+
+_CLOUDFLARE_CODES = {400: 5006, 401: 10000, 403: 10001, 404: 7003, 413: 5007, 502: 5021, 503: 5022, 504: 5023}
+
+
+def render(error: GatewayError, shape: Shape, request_id: str | None = None) -> bytes:
+    """The JSON body for ``error`` in the shape a client of that provider expects."""
+    message = error.message if request_id is None else f"{error.message} (request id: {request_id})"
+    body: object
+    if shape == "openai":
+        body = {"error": {"message": message, "type": error.openai_type, "param": None, "code": error.code}}
+    elif shape == "anthropic":
+        body = {"type": "error", "error": {"type": error.anthropic_type, "message": message}}
+        if request_id is not None:
+            body["request_id"] = request_id
+    elif shape == "cloudflare":
+        code = _CLOUDFLARE_CODES.get(error.status, 5000)
+        body = {
+            "success": False,
+            "errors": [{"code": code, "message": message}],
+            "result": None,
+            "messages": [],
+        }
+    else:
+        body = {"error": message}
+    return orjson.dumps(body)

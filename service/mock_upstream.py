@@ -1,0 +1,371 @@
+"""A fake Cloudflare AI Gateway for tests, demos and benchmarks: a real aiohttp server.
+
+It serves Cloudflare's provider paths (``/openai/chat/completions``, ``/anthropic/v1/messages``,
+``/workers-ai/@cf/…``, ``/workers-ai/v1/chat/completions``, ``/openai/models``), plain and
+streaming, and records what it received (method, path, query, headers, body digest) so a test
+can check what reached the upstream. With ``token`` set it refuses calls without
+``cf-aig-authorization: Bearer {token}``, as an authenticated Cloudflare gateway does.
+
+Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``gzip``,
+``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``die``, ``hang``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+MAX_KEPT_BODY = 1024 * 1024
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body_length: int
+    body_sha256: str
+    body: bytes | None
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def json(self) -> Any:
+        return orjson.loads(self.body or b"null")
+
+
+@dataclass
+class MockUpstream:
+    token: str | None = None
+    received: list[Received] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def last(self) -> Received:
+        return self.received[-1]
+
+    # -- server lifecycle -------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = web.Application(client_max_size=1024**4)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def start_in_thread(self) -> None:
+        """Serve from a thread of its own, for synchronous tests and scripts."""
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(self.start())
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=run, name="mock-upstream", daemon=True).start()
+        if not ready.wait(10):
+            raise RuntimeError("mock upstream did not start")
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest = hashlib.sha256()
+        length = 0
+        kept = bytearray()
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+            if length <= MAX_KEPT_BODY:
+                kept += chunk
+        record = Received(
+            method=request.method,
+            path=request.raw_path.split("?", 1)[0],
+            query=request.query_string,
+            headers=list(request.headers.items()),
+            body_length=length,
+            body_sha256=digest.hexdigest(),
+            body=bytes(kept) if length <= MAX_KEPT_BODY else None,
+        )
+        self.received.append(record)
+        if self.token is not None and request.headers.get("cf-aig-authorization") != f"Bearer {self.token}":
+            return web.json_response(
+                {
+                    "success": False,
+                    "result": [],
+                    "messages": [],
+                    "error": [{"code": 2009, "message": "Unauthorized"}],
+                },
+                status=401,
+            )
+        path = record.path
+        if "/_mock/" in path:
+            return await self._behaviour(request, record, path.split("/_mock/", 1)[1])
+        body = _json_or_none(record.body)
+        stream = isinstance(body, dict) and body.get("stream") is True
+        if path.endswith("/chat/completions"):
+            return await (_openai_stream(request) if stream else _openai_completion(body))
+        if path == "/anthropic/v1/messages":
+            return await (_anthropic_stream(request) if stream else _anthropic_message(body))
+        if path.startswith("/workers-ai/@cf/"):
+            return _json(
+                {
+                    "result": {"response": "Hello from Workers AI"},
+                    "success": True,
+                    "errors": [],
+                    "messages": [],
+                }
+            )
+        if path.endswith("/models"):
+            return _json(
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "openai"}
+                    ],
+                }
+            )
+        return _json({"method": record.method, "path": path, "query": record.query})
+
+    async def _behaviour(self, request: web.Request, record: Received, name: str) -> web.StreamResponse:
+        query = request.query
+        if name == "echo":
+            return web.Response(body=record.body or b"", content_type="application/octet-stream")
+        if name == "bytes":
+            return await _bytes(request, int(query.get("n", "1024")))
+        if name == "gzip":
+            payload = gzip.compress(b'{"message": "' + b"compressed " * 100 + b'"}')
+            return web.Response(
+                body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            )
+        if name == "sse":
+            return await _sse(request, int(query.get("n", "100")), float(query.get("interval", "0")))
+        if name.startswith("status/"):
+            status = int(name.split("/", 1)[1])
+            return web.json_response(
+                {"error": {"message": f"upstream says {status}", "type": "rate_limit_error"}},
+                status=status,
+                headers={"Retry-After": "7", "x-request-id": "req_upstream_error"},
+            )
+        if name == "slow-headers":
+            await asyncio.sleep(float(query.get("seconds", "5")))
+            return _json({"slow": True})
+        if name == "die":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.content_length = 1_000_000
+            await response.prepare(request)
+            await response.write(b'data: {"partial": true}\n\n')
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        if name == "hang":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"first": true}\n\n')
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.events.append(f"hang-cancelled:{time.monotonic()}")
+                raise
+            return response
+        return _json({"error": f"unknown mock behaviour {name!r}"}, status=404)
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        content_type="application/json",
+        headers={"x-request-id": "req_upstream_123"},
+    )
+
+
+def _json_or_none(body: bytes | None) -> Any:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def _openai_completion(body: Any) -> web.Response:
+    model = body.get("model", "gpt-4o-mini") if isinstance(body, dict) else "gpt-4o-mini"
+    return _json(
+        {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello from the mock upstream"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+        }
+    )
+
+
+async def _openai_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "x-request-id": "req_upstream_123"}
+    )
+    await response.prepare(request)
+    for index, word in enumerate(["Hello", " from", " the", " mock", " upstream"]):
+        chunk = {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": word} if index else {"role": "assistant", "content": word},
+                    "finish_reason": None,
+                }
+            ],
+        }
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    done = {
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
+    await response.write(b"data: " + orjson.dumps(done) + b"\n\ndata: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _anthropic_message(body: Any) -> web.Response:
+    model = body.get("model", "claude-3-5-haiku-latest") if isinstance(body, dict) else "claude"
+    return _json(
+        {
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": "Hello from the mock upstream"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 6},
+        }
+    )
+
+
+async def _anthropic_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "request-id": "req_upstream_123"}
+    )
+    await response.prepare(request)
+    events: list[tuple[str, dict[str, Any]]] = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_mock",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "claude-3-5-haiku-latest",
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 5, "output_tokens": 1},
+                },
+            },
+        ),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+    ]
+    events += [
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}},
+        )
+        for word in ["Hello", " from", " the", " mock", " upstream"]
+    ]
+    events += [
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 6},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    for name, data in events:
+        await response.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _sse(request: web.Request, count: int, interval: float) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for index in range(count):
+        await response.write(b"data: " + orjson.dumps({"index": index, "t": time.time()}) + b"\n\n")
+        if interval:
+            await asyncio.sleep(interval)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _bytes(request: web.Request, size: int) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = size
+    await response.prepare(request)
+    block = b"\0" * 65536
+    sent = 0
+    while sent < size:
+        piece = block if size - sent >= len(block) else block[: size - sent]
+        await response.write(piece)
+        sent += len(piece)
+    await response.write_eof()
+    return response
+
+
+def main(host: str = "127.0.0.1", port: int = 8788, token: str | None = None) -> None:
+    async def serve() -> None:
+        upstream = MockUpstream(token=token)
+        await upstream.start(host, port)
+        print(f"mock upstream listening on {upstream.url}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    import os
+
+    main(port=int(os.environ.get("PORT", "8788")), token=os.environ.get("AI_GATEWAY_TOKEN") or None)

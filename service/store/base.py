@@ -1,0 +1,40 @@
+"""The store interface every backend implements. Keys never reach a store: only their digests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreUnavailableError(Exception):
+    """The database could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """What a key grants: the team it belongs to, as stored beside its digest."""
+
+    team_id: str
+    name: str
+    created_at: str
+
+
+class TokenStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailableError`` unless the database answers."""
+
+    async def create(self, digest: str, team: Team) -> None: ...
+
+    async def get(self, digest: str) -> Team | None: ...
+
+    async def replace(self, old_digest: str, new_digest: str) -> Team | None:
+        """Move a key's record to a new digest (rotation); ``None`` if the old one is unknown."""
+
+    async def delete(self, digest: str) -> bool: ...
+
+    async def change_marker(self) -> int:
+        """A number that changes whenever another process writes; caches compare it to stay fresh."""

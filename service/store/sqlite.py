@@ -1,0 +1,127 @@
+"""The embedded store: one SQLite file through aiosqlite, in WAL mode.
+
+Several workers may share the file: each opens its own connection, and ``PRAGMA data_version``
+(which changes when another connection commits) is the change marker their caches poll.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from service.store.base import StoreUnavailableError, Team
+
+# Numbered migrations; PRAGMA user_version records how many have been applied.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS tokens (
+        digest     TEXT PRIMARY KEY,
+        team_id    TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS tokens_team_id ON tokens (team_id);
+    """,
+)
+
+
+class SQLiteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailableError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(self.path, timeout=10.0, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailableError(f"cannot open SQLite database at {self.path}: {exc}") from exc
+        self._db = db
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=10000")
+            await self._migrate(db)
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreUnavailableError(f"cannot prepare SQLite database at {self.path}: {exc}") from exc
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            applied = int(row[0]) if row else 0
+            for number, sql in enumerate(MIGRATIONS[applied:], start=applied + 1):
+                for statement in filter(str.strip, sql.split(";")):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def ping(self) -> None:
+        try:
+            await self.db.execute("SELECT 1")
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def create(self, digest: str, team: Team) -> None:
+        try:
+            await self.db.execute(
+                "INSERT INTO tokens (digest, team_id, name, created_at) VALUES (?, ?, ?, ?)",
+                (digest, team.team_id, team.name, team.created_at),
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def get(self, digest: str) -> Team | None:
+        try:
+            async with self.db.execute(
+                "SELECT team_id, name, created_at FROM tokens WHERE digest = ?", (digest,)
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return Team(row[0], row[1], row[2]) if row else None
+
+    async def replace(self, old_digest: str, new_digest: str) -> Team | None:
+        try:
+            async with self.db.execute(
+                "UPDATE tokens SET digest = ? WHERE digest = ? RETURNING team_id, name, created_at",
+                (new_digest, old_digest),
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return Team(row[0], row[1], row[2]) if row else None
+
+    async def delete(self, digest: str) -> bool:
+        try:
+            async with self.db.execute("DELETE FROM tokens WHERE digest = ? RETURNING 1", (digest,)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return row is not None
+
+    async def change_marker(self) -> int:
+        try:
+            async with self.db.execute("PRAGMA data_version") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return int(row[0]) if row else 0

@@ -1,0 +1,122 @@
+"""The token API, compatible with the original Worker's.
+
+- ``POST /tokens`` (admin) issues a key for a team;
+- ``GET /tokens/{apiKey}`` shows the key's team (possession of the key is the authority);
+- ``POST /tokens/{apiKey}/refresh`` rotates it (same team, name and creation time);
+- ``DELETE /tokens/{apiKey}`` (admin) revokes it.
+
+Errors are ``{"error": "…"}`` with the right status, never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PayloadTooLarge
+from service.store import Team
+from service.teams import TeamDirectory
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_TEAM_ID = 128
+MAX_NAME = 256
+NOT_FOUND_MESSAGE = "Token not found"
+
+
+def _teams(request: Request) -> TeamDirectory:
+    teams: TeamDirectory = request.state.teams
+    return teams
+
+
+def require_admin(request: Request) -> None:
+    admin_key: str | None = request.app.state.settings.admin_api_key
+    if not admin_key:
+        raise Forbidden("Token administration is disabled: set ADMIN_API_KEY on the gateway to enable it.")
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise AuthenticationFailed("Missing admin key: send 'Authorization: Bearer <ADMIN_API_KEY>'.")
+    if not hmac.compare_digest(presented.strip().encode(), admin_key.encode()):
+        raise AuthenticationFailed("Invalid admin key.")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"Request body exceeds {MAX_BODY_BYTES} bytes.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"Request body exceeds {MAX_BODY_BYTES} bytes.")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("Request body must be valid JSON.") from None
+    if not isinstance(value, dict):
+        raise BadRequest("Request body must be a JSON object.")
+    return value
+
+
+def _text_field(payload: dict[str, Any], field: str, limit: int, *, required: bool) -> str | None:
+    if field not in payload or payload[field] is None:
+        if required:
+            raise BadRequest(f"'{field}' is required.")
+        return None
+    value = payload[field]
+    if not isinstance(value, str):
+        raise BadRequest(f"'{field}' must be a string.")
+    if not value.strip():
+        raise BadRequest(f"'{field}' must not be empty.")
+    if len(value) > limit:
+        raise BadRequest(f"'{field}' must be at most {limit} characters.")
+    return value
+
+
+def _team_json(team: Team) -> dict[str, str]:
+    return {"teamId": team.team_id, "name": team.name, "createdAt": team.created_at}
+
+
+async def create_token(request: Request) -> Response:
+    require_admin(request)
+    payload = await _json_object(request)
+    team_id = _text_field(payload, "teamId", MAX_TEAM_ID, required=True)
+    assert team_id is not None
+    name = _text_field(payload, "name", MAX_NAME, required=False) or team_id
+    key, team = await _teams(request).issue(team_id, name)
+    return JSONResponse({"apiKey": key, **_team_json(team)}, status_code=201)
+
+
+async def show_token(request: Request) -> Response:
+    team = await _teams(request).resolve(request.path_params["api_key"])
+    if team is None:
+        raise NotFound(NOT_FOUND_MESSAGE)
+    return JSONResponse(_team_json(team))
+
+
+async def refresh_token(request: Request) -> Response:
+    rotated = await _teams(request).rotate(request.path_params["api_key"])
+    if rotated is None:
+        raise NotFound(NOT_FOUND_MESSAGE)
+    key, team = rotated
+    return JSONResponse({"apiKey": key, **_team_json(team)})
+
+
+async def revoke_token(request: Request) -> Response:
+    require_admin(request)
+    if not await _teams(request).revoke(request.path_params["api_key"]):
+        raise NotFound(NOT_FOUND_MESSAGE)
+    return Response(status_code=204)
+
+
+routes = [
+    Route("/tokens", create_token, methods=["POST"]),
+    Route("/tokens/{api_key}", show_token, methods=["GET"]),
+    Route("/tokens/{api_key}", revoke_token, methods=["DELETE"]),
+    Route("/tokens/{api_key}/refresh", refresh_token, methods=["POST"]),
+]

@@ -1,0 +1,191 @@
+"""The token API against a running gateway: the original Worker's contract, bad input included."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, GatewayProcess
+
+KEY_RE = re.compile(r"sk_[0-9a-f]{64}")
+TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def test_create_returns_key_team_name_and_time(gateway: GatewayProcess) -> None:
+    response = httpx.post(
+        f"{gateway.url}/tokens", json={"teamId": "team_123", "name": "Acme Corp"}, headers=ADMIN
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"apiKey", "teamId", "name", "createdAt"}
+    assert KEY_RE.fullmatch(body["apiKey"])
+    assert body["teamId"] == "team_123" and body["name"] == "Acme Corp"
+    assert TIME_RE.fullmatch(body["createdAt"])
+
+
+def test_name_defaults_to_team_id(gateway: GatewayProcess) -> None:
+    response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_noname"}, headers=ADMIN)
+    assert response.status_code == 201
+    assert response.json()["name"] == "team_noname"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "teamId"),
+        ({"teamId": ""}, "teamId"),
+        ({"teamId": "   "}, "teamId"),
+        ({"teamId": 123}, "teamId"),
+        ({"teamId": ["a"]}, "teamId"),
+        ({"teamId": "t" * 129}, "teamId"),
+        ({"teamId": "ok", "name": 5}, "name"),
+        ({"teamId": "ok", "name": ""}, "name"),
+        ({"teamId": "ok", "name": "n" * 257}, "name"),
+    ],
+)
+def test_bad_fields_are_400_naming_the_field(
+    gateway: GatewayProcess, body: dict[str, object], field: str
+) -> None:
+    response = httpx.post(f"{gateway.url}/tokens", json=body, headers=ADMIN)
+    assert response.status_code == 400
+    assert field in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("content", "word"), [(b"{not json", "JSON"), (b"[1, 2]", "object"), (b"", "JSON"), (b'"team"', "object")]
+)
+def test_bad_json_is_400(gateway: GatewayProcess, content: bytes, word: str) -> None:
+    response = httpx.post(f"{gateway.url}/tokens", content=content, headers=ADMIN)
+    assert response.status_code == 400
+    assert word in response.json()["error"]
+
+
+def test_limits_are_accepted_at_the_edge(gateway: GatewayProcess) -> None:
+    response = httpx.post(
+        f"{gateway.url}/tokens", json={"teamId": "t" * 128, "name": "n" * 256}, headers=ADMIN
+    )
+    assert response.status_code == 201
+
+
+def test_body_over_64_kib_is_413(gateway: GatewayProcess) -> None:
+    big = b'{"teamId": "t", "name": "' + b"x" * (65 * 1024) + b'"}'
+    response = httpx.post(f"{gateway.url}/tokens", content=big, headers=ADMIN)
+    assert response.status_code == 413
+    assert "error" in response.json()
+
+    def chunks():  # no content-length: the limit holds for a streamed body too
+        yield big[:40000]
+        yield big[40000:]
+
+    response = httpx.post(f"{gateway.url}/tokens", content=chunks(), headers=ADMIN)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": ADMIN_KEY},
+        {"authorization": "Basic abc"},
+        {"x-api-key": ADMIN_KEY},
+    ],
+)
+def test_create_without_the_admin_bearer_is_401(gateway: GatewayProcess, headers: dict[str, str]) -> None:
+    response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "t"}, headers=headers)
+    assert response.status_code == 401
+    assert ADMIN_KEY not in response.text
+
+
+def test_a_team_key_is_not_an_admin_key(gateway: GatewayProcess, team_key: str) -> None:
+    response = httpx.post(
+        f"{gateway.url}/tokens", json={"teamId": "t"}, headers={"authorization": f"Bearer {team_key}"}
+    )
+    assert response.status_code == 401
+    response = httpx.delete(
+        f"{gateway.url}/tokens/{team_key}", headers={"authorization": f"Bearer {team_key}"}
+    )
+    assert response.status_code == 401
+    assert httpx.get(f"{gateway.url}/tokens/{team_key}").status_code == 200
+
+
+def test_without_admin_key_configured_admin_calls_are_403(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(ADMIN_API_KEY="")
+    response = httpx.post(
+        f"{gw.url}/tokens", json={"teamId": "t"}, headers={"authorization": "Bearer anything"}
+    )
+    assert response.status_code == 403
+    assert "ADMIN_API_KEY" in response.json()["error"]
+    response = httpx.delete(f"{gw.url}/tokens/sk_{'0' * 64}", headers={"authorization": "Bearer anything"})
+    assert response.status_code == 403
+
+
+def test_show_refresh_and_revoke(gateway: GatewayProcess) -> None:
+    created = httpx.post(
+        f"{gateway.url}/tokens", json={"teamId": "team_life", "name": "Life"}, headers=ADMIN
+    ).json()
+    key = created["apiKey"]
+
+    shown = httpx.get(f"{gateway.url}/tokens/{key}")
+    assert shown.status_code == 200
+    assert shown.json() == {"teamId": "team_life", "name": "Life", "createdAt": created["createdAt"]}
+
+    refreshed = httpx.post(f"{gateway.url}/tokens/{key}/refresh")
+    assert refreshed.status_code == 200
+    new = refreshed.json()
+    assert KEY_RE.fullmatch(new["apiKey"]) and new["apiKey"] != key
+    assert (new["teamId"], new["name"], new["createdAt"]) == ("team_life", "Life", created["createdAt"])
+    assert httpx.get(f"{gateway.url}/tokens/{key}").status_code == 404
+    assert httpx.post(f"{gateway.url}/tokens/{key}/refresh").status_code == 404
+    assert httpx.get(f"{gateway.url}/tokens/{new['apiKey']}").status_code == 200
+
+    assert httpx.delete(f"{gateway.url}/tokens/{new['apiKey']}").status_code == 401
+    deleted = httpx.delete(f"{gateway.url}/tokens/{new['apiKey']}", headers=ADMIN)
+    assert deleted.status_code == 204 and deleted.content == b""
+    assert httpx.delete(f"{gateway.url}/tokens/{new['apiKey']}", headers=ADMIN).status_code == 404
+    missing = httpx.get(f"{gateway.url}/tokens/{new['apiKey']}")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "Token not found"}
+
+
+@pytest.mark.parametrize("key", [f"sk_{'0' * 64}", "sk_short", "not-a-key", f"SK_{'A' * 64}", "%00"])
+def test_unknown_or_malformed_keys_are_404(gateway: GatewayProcess, key: str) -> None:
+    assert httpx.get(f"{gateway.url}/tokens/{key}").json() == {"error": "Token not found"}
+    assert httpx.post(f"{gateway.url}/tokens/{key}/refresh").status_code == 404
+    assert httpx.delete(f"{gateway.url}/tokens/{key}", headers=ADMIN).status_code == 404
+
+
+def test_unknown_routes_and_methods_are_json(gateway: GatewayProcess) -> None:
+    response = httpx.get(f"{gateway.url}/nope")
+    assert response.status_code == 404 and response.json() == {"error": "Not found"}
+    response = httpx.put(f"{gateway.url}/tokens")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_keys_are_stored_only_as_digests(gateway: GatewayProcess, tmp_path: Path) -> None:
+    key = gateway.create_key("team_digest", "Digest")
+    db_path = Path(gateway.env["DATABASE_URL"].removeprefix("sqlite:///"))
+    raw = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert key.encode() not in raw and key[3:].encode() not in raw
+    with sqlite3.connect(db_path) as db:
+        digests = [row[0] for row in db.execute("SELECT digest FROM tokens")]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests)
+
+
+def test_health_and_readiness(gateway: GatewayProcess) -> None:
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert ready.status_code == 200
+
+
+def test_keys_survive_a_restart(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    first = make_gateway()
+    key = first.create_key("team_persist", "Persist")
+    first.stop()
+    second = make_gateway()
+    assert httpx.get(f"{second.url}/tokens/{key}").json()["teamId"] == "team_persist"
