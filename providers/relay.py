@@ -118,6 +118,9 @@ class Relay:
                 return
             body = first.get("body", b"")
             info.bytes_in = len(body)
+            if info.bytes_in > self.max_body:
+                await send_error(send, self._too_large(), info.error_shape, info.request_id)
+                return
             data: bytes | AsyncIterator[bytes] | None
             if first.get("more_body", False):
                 data = self._stream_body(body, receive, state, info)

@@ -64,7 +64,7 @@ class MockUpstream:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
         await site.start()
@@ -102,7 +102,7 @@ class MockUpstream:
         record = Received(
             method=request.method,
             path=request.raw_path.split("?", 1)[0],
-            query=request.query_string,
+            query=request.raw_path.partition("?")[2],
             headers=list(request.headers.items()),
             body_length=length,
             body_sha256=digest.hexdigest(),
@@ -262,7 +262,7 @@ async def _openai_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _anthropic_message(body: Any) -> web.Response:
-    model = body.get("model", "claude-3-5-haiku-latest") if isinstance(body, dict) else "claude"
+    model = body.get("model", "claude-mock-1") if isinstance(body, dict) else "claude"
     return _json(
         {
             "id": "msg_mock",
@@ -291,7 +291,7 @@ async def _anthropic_stream(request: web.Request) -> web.StreamResponse:
                     "id": "msg_mock",
                     "type": "message",
                     "role": "assistant",
-                    "model": "claude-3-5-haiku-latest",
+                    "model": "claude-mock-1",
                     "content": [],
                     "stop_reason": None,
                     "stop_sequence": None,

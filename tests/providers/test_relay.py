@@ -1,0 +1,295 @@
+"""Streaming pass-through, failure handling and limits, through a running gateway and a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import httpx
+import orjson
+import pytest
+
+from service.mock_upstream import MockUpstream
+from tests.conftest import GatewayProcess, free_port
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(url: str, request_line: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """Send a request line exactly as written (clients normalise dot segments away)."""
+    host, port = url.removeprefix("http://").split(":")
+    lines = [
+        request_line,
+        f"Host: {host}",
+        "Connection: close",
+        "Content-Length: 0",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_every_method_is_relayed(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream, method: str
+) -> None:
+    response = httpx.request(method, f"{gateway.url}/anthropic/v1/files/abc", headers={"x-api-key": team_key})
+    assert response.status_code == 200
+    assert response.json()["method"] == method and response.json()["path"] == "/anthropic/v1/files/abc"
+
+
+def test_20_mib_request_body_arrives_identical(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    body = os.urandom(20 * 1024 * 1024)
+    response = httpx.post(
+        f"{gateway.url}/openai/v1/_mock/echo", content=body, headers=auth(team_key), timeout=60
+    )
+    assert response.status_code == 200
+    sent = upstream.last()
+    assert sent.body_length == len(body) and sent.body_sha256 == hashlib.sha256(body).hexdigest()
+
+    def pieces():  # chunked from the client, streamed up as it arrives
+        for start in range(0, len(body), 1024 * 1024):
+            yield body[start : start + 1024 * 1024]
+
+    response = httpx.post(
+        f"{gateway.url}/openai/v1/_mock/echo", content=pieces(), headers=auth(team_key), timeout=60
+    )
+    assert response.status_code == 200
+    assert upstream.last().body_sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_gzip_body_keeps_its_bytes_and_encoding(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    direct = httpx.get(f"{upstream.url}/openai/_mock/gzip", headers={"cf-aig-authorization": "Bearer x"})
+    with httpx.stream("GET", f"{gateway.url}/openai/_mock/gzip", headers=auth(team_key)) as response:
+        raw = b"".join(response.iter_raw())
+        assert response.headers["content-encoding"] == "gzip"
+    assert raw[:2] == b"\x1f\x8b"
+    assert gzip.decompress(raw).startswith(b'{"message": "compressed')
+    assert upstream.last().header("accept-encoding") is None or direct is not None
+
+
+def test_large_response_streams_with_flat_memory(gateway: GatewayProcess, team_key: str) -> None:
+    size = 256 * 1024 * 1024
+    pid = gateway.process.pid
+    baseline = rss_kib(pid)
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_kib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    received = 0
+    try:
+        with httpx.stream(
+            "GET", f"{gateway.url}/openai/_mock/bytes?n={size}", headers=auth(team_key), timeout=60
+        ) as response:
+            assert response.headers["content-length"] == str(size)
+            for chunk in response.iter_raw(1024 * 1024):
+                received += len(chunk)
+    finally:
+        done.set()
+        sampler.join()
+    assert received == size
+    assert (peak - baseline) < 8 * 1024, f"RSS grew by {(peak - baseline) / 1024:.1f} MiB"
+
+
+def test_sse_events_reach_the_client_as_they_are_sent(gateway: GatewayProcess, team_key: str) -> None:
+    arrivals = []
+    with httpx.stream(
+        "GET", f"{gateway.url}/openai/_mock/sse?n=5&interval=0.4", headers=auth(team_key)
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append((time.time(), orjson.loads(line[6:])["t"]))
+    assert len(arrivals) == 5
+    # each event arrives when the upstream sent it, not when the upstream finished
+    for received_at, sent_at in arrivals:
+        assert received_at - sent_at < 0.3
+    assert arrivals[-1][0] - arrivals[0][0] > 1.2
+
+
+def test_client_disconnect_cancels_the_upstream_call(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    before = len(upstream.events)
+    with httpx.stream("GET", f"{gateway.url}/openai/_mock/hang", headers=auth(team_key)) as response:
+        request_id = response.headers["x-gateway-request-id"]
+        first = next(response.iter_lines())
+        assert first.startswith("data:")
+    closed_at = time.monotonic()
+    while len(upstream.events) == before and time.monotonic() - closed_at < 5:
+        time.sleep(0.01)
+    assert len(upstream.events) > before, "upstream call was not cancelled"
+    line = gateway.access_line(request_id)
+    assert line["truncated"] is True and line["upstream_status"] == 200
+
+
+def test_upstream_errors_pass_through_unchanged(gateway: GatewayProcess, team_key: str) -> None:
+    response = httpx.post(f"{gateway.url}/openai/v1/_mock/status/429", json={}, headers=auth(team_key))
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.headers["x-request-id"] == "req_upstream_error"
+    assert response.json() == {"error": {"message": "upstream says 429", "type": "rate_limit_error"}}
+    assert httpx.get(f"{gateway.url}/anthropic/_mock/status/529", headers=auth(team_key)).status_code == 529
+
+
+def test_upstream_that_dies_mid_stream_ends_the_response_abruptly(
+    gateway: GatewayProcess, team_key: str
+) -> None:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("GET", f"{gateway.url}/openai/_mock/die", headers=auth(team_key)) as response,
+    ):
+        request_id = response.headers["x-gateway-request-id"]
+        for _ in response.iter_raw():
+            pass
+    line = gateway.access_line(request_id)
+    assert line["truncated"] is True and line["status"] == 200
+
+
+def test_refused_upstream_is_502_shaped_with_request_id(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")
+    key = gw.create_key()
+    response = httpx.post(f"{gw.url}/openai/v1/chat/completions", json={}, headers=auth(key))
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "api_error"
+    assert response.headers["x-gateway-request-id"] in response.json()["error"]["message"]
+    response = httpx.post(f"{gw.url}/anthropic/v1/messages", json={}, headers={"x-api-key": key})
+    assert response.status_code == 502 and response.json()["type"] == "error"
+
+
+def test_slow_upstream_headers_are_504(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(UPSTREAM_TIMEOUT_SECONDS="0.5")
+    key = gw.create_key()
+    response = httpx.get(f"{gw.url}/openai/_mock/slow-headers?seconds=3", headers=auth(key))
+    assert response.status_code == 504
+    assert response.headers["x-gateway-request-id"] in response.json()["error"]["message"]
+    # a stream slower than the timeout between events is not cut: the timeout covers headers only
+    with httpx.stream("GET", f"{gw.url}/openai/_mock/sse?n=3&interval=0.7", headers=auth(key)) as stream:
+        assert sum(1 for line in stream.iter_lines() if line.startswith("data: {")) == 3
+
+
+def test_body_over_max_request_bytes_is_413(make_gateway, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(MAX_REQUEST_BYTES="1000")
+    key = gw.create_key()
+    before = len(upstream.received)
+    response = httpx.post(f"{gw.url}/openai/v1/chat/completions", content=b"x" * 1001, headers=auth(key))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def pieces():
+        for _ in range(4):
+            yield b"x" * 400
+
+    response = httpx.post(f"{gw.url}/anthropic/v1/messages", content=pieces(), headers={"x-api-key": key})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+    assert all(r.body_length <= 1000 for r in upstream.received[before:])
+    assert (
+        httpx.post(f"{gw.url}/openai/v1/chat/completions", content=b"x" * 1000, headers=auth(key)).status_code
+        == 200
+    )
+
+
+def test_without_ai_gateway_url_provider_routes_are_503(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(upstream_url=None)
+    key = gw.create_key()
+    response = httpx.post(f"{gw.url}/openai/v1/chat/completions", json={}, headers=auth(key))
+    assert response.status_code == 503
+    assert "AI_GATEWAY_URL" in response.json()["error"]["message"]
+    assert any(
+        line.get("event") == "ai_gateway_url_unset" and line["level"] == "warning" for line in gw.log_lines()
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/openai/../tokens",
+        "/openai/v1/../../x",
+        "/openai/%2e%2e/x",
+        "/openai/%2E%2E",
+        "/openai/v1%2f..%2fx",
+        "/openai/./chat",
+        "/anthropic/v1/%5c..%5cx",
+        "/workers-ai/a/%00",
+        "/openai/..%2f..%2fsecret",
+    ],
+)
+def test_paths_cannot_leave_the_provider_base(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream, target: str
+) -> None:
+    before = len(upstream.received)
+    status, body = raw_request(gateway.url, f"GET {target} HTTP/1.1", auth(team_key))
+    assert status in (400, 404), body
+    assert all(
+        r.path.startswith(("/openai/", "/anthropic/", "/workers-ai/")) and ".." not in r.path
+        for r in upstream.received[before:]
+    )
+    assert len(upstream.received) == before
+
+
+def test_empty_segments_are_collapsed_inside_the_base(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    status, _ = raw_request(gateway.url, "POST /openai//v1//chat///completions HTTP/1.1", auth(team_key))
+    assert status == 200
+    assert upstream.last().path == "/openai/chat/completions"
+    status, _ = raw_request(gateway.url, "GET /workers-ai/@cf/meta/llama%203 HTTP/1.1", auth(team_key))
+    assert upstream.last().path == "/workers-ai/@cf/meta/llama%203"
+
+
+def test_request_ids(gateway: GatewayProcess, team_key: str) -> None:
+    fresh = httpx.get(f"{gateway.url}/openai/models", headers=auth(team_key))
+    assert len(fresh.headers["x-gateway-request-id"]) >= 16
+    insane = httpx.get(
+        f"{gateway.url}/openai/models", headers={**auth(team_key), "x-request-id": "a b<script>"}
+    )
+    assert insane.headers["x-gateway-request-id"] != "a b<script>"
+    assert httpx.get(f"{gateway.url}/nope").headers["x-gateway-request-id"]
+
+
+async def test_200_concurrent_streams(gateway: GatewayProcess, team_key: str) -> None:
+    limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def one() -> int:
+            events = 0
+            async with client.stream(
+                "GET", f"{gateway.url}/openai/_mock/sse?n=20&interval=0.02", headers=auth(team_key)
+            ) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    events += line.startswith("data: ")
+            return events
+
+        results = await asyncio.gather(*(one() for _ in range(200)))
+    assert results == [21] * 200
