@@ -1,0 +1,15 @@
+"""``python -m config``: validate the settings and exit 3 with one line naming a malformed variable.
+
+The Procfile runs it before uvicorn so that a bad setting stops a multi-worker start with a
+failing exit code in the parent process, not only in its workers.
+"""
+
+import sys
+
+from config.settings import Settings, SettingsError
+
+try:
+    Settings.from_env()
+except SettingsError as exc:
+    print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(3)

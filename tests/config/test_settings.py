@@ -1,0 +1,104 @@
+"""Settings: read once from the environment and .env; malformed values stop start-up with one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from config import Settings, SettingsError
+from tests.conftest import BIN, ROOT, free_port
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({}, env_file=None)
+    assert settings.ai_gateway_url is None
+    assert settings.database_path == Path("data/gateway.db")
+    assert settings.upstream_timeout_seconds == 300
+    assert settings.max_request_bytes == 32 * 1024 * 1024
+    assert settings.log_level == "info"
+
+
+def test_values_and_database_urls() -> None:
+    settings = Settings.from_env(
+        {
+            "AI_GATEWAY_URL": "https://gateway.ai.cloudflare.com/v1/acc/gw/",
+            "DATABASE_URL": "sqlite:////abs/x.db",
+            "UPSTREAM_TIMEOUT_SECONDS": "2.5",
+            "MAX_REQUEST_BYTES": "1000",
+            "LOG_LEVEL": "DEBUG",
+        },
+        env_file=None,
+    )
+    assert settings.ai_gateway_url == "https://gateway.ai.cloudflare.com/v1/acc/gw"
+    assert settings.database_path == Path("/abs/x.db")
+    assert (settings.upstream_timeout_seconds, settings.max_request_bytes, settings.log_level) == (
+        2.5,
+        1000,
+        "debug",
+    )
+    assert Settings.from_env({"DATABASE_URL": "sqlite:///rel/y.db"}, env_file=None).database_path == Path(
+        "rel/y.db"
+    )
+
+
+def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("AI_GATEWAY_ID=from-file\nADMIN_API_KEY=file-admin\n")
+    settings = Settings.from_env({"ADMIN_API_KEY": "env-admin"}, env_file=env_file)
+    assert settings.ai_gateway_id == "from-file" and settings.admin_api_key == "env-admin"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("AI_GATEWAY_URL", "not a url"),
+        ("AI_GATEWAY_URL", "ftp://x/y"),
+        ("DATABASE_URL", "mysql://x"),
+        ("DATABASE_URL", "sqlite:///"),
+        ("UPSTREAM_TIMEOUT_SECONDS", "abc"),
+        ("UPSTREAM_TIMEOUT_SECONDS", "-1"),
+        ("UPSTREAM_TIMEOUT_SECONDS", "nan"),
+        ("MAX_REQUEST_BYTES", "0"),
+        ("MAX_REQUEST_BYTES", "1.5"),
+        ("LOG_LEVEL", "loud"),
+    ],
+)
+def test_malformed_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value}, env_file=None)
+
+
+def test_public_view_masks_secrets() -> None:
+    view = Settings.from_env(
+        {"ADMIN_API_KEY": "a-secret", "AI_GATEWAY_TOKEN": "t-secret"}, env_file=None
+    ).public_view()
+    assert view["admin_api_key"] == "set" and view["ai_gateway_token"] == "set"
+    assert view["openai_api_key"] == "unset"
+    assert "a-secret" not in str(view) and "t-secret" not in str(view)
+
+
+def procfile_command() -> str:
+    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    return line.removeprefix("web:").strip()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_malformed_setting_stops_the_procfile_command_with_one_line(tmp_path: Path, workers: str) -> None:
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PORT": str(free_port()),
+        "WEB_CONCURRENCY": workers,
+        "UPSTREAM_TIMEOUT_SECONDS": "soon",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+    }
+    result = subprocess.run(
+        ["sh", "-c", procfile_command()], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.decode().splitlines() if "UPSTREAM_TIMEOUT_SECONDS" in line]
+    assert errors and "Traceback" not in result.stderr.decode()
+    assert errors[0].startswith("configuration error: UPSTREAM_TIMEOUT_SECONDS")

@@ -1,0 +1,91 @@
+"""The access line and the secrecy of keys, admin key and gateway token in logs and errors."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import ADMIN_KEY, GATEWAY_TOKEN, GatewayProcess
+
+FIELDS = {
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "ttfb_ms",
+    "upstream_status",
+    "bytes_in",
+    "bytes_out",
+    "team_id",
+    "provider",
+    "truncated",
+}
+
+
+def test_one_access_line_per_request_with_its_fields(gateway: GatewayProcess, team_key: str) -> None:
+    response = httpx.post(
+        f"{gateway.url}/openai/v1/chat/completions?secret=1",
+        json={"model": "m"},
+        headers={"authorization": f"Bearer {team_key}"},
+    )
+    request_id = response.headers["x-gateway-request-id"]
+    line = gateway.access_line(request_id)
+    assert set(line) >= FIELDS
+    assert line["method"] == "POST" and line["path"] == "/openai/v1/chat/completions"
+    assert line["status"] == 200 and line["upstream_status"] == 200
+    assert line["team_id"] == "team_123" and line["provider"] == "openai" and line["truncated"] is False
+    assert line["bytes_in"] == len(response.request.content) and line["bytes_out"] == len(response.content)
+    assert 0 < line["ttfb_ms"] <= line["duration_ms"]  # type: ignore[operator]
+    assert line["level"] == "info" and "timestamp" in line
+    assert (
+        sum(
+            1
+            for entry in gateway.log_lines()
+            if entry.get("request_id") == request_id and entry.get("event") == "request"
+        )
+        == 1
+    )
+
+
+def test_token_paths_show_only_a_key_prefix(gateway: GatewayProcess, team_key: str) -> None:
+    response = httpx.get(f"{gateway.url}/tokens/{team_key}")
+    line = gateway.access_line(response.headers["x-gateway-request-id"])
+    assert line["path"] == f"/tokens/{team_key[:8]}…"
+    response = httpx.post(f"{gateway.url}/tokens/{team_key[:-1]}0/refresh")
+    line = gateway.access_line(response.headers["x-gateway-request-id"])
+    assert line["path"] == f"/tokens/{team_key[:8]}…/refresh"
+
+
+def test_startup_line_has_the_configuration_with_secrets_masked(gateway: GatewayProcess) -> None:
+    start = next(line for line in gateway.log_lines() if line.get("event") == "gateway_starting")
+    assert start["ai_gateway_id"] == "test-gateway"
+    assert start["admin_api_key"] == "set" and start["ai_gateway_token"] == "set"
+    assert start["ai_gateway_url"] == gateway.env["AI_GATEWAY_URL"]
+
+
+def test_no_secret_in_any_log_line_or_error(gateway: GatewayProcess) -> None:
+    key = gateway.create_key("team_secret", "Secret")
+    bodies = []
+    for response in (
+        httpx.get(f"{gateway.url}/tokens/{key}"),
+        httpx.post(f"{gateway.url}/tokens/{key}/refresh"),
+        httpx.post(
+            f"{gateway.url}/openai/v1/chat/completions", json={}, headers={"authorization": f"Bearer {key}"}
+        ),
+        httpx.post(f"{gateway.url}/anthropic/v1/messages", json={}, headers={"x-api-key": key}),
+        httpx.post(f"{gateway.url}/tokens", json={"teamId": "t"}, headers={"authorization": "Bearer " + key}),
+        httpx.post(
+            f"{gateway.url}/tokens", json={"teamId": 1}, headers={"authorization": f"Bearer {ADMIN_KEY}"}
+        ),
+        httpx.get(
+            f"{gateway.url}/openai/models",
+            headers={"authorization": f"Bearer {key}", "cf-aig-metadata": "{bad"},
+        ),
+    ):
+        bodies.append(response.text)
+    log = gateway.log_text()
+    for secret in (*gateway.keys, key, ADMIN_KEY, GATEWAY_TOKEN):
+        assert secret not in log
+        assert secret[3:] not in log
+        assert all(secret not in body for body in bodies)
+    assert "Traceback" not in log

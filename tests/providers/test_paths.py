@@ -1,0 +1,57 @@
+"""Path checks: nothing climbs out of the provider's base."""
+
+from __future__ import annotations
+
+import pytest
+
+from providers import REGISTRY
+from providers.paths import safe_rest
+from service.errors import BadRequest
+
+
+@pytest.mark.parametrize(
+    ("raw", "rest"),
+    [
+        (b"/v1/chat/completions", "v1/chat/completions"),
+        (b"", ""),
+        (b"/", ""),
+        (b"//v1//messages", "v1/messages"),
+        (b"/@cf/meta/llama-3.1-8b-instruct", "@cf/meta/llama-3.1-8b-instruct"),
+        (b"/models/gpt%204", "models/gpt%204"),
+        (b"/v1/files/", "v1/files/"),
+        (b"/a/.well-known", "a/.well-known"),
+    ],
+)
+def test_accepted_paths(raw: bytes, rest: str) -> None:
+    assert safe_rest(raw) == rest
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/..",
+        b"/v1/../x",
+        b"/%2e%2e/x",
+        b"/%2E%2e",
+        b"/.",
+        b"/v1%2fx",
+        b"/v1%2Fx",
+        b"/a%5cb",
+        b"/a\\b",
+        b"/a%00",
+        b"/\xc3\xa9",
+    ],
+)
+def test_refused_paths(raw: bytes) -> None:
+    with pytest.raises(BadRequest):
+        safe_rest(raw)
+
+
+def test_openai_drops_a_leading_v1_others_keep_it() -> None:
+    assert REGISTRY["openai"].upstream_path("v1/chat/completions") == "chat/completions"
+    assert REGISTRY["openai"].upstream_path("v1") == ""
+    assert REGISTRY["openai"].upstream_path("v10/x") == "v10/x"
+    assert REGISTRY["anthropic"].upstream_path("v1/messages") == "v1/messages"
+    assert REGISTRY["workers-ai"].upstream_path("v1/chat/completions") == "v1/chat/completions"
+    assert REGISTRY["workers-ai"].shape_for("v1/chat/completions") == "openai"
+    assert REGISTRY["workers-ai"].shape_for("@cf/meta/llama") == "cloudflare"
