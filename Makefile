@@ -34,3 +34,10 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The benchmark needs wrk and nginx (Debian packages) besides the virtualenv.
+bench: install
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+		{ (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null) || \
+		  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null); }
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

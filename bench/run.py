@@ -1,0 +1,500 @@
+"""``make bench``: what the gateway adds to a call, as ratios against references measured in the same run.
+
+Contenders, each pinned with ``taskset`` to core 0 (the load generator and the upstream get core 1):
+
+- ``direct``: wrk straight at the upstream (nginx serving a static completion);
+- ``nginx``: nginx as a plain reverse proxy, the floor for any proxy;
+- ``bare``: bench/bare_relay.py, uvicorn + raw ASGI + one aiohttp session, the floor of this stack;
+- ``gateway``: the real Procfile command, one worker, with a real team key.
+
+Rounds are interleaved (every contender once per round, several rounds) and medians reported, since
+this shared 2-core machine is noisy. Figures: added latency at 1 connection, req/s and p99 at 32
+connections, CPU time per request (utime+stime of the server's processes ÷ requests), added time to the
+first and last event of a 100-event SSE stream, and RSS idle, under load, relaying 1 GiB and holding
+100 slow streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ADMIN_KEY = "bench-admin-key"
+COMPLETION = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the bench upstream"},'
+    '"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}'
+)
+REQUEST_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids += process_tree(int(child))
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in process_tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+@dataclass
+class Server:
+    name: str
+    url: str  # the completion URL a client calls
+    base: str  # scheme://host:port
+    process: subprocess.Popen[bytes]
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float) -> None:
+        self.results.setdefault(metric, []).append(value)
+
+    def median(self, metric: str) -> float | None:
+        values = self.results.get(metric)
+        return statistics.median(values) if values else None
+
+
+class Bench:
+    def __init__(self, work: Path, duration: float, rounds: int) -> None:
+        self.work = work
+        self.duration = duration
+        self.rounds = rounds
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.key = "none"
+
+    def spawn(
+        self, command: list[str] | str, core: int, env: dict[str, str] | None = None, log: str = "out"
+    ) -> subprocess.Popen[bytes]:
+        shell = isinstance(command, str)
+        args: Any = f"exec taskset -c {core} {command}" if shell else ["taskset", "-c", str(core), *command]
+        with (self.work / f"{log}.log").open("ab") as out:
+            proc = subprocess.Popen(
+                args,
+                shell=shell,
+                env=env or os.environ.copy(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    # -- servers ------------------------------------------------------------------------------
+
+    def nginx(self, name: str, server_block: str, core: int) -> subprocess.Popen[bytes]:
+        temp = self.work / f"{name}-tmp"
+        temp.mkdir(exist_ok=True)
+        conf = self.work / f"{name}.conf"
+        conf.write_text(f"""
+worker_processes 1; daemon off; master_process on;
+pid {self.work}/{name}.pid; error_log {self.work}/{name}.err;
+user root;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off; keepalive_requests 10000000; keepalive_timeout 75s;
+  client_body_temp_path {temp}/b; proxy_temp_path {temp}/p; fastcgi_temp_path {temp}/f;
+  uwsgi_temp_path {temp}/u; scgi_temp_path {temp}/s;
+  sendfile on; tcp_nopush on;
+  {server_block}
+}}
+""")
+        return self.spawn(["nginx", "-c", str(conf), "-p", str(self.work)], core, log=name)
+
+    def start(self) -> tuple[Server, list[Server], int]:
+        mock_port, up_port = free_port(), free_port()
+        big = self.work / "big.bin"
+        with big.open("wb") as handle:
+            handle.truncate(1024**3)
+        env = {**os.environ, "PORT": str(mock_port), "AI_GATEWAY_TOKEN": ""}
+        self.spawn([str(BIN / "python"), "-m", "service.mock_upstream"], 1, env, log="mock")
+        upstream_proc = self.nginx(
+            "upstream",
+            f"""
+  server {{
+    listen 127.0.0.1:{up_port} backlog=4096;
+    location /openai/_mock/ {{ proxy_pass http://127.0.0.1:{mock_port}; proxy_buffering off;
+                               proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    location = /openai/big {{ default_type application/octet-stream; alias {big}; }}
+    location / {{ default_type application/json; return 200 '{COMPLETION}'; }}
+  }}""",
+            core=1,
+        )
+        wait_port(up_port)
+        wait_port(mock_port)
+        upstream = f"http://127.0.0.1:{up_port}"
+        direct = Server("direct", f"{upstream}/openai/chat/completions", upstream, upstream_proc)
+
+        np_port = free_port()
+        nginx_proc = self.nginx(
+            "proxy",
+            f"""
+  upstream up {{ server 127.0.0.1:{up_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{np_port} backlog=4096;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+                  proxy_buffering off; proxy_request_buffering off; }}
+  }}""",
+            core=0,
+        )
+        bare_port = free_port()
+        bare_proc = self.spawn(
+            [
+                str(BIN / "uvicorn"),
+                "bench.bare_relay:app",
+                "--port",
+                str(bare_port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            0,
+            {**os.environ, "UPSTREAM_URL": upstream},
+            log="bare",
+        )
+        gw_port = free_port()
+        procfile = (ROOT / "Procfile").read_text().split("web:", 1)[1].strip()
+        gw_env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "PORT": str(gw_port),
+            "WEB_CONCURRENCY": "1",
+            "AI_GATEWAY_URL": upstream,
+            "AI_GATEWAY_TOKEN": "bench-gateway-token",
+            "ADMIN_API_KEY": ADMIN_KEY,
+            "DATABASE_URL": f"sqlite:///{self.work}/gateway.db",
+            "LOG_LEVEL": "info",
+        }
+        # the Procfile's own command, pinned; its log goes to a file as a PaaS collects stdout
+        gw_proc = self.spawn(f"sh -c {_quote(procfile)}", 0, gw_env, log="gateway")
+        for port in (np_port, bare_port, gw_port):
+            wait_port(port)
+        self.key = _create_key(f"http://127.0.0.1:{gw_port}")
+        proxies = [
+            Server(
+                "nginx",
+                f"http://127.0.0.1:{np_port}/openai/chat/completions",
+                f"http://127.0.0.1:{np_port}",
+                nginx_proc,
+            ),
+            Server(
+                "bare",
+                f"http://127.0.0.1:{bare_port}/openai/chat/completions",
+                f"http://127.0.0.1:{bare_port}",
+                bare_proc,
+            ),
+            Server(
+                "gateway",
+                f"http://127.0.0.1:{gw_port}/openai/v1/chat/completions",
+                f"http://127.0.0.1:{gw_port}",
+                gw_proc,
+            ),
+        ]
+        return direct, proxies, mock_port
+
+    # -- measurements -------------------------------------------------------------------------
+
+    def wrk(self, url: str, connections: int, duration: float) -> dict[str, float]:
+        script = self.work / "post.lua"
+        script.write_text(WRK_SCRIPT % (REQUEST_BODY, self.key))
+        out = subprocess.run(
+            [
+                "taskset",
+                "-c",
+                "1",
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(duration))}s",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+        requests, duration_us, p50, p99, errors, non2xx = (int(x) for x in line.split()[1:])
+        if errors or non2xx:
+            raise RuntimeError(f"{url}: {errors} socket errors, {non2xx} non-2xx responses")
+        return {
+            "requests": requests,
+            "rps": requests / (duration_us / 1e6),
+            "p50_ms": p50 / 1000,
+            "p99_ms": p99 / 1000,
+        }
+
+    def load_round(self, server: Server) -> None:
+        self.wrk(server.url, 1, 1)  # warm connections and caches
+        one = self.wrk(server.url, 1, self.duration)
+        server.add("p50_1c_ms", one["p50_ms"])
+        server.add("p99_1c_ms", one["p99_ms"])
+        cpu_before = cpu_seconds(server.process.pid)
+        many = self.wrk(server.url, 32, self.duration)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
+        server.add("rps_32c", many["rps"])
+        server.add("p99_32c_ms", many["p99_ms"])
+        server.add("cpu_us_per_req", cpu / many["requests"] * 1e6)
+        server.add("rss_load_mib", rss_mib(server.process.pid))
+
+    async def sse_times(self, base: str, path: str, count: int) -> tuple[list[float], list[float]]:
+        firsts, lasts = [], []
+        headers = {"Authorization": f"Bearer {self.key}"}
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            for _ in range(count):
+                start = time.perf_counter()
+                first = None
+                async with session.get(base + path, headers=headers) as response:
+                    async for _chunk in response.content.iter_any():
+                        if first is None:
+                            first = time.perf_counter()
+                lasts.append((time.perf_counter() - start) * 1000)
+                firsts.append(((first or time.perf_counter()) - start) * 1000)
+        return firsts, lasts
+
+    async def slow_streams(self, server: Server, count: int) -> float:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        before = rss_mib(server.process.pid)
+        peak = before
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_mib(server.process.pid))
+                await asyncio.sleep(0.05)
+
+        async def one(session: aiohttp.ClientSession) -> None:
+            async with session.get(
+                f"{server.base}/openai/_mock/sse?n=40&interval=0.05", headers=headers
+            ) as r:
+                async for _chunk in r.content.iter_any():
+                    pass
+
+        sampler = asyncio.create_task(sample())
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            await asyncio.gather(*(one(session) for _ in range(count)))
+        done.set()
+        await sampler
+        return peak - before
+
+    def big_response(self, server: Server) -> float:
+        before = rss_mib(server.process.pid)
+        curl = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "1",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-H",
+                f"Authorization: Bearer {self.key}",
+                f"{server.base}/openai/big",
+            ]
+        )
+        peak = before
+        while curl.poll() is None:
+            peak = max(peak, rss_mib(server.process.pid))
+            time.sleep(0.02)
+        if curl.returncode:
+            raise RuntimeError(f"{server.name}: relaying 1 GiB failed")
+        return peak - before
+
+    def run(self) -> dict[str, Any]:
+        direct, proxies, _ = self.start()
+        everyone = [direct, *proxies]
+        for server in everyone:
+            server.add("rss_idle_mib", rss_mib(server.process.pid))
+        for number in range(self.rounds):
+            print(f"round {number + 1}/{self.rounds}", file=sys.stderr, flush=True)
+            for server in everyone if number % 2 == 0 else everyone[::-1]:
+                self.load_round(server)
+        for _ in range(self.rounds):
+            for server in everyone:
+                firsts, lasts = asyncio.run(self.sse_times(server.base, "/openai/_mock/sse?n=100", 15))
+                server.add("sse_first_ms", statistics.median(firsts))
+                server.add("sse_last_ms", statistics.median(lasts))
+        for server in proxies:
+            server.add("rss_1gib_growth_mib", self.big_response(server))
+            server.add("rss_100_streams_growth_mib", asyncio.run(self.slow_streams(server, 100)))
+        return report(direct, proxies)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _create_key(base: str) -> str:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{base}/tokens",
+        data=b'{"teamId": "team_bench", "name": "Bench"}',
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request) as response:
+        key: str = json.load(response)["apiKey"]
+        return key
+
+
+def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
+    servers = {s.name: s for s in (direct, *proxies)}
+    out: dict[str, Any] = {
+        "servers": {name: {m: s.median(m) for m in s.results} for name, s in servers.items()},
+        "raw": {name: s.results for name, s in servers.items()},
+    }
+    base = out["servers"]
+    for name in ("nginx", "bare", "gateway"):
+        row = base[name]
+        row["added_p50_1c_ms"] = row["p50_1c_ms"] - base["direct"]["p50_1c_ms"]
+        row["added_p99_1c_ms"] = row["p99_1c_ms"] - base["direct"]["p99_1c_ms"]
+        row["added_sse_first_ms"] = row["sse_first_ms"] - base["direct"]["sse_first_ms"]
+        row["added_sse_last_ms"] = row["sse_last_ms"] - base["direct"]["sse_last_ms"]
+    gw, bare = base["gateway"], base["bare"]
+    out["ratios_gateway_vs_bare"] = {
+        "cpu_per_request": gw["cpu_us_per_req"] / bare["cpu_us_per_req"],
+        "rps_32c": gw["rps_32c"] / bare["rps_32c"],
+        "p99_32c": gw["p99_32c_ms"] / bare["p99_32c_ms"],
+    }
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    rows = [
+        ("added p50 @1 conn (ms)", "added_p50_1c_ms"),
+        ("added p99 @1 conn (ms)", "added_p99_1c_ms"),
+        ("req/s @32 conn", "rps_32c"),
+        ("p99 @32 conn (ms)", "p99_32c_ms"),
+        ("CPU per request (µs)", "cpu_us_per_req"),
+        ("SSE first event added (ms)", "added_sse_first_ms"),
+        ("SSE last event added (ms)", "added_sse_last_ms"),
+        ("RSS idle (MiB)", "rss_idle_mib"),
+        ("RSS under load (MiB)", "rss_load_mib"),
+        ("RSS growth, 1 GiB body (MiB)", "rss_1gib_growth_mib"),
+        ("RSS growth, 100 streams (MiB)", "rss_100_streams_growth_mib"),
+    ]
+    servers = result["servers"]
+    names = ["direct", "nginx", "bare", "gateway"]
+    print(f"{'':32}" + "".join(f"{n:>12}" for n in names))
+    for label, key in rows:
+        cells = []
+        for name in names:
+            value = servers[name].get(key)
+            cells.append(f"{value:>12.2f}" if isinstance(value, float | int) else f"{'—':>12}")
+        print(f"{label:32}" + "".join(cells))
+    ratios = result["ratios_gateway_vs_bare"]
+    print(
+        f"\ngateway ÷ bare relay: CPU/request {ratios['cpu_per_request']:.3f}, "
+        f"req/s {ratios['rps_32c']:.3f}, p99@32 {ratios['p99_32c']:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset", "curl"):
+        if shutil.which(tool) is None:
+            sys.exit(
+                f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)"
+            )
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as work:
+        bench = Bench(Path(work), args.duration, args.rounds)
+        try:
+            result = bench.run()
+        finally:
+            bench.stop_all()
+    result["machine"] = {
+        "cores": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    print(f"\nfigures written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
