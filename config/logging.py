@@ -1,47 +1,65 @@
 """Structured logging: one JSON object per line on stdout, flushed per line.
 
-The gateway's own events go through structlog with orjson; uvicorn's loggers are routed through
-the same renderer so every line on stdout is JSON an observability pipeline can ingest.
+The gateway's own events go through structlog with one processor that adds the level and an ISO
+timestamp and renders with orjson (the access line is written on every request, so its path is
+kept short). uvicorn's loggers are routed through structlog's standard-library formatter so every
+line on stdout is JSON an observability pipeline can ingest.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_METHOD_LEVELS = {"warn": "warning", "exception": "error", "msg": "info"}
+_tracebacks = structlog.processors.dict_tracebacks
+_second = [0, ""]
 
 
-def _dumps(event: Any, **_: Any) -> bytes:
-    return orjson.dumps(event, default=str)
+def iso_timestamp() -> str:
+    """UTC ISO 8601 with microseconds; the part up to the second is formatted once per second."""
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((now - whole) * 1_000_000):06d}Z"
+
+
+def _json_text(event: Any, **_: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
+def render(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> bytes:
+    event_dict["level"] = _METHOD_LEVELS.get(method_name, method_name)
+    event_dict["timestamp"] = iso_timestamp()
+    if "exc_info" in event_dict:
+        event_dict = _tracebacks(logger, method_name, event_dict)
+    return orjson.dumps(event_dict, default=str)
 
 
 def configure_logging(level: str) -> None:
     numeric = _LEVELS[level]
-    shared: list[Any] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            *shared,
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ],
+        processors=[render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.dict_tracebacks,
+            _tracebacks,
             structlog.processors.JSONRenderer(
                 serializer=lambda e, **_: orjson.dumps(e, default=str).decode()
             ),

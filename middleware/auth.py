@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.context import request_info
+from middleware.context import SCOPE_KEY, RequestInfo
 from service import keys
 from service.errors import AuthenticationFailed, ServiceUnavailable
 from service.respond import send_error
@@ -40,7 +40,7 @@ class Auth:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        info = request_info(scope)
+        info: RequestInfo = scope[SCOPE_KEY]
         key = presented_key(scope["headers"])
         if not key:
             await send_error(send, MISSING, info.error_shape, info.request_id)

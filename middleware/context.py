@@ -19,7 +19,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import GatewayError, render
 from service.keys import shown
 
-access_log = structlog.get_logger("gateway.access")
 error_log = structlog.get_logger("gateway.error")
 
 SCOPE_KEY = "gateway"
@@ -60,11 +59,6 @@ class RequestInfo:
         self.error_shape: Any = "plain"
 
 
-def request_info(scope: Scope) -> RequestInfo:
-    info: RequestInfo = scope[SCOPE_KEY]
-    return info
-
-
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id":
@@ -93,6 +87,8 @@ def _logged_path(path: str) -> str:
 class RequestContext:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # bound once: the lazy proxy of get_logger() would resolve the configuration on every call
+        self.access_log = structlog.get_logger("gateway.access").bind()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,7 +127,7 @@ class RequestContext:
             team = info.team
             if info.provider is None:
                 info.bytes_in = _declared_length(scope["headers"])
-            access_log.info(
+            self.access_log.info(
                 "request",
                 request_id=info.request_id,
                 method=scope["method"],

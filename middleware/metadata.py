@@ -12,11 +12,13 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.context import request_info
+from middleware.context import SCOPE_KEY, RequestInfo
+from service.store import Team
 
 log = structlog.get_logger("gateway.metadata")
 
 MAX_ENTRIES = 5
+MAX_CACHED_TEAMS = 10_000
 RESERVED = ("team_id", "team_name", "request_id")
 
 
@@ -47,16 +49,30 @@ def merge_metadata(
 class Metadata:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # the team part of the header, rendered once per team: request ids need no JSON escaping
+        self._prefixes: dict[Team, str] = {}
+
+    def _prefix(self, team: Team) -> str:
+        prefix = self._prefixes.get(team)
+        if prefix is None:
+            if len(self._prefixes) >= MAX_CACHED_TEAMS:
+                self._prefixes.clear()
+            rendered = orjson.dumps({"team_id": team.team_id, "team_name": team.name}).decode()
+            prefix = self._prefixes[team] = rendered[:-1] + ',"request_id":"'
+        return prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        info = request_info(scope)
+        info: RequestInfo = scope[SCOPE_KEY]
+        team: Team = info.team
         client = None
         for name, value in scope["headers"]:
             if name == b"cf-aig-metadata":
                 client = value
                 break
-        team = info.team
-        info.metadata, problem = merge_metadata(team.team_id, team.name, info.request_id, client)
-        if problem is not None:
-            log.warning("client_metadata_dropped", request_id=info.request_id, reason=problem)
+        if client is None:
+            info.metadata = self._prefix(team) + info.request_id + '"}'
+        else:
+            info.metadata, problem = merge_metadata(team.team_id, team.name, info.request_id, client)
+            if problem is not None:
+                log.warning("client_metadata_dropped", request_id=info.request_id, reason=problem)
         await self.app(scope, receive, send)

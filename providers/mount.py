@@ -6,7 +6,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings
 from middleware.auth import Auth
-from middleware.context import request_info
+from middleware.context import SCOPE_KEY, RequestInfo
 from middleware.metadata import Metadata
 from providers.base import Provider
 from providers.paths import safe_rest
@@ -26,7 +26,7 @@ class ProviderMount:
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] == 47)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        info = request_info(scope)
+        info: RequestInfo = scope[SCOPE_KEY]
         info.provider = self.provider.name
         try:
             rest = safe_rest(scope["raw_path"][len(self.prefix) :])

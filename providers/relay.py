@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from config import Settings
-from middleware.context import RequestInfo, request_info
+from middleware.context import SCOPE_KEY, RequestInfo
 from providers.base import Provider
 from service.errors import (
     GatewayError,
@@ -68,8 +68,14 @@ _DROP_DOWN = frozenset(
 )
 
 
+# A request still running after this long gets a task that watches for the client leaving; a
+# short one never pays for it. Either way a disconnect cancels the upstream call within this bound.
+WATCH_AFTER_SECONDS = 0.02
+MAX_CACHED_URLS = 4096
+
+
 class ClientGone(Exception):
-    """The client disconnected before the request body was complete."""
+    """The client disconnected (or overran the size limit) before the request body was complete."""
 
 
 class Relay:
@@ -79,9 +85,21 @@ class Relay:
         self.added = provider.upstream_headers(settings)
         self.timeout = settings.upstream_timeout_seconds
         self.max_body = settings.max_request_bytes
+        self._urls: dict[tuple[str, bytes], URL] = {}
+
+    def _url(self, base: str, rest: str, query: bytes) -> URL:
+        """The upstream URL, built once per distinct path and query (yarl parsing is not free)."""
+        url = self._urls.get((rest, query))
+        if url is None:
+            target = base + self.provider.upstream_path(rest)
+            url = URL(target + "?" + query.decode("latin-1") if query else target, encoded=True)
+            if len(self._urls) >= MAX_CACHED_URLS:
+                self._urls.clear()
+            self._urls[(rest, query)] = url
+        return url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        info = request_info(scope)
+        info: RequestInfo = scope[SCOPE_KEY]
         if self.base is None:
             error = ServiceUnavailable(
                 "The gateway has no upstream: set AI_GATEWAY_URL to enable provider routes."
@@ -104,14 +122,9 @@ class Relay:
         ):
             await send_error(send, self._too_large(), info.error_shape, info.request_id)
             return
+        url = self._url(self.base, scope[REST_KEY], scope["query_string"])
 
-        query = scope["query_string"]
-        target = self.base + self.provider.upstream_path(scope[REST_KEY])
-        url = URL(target + "?" + query.decode("latin-1") if query else target, encoded=True)
-
-        task = asyncio.current_task()
-        assert task is not None
-        state = _Exchange(task, receive)
+        exchange = _Exchange(receive)
         try:
             first = await receive()
             if first["type"] == "http.disconnect":
@@ -123,42 +136,42 @@ class Relay:
                 return
             data: bytes | AsyncIterator[bytes] | None
             if first.get("more_body", False):
-                data = self._stream_body(body, receive, state, info)
+                data = self._stream_body(body, receive, exchange, info)
             else:
                 data = body or None
-                state.watch()
-            await self._exchange(scope, url, headers, data, send, state, info)
+                exchange.body_done = True
+            await self._exchange(scope, url, headers, data, send, exchange, info)
         except asyncio.CancelledError:
-            if not state.client_gone:
+            if not exchange.client_gone:
                 raise
-            task.uncancel()
+            exchange.task.uncancel()
             info.truncated = info.status != 0
         finally:
-            state.stop()
+            exchange.stop()
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
 
     async def _stream_body(
-        self, first: bytes, receive: Receive, state: _Exchange, info: RequestInfo
+        self, first: bytes, receive: Receive, exchange: _Exchange, info: RequestInfo
     ) -> AsyncIterator[bytes]:
         if first:
             yield first
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                state.client_gone = True
+                exchange.client_gone = True
                 raise ClientGone
             chunk = message.get("body", b"")
             info.bytes_in += len(chunk)
             if info.bytes_in > self.max_body:
-                state.too_large = True
+                exchange.too_large = True
                 raise ClientGone
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
                 break
-        state.watch()
+        exchange.body_done = True
 
     async def _exchange(
         self,
@@ -167,28 +180,33 @@ class Relay:
         headers: list[tuple[str, str]],
         data: bytes | AsyncIterator[bytes] | None,
         send: Send,
-        state: _Exchange,
+        exchange: _Exchange,
         info: RequestInfo,
     ) -> None:
         session: aiohttp.ClientSession = scope["state"]["http"]
         error: GatewayError | None = None
+        exchange.arm(self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                response = await session.request(
-                    scope["method"], url, headers=headers, data=data, allow_redirects=False
-                )
-        except TimeoutError:
+            response = await session.request(
+                scope["method"], url, headers=headers, data=data, allow_redirects=False
+            )
+        except asyncio.CancelledError:
+            if not exchange.timed_out:
+                raise
+            exchange.task.uncancel()
             error = UpstreamTimeout(f"The upstream sent no response within {self.timeout:g} seconds.")
         except (aiohttp.ClientError, OSError, ClientGone) as exc:
-            if state.client_gone:
+            if exchange.client_gone:
                 return
-            if state.too_large:
+            if exchange.too_large:
                 error = self._too_large()
             else:
                 log.warning("upstream_unavailable", request_id=info.request_id, error=type(exc).__name__)
                 error = UpstreamUnavailable(
                     "The upstream refused or dropped the connection before answering."
                 )
+        finally:
+            exchange.waiting_headers = False
         if error is not None:
             await send_error(send, error, info.error_shape, info.request_id)
             return
@@ -213,7 +231,7 @@ class Relay:
                     return  # the server closes the connection: the client sees an abrupt end
                 last = not chunk or content.at_eof()
                 if last:
-                    state.finished = True
+                    exchange.finished = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if last:
                     clean = True
@@ -226,29 +244,76 @@ class Relay:
 
 
 class _Exchange:
-    """Per-request state shared by the relay and the disconnect watcher."""
+    """Per-request state shared by the relay and its one timer.
 
-    __slots__ = ("client_gone", "finished", "receive", "task", "too_large", "watcher")
+    The timer first fires ``WATCH_AFTER_SECONDS`` after the request went upstream: a request that
+    is done by then costs one timer handle and nothing else. Otherwise it starts a task that
+    watches for the client leaving, then fires again at the header deadline. Both the deadline and
+    the watcher cancel the relay's task with a flag set, which the relay turns into a 504 or a
+    quiet end.
+    """
 
-    def __init__(self, task: asyncio.Task[object], receive: Receive) -> None:
+    __slots__ = (
+        "body_done",
+        "client_gone",
+        "deadline",
+        "finished",
+        "loop",
+        "receive",
+        "task",
+        "timed_out",
+        "timer",
+        "too_large",
+        "waiting_headers",
+        "watcher",
+    )
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         self.task = task
+        self.loop = task.get_loop()
         self.receive = receive
+        self.body_done = False
         self.client_gone = False
         self.too_large = False
+        self.timed_out = False
         self.finished = False
+        self.waiting_headers = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
-    def watch(self) -> None:
-        """Once the body is read, wait for a disconnect and cancel the relay when it comes."""
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+    def arm(self, timeout: float) -> None:
+        self.waiting_headers = True
+        now = self.loop.time()
+        self.deadline = now + timeout
+        self.timer = self.loop.call_at(min(self.deadline, now + WATCH_AFTER_SECONDS), self._tick)
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
+        now = self.loop.time()
+        if self.waiting_headers and now >= self.deadline and not self.client_gone:
+            self.timed_out = True
+            self.task.cancel()
+            return
+        if self.body_done and self.watcher is None:
+            self.watcher = self.loop.create_task(self._watch())
+        if not self.body_done:
+            self.timer = self.loop.call_at(min(self.deadline, now + WATCH_AFTER_SECONDS), self._tick)
+        elif self.waiting_headers:
+            self.timer = self.loop.call_at(self.deadline, self._tick)
 
     async def _watch(self) -> None:
         message: Message = await self.receive()
-        if message["type"] == "http.disconnect" and not self.finished:
+        if message["type"] == "http.disconnect" and not self.finished and not self.timed_out:
             self.client_gone = True
             self.task.cancel()
 
     def stop(self) -> None:
         self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
         if self.watcher is not None:
             self.watcher.cancel()
