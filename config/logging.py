@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -44,12 +44,22 @@ def render(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) 
     return orjson.dumps(event_dict, default=str)
 
 
-def configure_logging(level: str) -> None:
+AccessWriter = Callable[[dict[str, Any]], None]
+
+
+def configure_logging(level: str) -> AccessWriter | None:
+    """Configure structlog and uvicorn's loggers; return the access-line writer (``None`` when
+    ``level`` is above ``info``).
+
+    The access line is written on every request, so it skips the bound-logger wrapper: the same
+    ``render`` processor and the same structlog output, called directly with a ready dict.
+    """
     numeric = _LEVELS[level]
+    output = structlog.BytesLogger(sys.stdout.buffer)
     structlog.configure(
         processors=[render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=lambda *_: output,
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -73,3 +83,11 @@ def configure_logging(level: str) -> None:
         logger.propagate = False
         logger.setLevel(max(numeric, logging.INFO) if name == "asyncio" else numeric)
     logging.getLogger("uvicorn.access").disabled = True
+
+    if numeric > logging.INFO:
+        return None
+
+    def write_access(event: dict[str, Any]) -> None:
+        output.msg(render(output, "info", event))
+
+    return write_access

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from config.logging import AccessWriter
 from service.errors import GatewayError, render
 from service.keys import shown
 
@@ -85,10 +86,9 @@ def _logged_path(path: str) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, write_access: AccessWriter | None) -> None:
         self.app = app
-        # bound once: the lazy proxy of get_logger() would resolve the configuration on every call
-        self.access_log = structlog.get_logger("gateway.access").bind()
+        self.write_access = write_access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,18 +127,21 @@ class RequestContext:
             team = info.team
             if info.provider is None:
                 info.bytes_in = _declared_length(scope["headers"])
-            self.access_log.info(
-                "request",
-                request_id=info.request_id,
-                method=scope["method"],
-                path=_logged_path(scope["path"]),
-                status=info.status or 499,
-                duration_ms=round((end - started) * 1000, 3),
-                ttfb_ms=round((info.ttfb - started) * 1000, 3) if info.ttfb else None,
-                upstream_status=info.upstream_status,
-                bytes_in=info.bytes_in,
-                bytes_out=info.bytes_out,
-                team_id=team.team_id if team is not None else None,
-                provider=info.provider,
-                truncated=info.truncated,
-            )
+            if self.write_access is not None:
+                self.write_access(
+                    {
+                        "event": "request",
+                        "request_id": info.request_id,
+                        "method": scope["method"],
+                        "path": _logged_path(scope["path"]),
+                        "status": info.status or 499,
+                        "duration_ms": round((end - started) * 1000, 3),
+                        "ttfb_ms": round((info.ttfb - started) * 1000, 3) if info.ttfb else None,
+                        "upstream_status": info.upstream_status,
+                        "bytes_in": info.bytes_in,
+                        "bytes_out": info.bytes_out,
+                        "team_id": team.team_id if team is not None else None,
+                        "provider": info.provider,
+                        "truncated": info.truncated,
+                    }
+                )
