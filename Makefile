@@ -38,6 +38,6 @@ clean:
 # The benchmark needs wrk and nginx (Debian packages) besides the virtualenv.
 bench: install
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
-		{ (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null) || \
-		  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null); }
+		{ (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null) || \
+		  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null); }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -114,8 +114,10 @@ class Server:
 
 
 class Bench:
-    def __init__(self, work: Path, duration: float, rounds: int) -> None:
+    def __init__(self, work: Path, duration: float, rounds: int, use_nginx: bool = True) -> None:
         self.work = work
+        self.use_nginx = use_nginx
+        self.big_path = "/openai/big" if use_nginx else f"/openai/_mock/bytes?n={1024**3}"
         self.duration = duration
         self.rounds = rounds
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -176,7 +178,12 @@ http {{
         with big.open("wb") as handle:
             handle.truncate(1024**3)
         env = {**os.environ, "PORT": str(mock_port), "AI_GATEWAY_TOKEN": ""}
-        self.spawn([str(BIN / "python"), "-m", "service.mock_upstream"], 1, env, log="mock")
+        mock_proc = self.spawn([str(BIN / "python"), "-m", "service.mock_upstream"], 1, env, log="mock")
+        if not self.use_nginx:
+            wait_port(mock_port)
+            mock = f"http://127.0.0.1:{mock_port}"
+            direct = Server("direct", f"{mock}/openai/chat/completions", mock, mock_proc)
+            return direct, self._python_proxies(mock), mock_port
         upstream_proc = self.nginx(
             "upstream",
             f"""
@@ -206,6 +213,16 @@ http {{
   }}""",
             core=0,
         )
+        wait_port(np_port)
+        nginx = Server(
+            "nginx",
+            f"http://127.0.0.1:{np_port}/openai/chat/completions",
+            f"http://127.0.0.1:{np_port}",
+            nginx_proc,
+        )
+        return direct, [nginx, *self._python_proxies(upstream)], mock_port
+
+    def _python_proxies(self, upstream: str) -> list[Server]:
         bare_port = free_port()
         bare_proc = self.spawn(
             [
@@ -240,16 +257,10 @@ http {{
         }
         # the Procfile's own command, pinned; its log goes to a file as a PaaS collects stdout
         gw_proc = self.spawn(f"sh -c {_quote(procfile)}", 0, gw_env, log="gateway")
-        for port in (np_port, bare_port, gw_port):
+        for port in (bare_port, gw_port):
             wait_port(port)
         self.key = _create_key(f"http://127.0.0.1:{gw_port}")
-        proxies = [
-            Server(
-                "nginx",
-                f"http://127.0.0.1:{np_port}/openai/chat/completions",
-                f"http://127.0.0.1:{np_port}",
-                nginx_proc,
-            ),
+        return [
             Server(
                 "bare",
                 f"http://127.0.0.1:{bare_port}/openai/chat/completions",
@@ -263,7 +274,6 @@ http {{
                 gw_proc,
             ),
         ]
-        return direct, proxies, mock_port
 
     # -- measurements -------------------------------------------------------------------------
 
@@ -366,7 +376,7 @@ http {{
                 "/dev/null",
                 "-H",
                 f"Authorization: Bearer {self.key}",
-                f"{server.base}/openai/big",
+                server.base + self.big_path,
             ]
         )
         peak = before
@@ -422,7 +432,7 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
         "raw": {name: s.results for name, s in servers.items()},
     }
     base = out["servers"]
-    for name in ("nginx", "bare", "gateway"):
+    for name in (p.name for p in proxies):
         row = base[name]
         row["added_p50_1c_ms"] = row["p50_1c_ms"] - base["direct"]["p50_1c_ms"]
         row["added_p99_1c_ms"] = row["p99_1c_ms"] - base["direct"]["p99_1c_ms"]
@@ -452,7 +462,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("RSS growth, 100 streams (MiB)", "rss_100_streams_growth_mib"),
     ]
     servers = result["servers"]
-    names = ["direct", "nginx", "bare", "gateway"]
+    names = list(servers)
     print(f"{'':32}" + "".join(f"{n:>12}" for n in names))
     for label, key in rows:
         cells = []
@@ -471,19 +481,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-nginx", action="store_true", help="use the in-process mock as the upstream")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "taskset", "curl"):
+    for tool in ("wrk", "taskset", "curl"):
         if shutil.which(tool) is None:
             sys.exit(
                 f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)"
             )
+    use_nginx = shutil.which("nginx") is not None and not args.no_nginx
+    if not use_nginx:
+        print(
+            "nginx is not installed: the upstream is the in-process mock and the nginx row is left out",
+            file=sys.stderr,
+        )
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as work:
-        bench = Bench(Path(work), args.duration, args.rounds)
+        bench = Bench(Path(work), args.duration, args.rounds, use_nginx)
         try:
             result = bench.run()
         finally:
             bench.stop_all()
+    result["upstream"] = "nginx" if use_nginx else "python mock"
     result["machine"] = {
         "cores": os.cpu_count(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
