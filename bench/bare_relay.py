@@ -21,9 +21,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                _session = aiohttp.ClientSession(
-                    auto_decompress=False, connector=aiohttp.TCPConnector(limit=0)
-                )
+                _session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
                 await send({"type": "lifespan.startup.complete"})
             else:
                 if _session is not None:
@@ -47,9 +45,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "type": "http.response.start",
                 "status": response.status,
                 "headers": [
-                    (k, v)
-                    for k, v in response.raw_headers
-                    if k.lower() not in (b"transfer-encoding", b"connection")
+                    (k, v) for k, v in response.raw_headers if k.lower() not in (b"transfer-encoding", b"connection")
                 ],
             }
         )

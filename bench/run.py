@@ -349,9 +349,7 @@ http {{
                 await asyncio.sleep(0.05)
 
         async def one(session: aiohttp.ClientSession) -> None:
-            async with session.get(
-                f"{server.base}/openai/_mock/sse?n=40&interval=0.05", headers=headers
-            ) as r:
+            async with session.get(f"{server.base}/openai/_mock/sse?n=40&interval=0.05", headers=headers) as r:
                 async for _chunk in r.content.iter_any():
                     pass
 
@@ -486,9 +484,7 @@ def main() -> None:
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "curl"):
         if shutil.which(tool) is None:
-            sys.exit(
-                f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)"
-            )
+            sys.exit(f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)")
     use_nginx = shutil.which("nginx") is not None and not args.no_nginx
     if not use_nginx:
         print(

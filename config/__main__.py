@@ -9,7 +9,11 @@ import sys
 from config.settings import Settings, SettingsError
 
 try:
-    Settings.from_env()
+    settings = Settings.from_env()
+    # the provider registry and every {SLUG}_BASE_URL are checked as the gateway's start-up would
+    from providers.mount import mount_providers
+
+    mount_providers(settings)
 except SettingsError as exc:
     print(f"configuration error: {exc}", file=sys.stderr, flush=True)
     sys.exit(3)

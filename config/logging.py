@@ -70,9 +70,7 @@ def configure_logging(level: str) -> AccessWriter | None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _tracebacks,
-            structlog.processors.JSONRenderer(
-                serializer=lambda e, **_: orjson.dumps(e, default=str).decode()
-            ),
+            structlog.processors.JSONRenderer(serializer=lambda e, **_: orjson.dumps(e, default=str).decode()),
         ],
     )
     handler = logging.StreamHandler(sys.stdout)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dotenv import dotenv_values
 from yarl import URL
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key", "openai_api_key", "anthropic_api_key"})
+CACHE_SCOPES = ("team", "shared")
+SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key"})
+PROVIDER_SUFFIXES = ("_API_KEY", "_BASE_URL")
 
 
 class SettingsError(ValueError):
@@ -32,15 +34,24 @@ class Settings:
     database_path: Path = Path("data/gateway.db")
     upstream_timeout_seconds: float = 300.0
     max_request_bytes: int = 32 * 1024 * 1024
-    openai_api_key: str | None = None
-    anthropic_api_key: str | None = None
     log_level: str = "info"
     auth_cache_refresh_seconds: float = 0.25
+    providers: tuple[str, ...] | None = None
+    """``PROVIDERS``: the slugs to mount; ``None`` mounts every registered provider."""
+    providers_file: Path | None = None
+    """``PROVIDERS_FILE``: a TOML file of extra providers, read beside the built-in catalogue."""
+    cache_scope: str = "team"
+    cf_account_id: str | None = None
+    provider_env: Mapping[str, str] = field(default_factory=dict)
+    """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
+    providers are mounted, since only then is it known which slugs exist)."""
+
+    def provider_setting(self, slug: str, suffix: str) -> str | None:
+        """``provider_setting("google-ai-studio", "API_KEY")`` reads ``GOOGLE_AI_STUDIO_API_KEY``."""
+        return self.provider_env.get(env_name(slug, suffix))
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
         """Read settings: the process environment wins over the ``.env`` file."""
         values: dict[str, str] = {}
         if env_file is not None and Path(env_file).is_file():
@@ -64,35 +75,73 @@ class Settings:
                 "UPSTREAM_TIMEOUT_SECONDS", get("UPSTREAM_TIMEOUT_SECONDS"), 300.0
             ),
             max_request_bytes=_positive_int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), 32 * 1024 * 1024),
-            openai_api_key=get("OPENAI_API_KEY"),
-            anthropic_api_key=get("ANTHROPIC_API_KEY"),
             log_level=_log_level(get("LOG_LEVEL")),
+            providers=_providers(get("PROVIDERS")),
+            providers_file=Path(raw_file) if (raw_file := get("PROVIDERS_FILE")) else None,
+            cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
+            cf_account_id=get("CF_ACCOUNT_ID"),
+            provider_env=_provider_env(values),
         )
 
     def public_view(self) -> dict[str, object]:
         """The effective configuration for the start-up log line, secrets masked."""
         view: dict[str, object] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name in SECRET_FIELDS:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in SECRET_FIELDS:
                 value = "set" if value else "unset"
+            elif item.name == "provider_env":
+                value = {k: ("set" if k.endswith("_API_KEY") else v) for k, v in sorted(value.items())}
             elif isinstance(value, Path):
                 value = str(value)
-            view[field.name] = value
+            view[item.name] = value
         return view
 
 
+def env_name(slug: str, suffix: str) -> str:
+    """The setting for a provider slug: ``google-ai-studio`` + ``API_KEY`` → ``GOOGLE_AI_STUDIO_API_KEY``."""
+    return f"{slug.upper().replace('-', '_')}_{suffix}"
+
+
 def _gateway_url(raw: str | None) -> str | None:
+    return None if raw is None else http_url("AI_GATEWAY_URL", raw)
+
+
+def _provider_env(values: Mapping[str, str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, raw in values.items():
+        value = raw.strip()
+        if value and name.endswith(PROVIDER_SUFFIXES) and name != "ADMIN_API_KEY":
+            found[name] = value
+    return found
+
+
+def _providers(raw: str | None) -> tuple[str, ...] | None:
     if raw is None:
         return None
+    slugs = tuple(dict.fromkeys(part.strip().lower() for part in raw.split(",") if part.strip()))
+    if not slugs:
+        raise SettingsError("PROVIDERS must name at least one provider, e.g. PROVIDERS=openai,anthropic")
+    return slugs
+
+
+def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:
+    value = (raw or allowed[0]).lower()
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def http_url(name: str, raw: str) -> str:
+    """``raw`` as an http(s) base URL without a trailing slash; a ``SettingsError`` naming ``name`` if not."""
     try:
         url = URL(raw)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"AI_GATEWAY_URL is not a valid URL: {raw!r}") from exc
+        raise SettingsError(f"{name} is not a valid URL: {raw!r}") from exc
     if url.scheme not in ("http", "https") or not url.host:
-        raise SettingsError(f"AI_GATEWAY_URL must be an http(s) URL with a host, got {raw!r}")
+        raise SettingsError(f"{name} must be an http(s) URL with a host, got {raw!r}")
     if url.query_string or url.fragment:
-        raise SettingsError("AI_GATEWAY_URL must not carry a query string or fragment")
+        raise SettingsError(f"{name} must not carry a query string or fragment")
     return raw.rstrip("/")
 
 

@@ -1,8 +1,9 @@
 """Authentication of team keys on provider routes.
 
-The key is taken from ``Authorization: Bearer sk_…`` (OpenAI SDK, curl) or ``x-api-key: sk_…``
-(Anthropic SDK). A cached key costs a dict read; an uncached one one store query. A missing or
-unknown key gets a 401 shaped as the provider's error, and nothing reaches the upstream.
+The key is taken from ``Authorization: Bearer sk_…`` (OpenAI SDK, curl), ``x-api-key: sk_…``
+(Anthropic SDK) or the header the provider's own SDK uses (``x-goog-api-key``, ``api-key``). A
+cached key costs a dict read; an uncached one one store query. A missing or unknown key gets a 401
+shaped as the provider's error, and nothing reaches the upstream.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ MISSING = AuthenticationFailed(
 INVALID = AuthenticationFailed("Invalid API key: the key is unknown, rotated or revoked.")
 
 
-def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+def presented_key(headers: list[tuple[bytes, bytes]], key_headers: frozenset[bytes]) -> str | None:
     bearer = api_key = None
     for name, value in headers:
         if name == b"authorization":
             if value[:7].lower() == b"bearer ":
                 bearer = value[7:].strip().decode("latin-1")
-        elif name == b"x-api-key":
+        elif name in key_headers:
             api_key = value.strip().decode("latin-1")
     if bearer and keys.is_well_formed(bearer):
         return bearer
@@ -36,12 +37,13 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 class Auth:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, key_headers: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.key_headers = frozenset({b"x-api-key", *(h.encode() for h in key_headers)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
-        key = presented_key(scope["headers"])
+        key = presented_key(scope["headers"], self.key_headers)
         if not key:
             await send_error(send, MISSING, info.error_shape, info.request_id)
             return

@@ -22,9 +22,7 @@ MAX_CACHED_TEAMS = 10_000
 RESERVED = ("team_id", "team_name", "request_id")
 
 
-def merge_metadata(
-    team_id: str, team_name: str, request_id: str, client: bytes | None
-) -> tuple[str, str | None]:
+def merge_metadata(team_id: str, team_name: str, request_id: str, client: bytes | None) -> tuple[str, str | None]:
     """The header value to send, and why the client's metadata was dropped (if it was)."""
     entries: dict[str, object] = {"team_id": team_id, "team_name": team_name, "request_id": request_id}
     problem = None

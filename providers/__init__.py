@@ -1,10 +1,2 @@
-"""Providers: one module each, a registry name → provider, and the shared relay."""
-
-from providers import anthropic, openai, workers_ai
-from providers.base import Provider
-
-REGISTRY: dict[str, Provider] = {
-    p.name: p for p in (openai.PROVIDER, anthropic.PROVIDER, workers_ai.PROVIDER)
-}
-
-__all__ = ["REGISTRY", "Provider"]
+"""Providers: a declarative description each (``catalog.toml`` or a tiny module), the registry,
+where their requests go (through Cloudflare AI Gateway or direct), and the shared mount and relay."""

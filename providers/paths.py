@@ -27,14 +27,8 @@ def safe_rest(raw: bytes) -> str:
         if not segment:
             continue
         decoded = unquote(segment) if "%" in segment else segment
-        if (
-            decoded in (".", "..")
-            or any(c in decoded for c in _FORBIDDEN_DECODED)
-            or not decoded.isprintable()
-        ):
-            raise BadRequest(
-                "The request path contains a dot segment, an encoded slash or a control character."
-            )
+        if decoded in (".", "..") or any(c in decoded for c in _FORBIDDEN_DECODED) or not decoded.isprintable():
+            raise BadRequest("The request path contains a dot segment, an encoded slash or a control character.")
         segments.append(segment)
     rest = "/".join(segments)
     if text.endswith("/") and rest:

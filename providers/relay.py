@@ -9,6 +9,7 @@ client disconnects, which cancels the upstream call at once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -19,7 +20,9 @@ from yarl import URL
 from config import Settings
 from middleware.context import SCOPE_KEY, RequestInfo
 from providers.base import Provider
+from providers.upstream import Upstream
 from service.errors import (
+    BadRequest,
     GatewayError,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -74,24 +77,44 @@ WATCH_AFTER_SECONDS = 0.02
 MAX_CACHED_URLS = 4096
 
 
+def team_cache_key(info: RequestInfo, scope: Scope, client_key: bytes | None, body: bytes) -> str:
+    """Cloudflare's cache key for a team: the team and the client's own key, or, without one, the
+    team and the request itself (method, path, query, body), so teams never share cached answers."""
+    digest = hashlib.sha256(info.team.team_id.encode() + b"\0")
+    if client_key is not None:
+        digest.update(b"key\0" + client_key)
+    else:
+        digest.update(
+            b"\0".join((b"request", scope["method"].encode(), scope["raw_path"], scope["query_string"], body))
+        )
+    return digest.hexdigest()
+
+
 class ClientGone(Exception):
     """The client disconnected (or overran the size limit) before the request body was complete."""
 
 
 class Relay:
-    def __init__(self, provider: Provider, settings: Settings) -> None:
+    def __init__(self, provider: Provider, upstream: Upstream | str, settings: Settings) -> None:
         self.provider = provider
-        self.base = f"{settings.ai_gateway_url}/{provider.name}/" if settings.ai_gateway_url else None
-        self.added = provider.upstream_headers(settings)
+        self.upstream = upstream if isinstance(upstream, Upstream) else None
+        self.unavailable = ServiceUnavailable(upstream) if isinstance(upstream, str) else None
+        self.via_gateway = self.upstream is not None and self.upstream.via_gateway
+        self.added = list(self.upstream.headers) if self.upstream else []
+        self.scope_cache = self.via_gateway and settings.cache_scope == "team"
+        drop = set(_DROP_UP) | {h.encode() for h in provider.team_key_headers}
+        if self.scope_cache:
+            drop.add(b"cf-aig-cache-key")
+        self.drop = frozenset(drop)
         self.timeout = settings.upstream_timeout_seconds
         self.max_body = settings.max_request_bytes
         self._urls: dict[tuple[str, bytes], URL] = {}
 
-    def _url(self, base: str, rest: str, query: bytes) -> URL:
+    def _url(self, upstream: Upstream, rest: str, query: bytes) -> URL:
         """The upstream URL, built once per distinct path and query (yarl parsing is not free)."""
         url = self._urls.get((rest, query))
         if url is None:
-            target = base + self.provider.upstream_path(rest)
+            target = upstream.url(rest)
             url = URL(target + "?" + query.decode("latin-1") if query else target, encoded=True)
             if len(self._urls) >= MAX_CACHED_URLS:
                 self._urls.clear()
@@ -100,29 +123,41 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
-        if self.base is None:
-            error = ServiceUnavailable(
-                "The gateway has no upstream: set AI_GATEWAY_URL to enable provider routes."
-            )
+        upstream = self.upstream
+        if upstream is None:
+            assert self.unavailable is not None
+            await send_error(send, self.unavailable, info.error_shape, info.request_id)
+            return
+        try:
+            url = self._url(upstream, scope[REST_KEY], scope["query_string"])
+        except BadRequest as error:
             await send_error(send, error, info.error_shape, info.request_id)
             return
 
+        drop = self.drop
+        direct = not self.via_gateway
         headers: list[tuple[str, str]] = []
-        declared_length = None
+        declared_length = client_cache_key = None
+        wants_cache = False
         for name, value in scope["headers"]:
-            if name in _DROP_UP:
+            if name in drop:
+                if name == b"cf-aig-cache-key":
+                    client_cache_key = value
+                    wants_cache = True
+                continue
+            if direct and name.startswith(b"cf-aig-"):
                 continue
             if name == b"content-length":
                 declared_length = value
+            elif name == b"cf-aig-cache-ttl":
+                wants_cache = True
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
         headers.extend(self.added)
-        headers.append(("cf-aig-metadata", info.metadata or ""))
-        if declared_length is not None and (
-            not declared_length.isdigit() or int(declared_length) > self.max_body
-        ):
+        if not direct:
+            headers.append(("cf-aig-metadata", info.metadata or ""))
+        if declared_length is not None and (not declared_length.isdigit() or int(declared_length) > self.max_body):
             await send_error(send, self._too_large(), info.error_shape, info.request_id)
             return
-        url = self._url(self.base, scope[REST_KEY], scope["query_string"])
 
         exchange = _Exchange(receive)
         try:
@@ -130,17 +165,24 @@ class Relay:
             if first["type"] == "http.disconnect":
                 return
             body = first.get("body", b"")
+            more = first.get("more_body", False)
             info.bytes_in = len(body)
+            if more and wants_cache and self.scope_cache:
+                body, more = await self._read_all(body, receive, info), False
             if info.bytes_in > self.max_body:
                 await send_error(send, self._too_large(), info.error_shape, info.request_id)
                 return
+            if wants_cache and self.scope_cache:
+                headers.append(("cf-aig-cache-key", team_cache_key(info, scope, client_cache_key, body)))
             data: bytes | AsyncIterator[bytes] | None
-            if first.get("more_body", False):
+            if more:
                 data = self._stream_body(body, receive, exchange, info)
             else:
                 data = body or None
                 exchange.body_done = True
             await self._exchange(scope, url, headers, data, send, exchange, info)
+        except ClientGone:
+            return
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -148,6 +190,20 @@ class Relay:
             info.truncated = info.status != 0
         finally:
             exchange.stop()
+
+    async def _read_all(self, first: bytes, receive: Receive, info: RequestInfo) -> bytes:
+        """The whole body, for the few requests that need it before going up (team-scoped caching)."""
+        body = bytearray(first)
+        while info.bytes_in <= self.max_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            body += chunk
+            info.bytes_in += len(chunk)
+            if not message.get("more_body", False):
+                break
+        return bytes(body)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
@@ -187,9 +243,7 @@ class Relay:
         error: GatewayError | None = None
         exchange.arm(self.timeout)
         try:
-            response = await session.request(
-                scope["method"], url, headers=headers, data=data, allow_redirects=False
-            )
+            response = await session.request(scope["method"], url, headers=headers, data=data, allow_redirects=False)
         except asyncio.CancelledError:
             if not exchange.timed_out:
                 raise
@@ -202,9 +256,7 @@ class Relay:
                 error = self._too_large()
             else:
                 log.warning("upstream_unavailable", request_id=info.request_id, error=type(exc).__name__)
-                error = UpstreamUnavailable(
-                    "The upstream refused or dropped the connection before answering."
-                )
+                error = UpstreamUnavailable("The upstream refused or dropped the connection before answering.")
         finally:
             exchange.waiting_headers = False
         if error is not None:

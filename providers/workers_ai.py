@@ -1,14 +1,31 @@
 """Cloudflare Workers AI: native ``…/workers-ai/@cf/{model}`` and OpenAI-compatible ``…/workers-ai/v1/…``.
 
 Through an authenticated Cloudflare gateway the gateway token also serves as the Workers AI
-credential, so it is sent as ``Authorization: Bearer`` as well.
+credential. Direct, the REST API splits the two dialects: native models under ``…/ai/run/@cf/…``
+and the OpenAI-compatible endpoints under ``…/ai/v1/…``.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 from providers.base import Provider
 
-PROVIDER = Provider(
-    name="workers-ai",
+
+@dataclass(frozen=True, slots=True)
+class WorkersAI(Provider):
+    def direct_url(self, base: str, rest: str) -> str:
+        if rest.startswith("v1/") or rest.startswith("run/"):
+            return f"{base}/{rest}"
+        return f"{base}/run/{rest}"
+
+
+PROVIDER = WorkersAI(
+    slug="workers-ai",
+    name="Cloudflare Workers AI",
     error_shape="cloudflare",
+    stream_format="workers-ai-sse",
     openai_compatible_prefix="v1/",
-    gateway_token_as_authorization=True,
+    gateway_token_as_key=True,
+    direct_base_url="https://api.cloudflare.com/client/v4/accounts/{CF_ACCOUNT_ID}/ai",
 )

@@ -30,11 +30,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings, SettingsError
 from config.logging import configure_logging
-from middleware.context import RequestContext
-from providers import REGISTRY
-from providers.mount import ProviderMount
+from middleware.context import SCOPE_KEY, RequestContext
+from providers.mount import ProviderMount, mount_providers
 from service import tokens
-from service.errors import GatewayError, ServiceUnavailable
+from service.errors import GatewayError, NotFound, ServiceUnavailable
+from service.respond import send_error
 from service.store import SQLiteStore, StoreUnavailableError
 from service.teams import TeamDirectory
 
@@ -74,9 +74,7 @@ def make_lifespan(settings: Settings) -> Any:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log.info("gateway_starting", **settings.public_view())
         if not settings.ai_gateway_url:
-            log.warning(
-                "ai_gateway_url_unset", message="AI_GATEWAY_URL is not set: provider routes answer 503"
-            )
+            log.warning("ai_gateway_url_unset", message="AI_GATEWAY_URL is not set: provider routes answer 503")
         store = SQLiteStore(settings.database_path)
         await store.open()
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds)
@@ -112,9 +110,7 @@ async def gateway_error(request: Request, exc: Exception) -> Response:
 
 
 async def store_error(request: Request, exc: Exception) -> Response:
-    return await gateway_error(
-        request, ServiceUnavailable("The key store is unavailable; try again shortly.")
-    )
+    return await gateway_error(request, ServiceUnavailable("The key store is unavailable; try again shortly."))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -126,16 +122,25 @@ async def http_error(request: Request, exc: Exception) -> Response:
 class Gateway:
     """Dispatch by first path segment: a provider mount, or the Starlette app for the rest."""
 
-    def __init__(self, mounts: dict[str, ProviderMount], fallback: Starlette) -> None:
+    def __init__(self, mounts: dict[str, ProviderMount], disabled: set[str], fallback: Starlette) -> None:
         self.mounts = mounts
+        self.disabled = frozenset(disabled)
         self.fallback = fallback
         self.state = fallback.state
+        enabled = ", ".join(mounts) or "none"
+        self.not_enabled = f"This provider is not enabled on this gateway (enabled: {enabled})."
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path: str = scope["path"]
             end = path.find("/", 1)
-            mount = self.mounts.get(path[1:end] if end > 0 else path[1:])
+            segment = path[1:end] if end > 0 else path[1:]
+            mount = self.mounts.get(segment)
+            if mount is None and segment in self.disabled:
+                info = scope[SCOPE_KEY]
+                info.provider = segment
+                await send_error(send, NotFound(self.not_enabled), "plain", info.request_id)
+                return
             if mount is not None:
                 raw = scope.get("raw_path")
                 if raw is None:
@@ -166,5 +171,13 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         },
     )
     starlette.state.settings = settings
-    mounts = {name: ProviderMount(provider, settings) for name, provider in REGISTRY.items()}
-    return RequestContext(Gateway(mounts, starlette), write_access=write_access)
+    try:
+        mounts, registry = mount_providers(settings)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(STARTUP_FAILURE) from None
+    starlette.state.upstreams = {
+        slug: ("gateway" if m.via_gateway else "direct") if m.available else "unavailable" for slug, m in mounts.items()
+    }
+    gateway = Gateway(mounts, set(registry) - set(mounts), starlette)
+    return RequestContext(gateway, write_access=write_access)

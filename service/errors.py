@@ -22,7 +22,7 @@ from typing import Literal
 
 import orjson
 
-Shape = Literal["openai", "anthropic", "cloudflare", "plain"]
+Shape = Literal["openai", "anthropic", "cloudflare", "google", "cohere", "plain"]
 
 
 class GatewayError(Exception):
@@ -92,6 +92,16 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "INVALID_ARGUMENT",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 _CLOUDFLARE_CODES = {400: 5006, 401: 10000, 403: 10001, 404: 7003, 413: 5007, 502: 5021, 503: 5022, 504: 5023}
 
 
@@ -105,6 +115,16 @@ def render(error: GatewayError, shape: Shape, request_id: str | None = None) -> 
         body = {"type": "error", "error": {"type": error.anthropic_type, "message": message}}
         if request_id is not None:
             body["request_id"] = request_id
+    elif shape == "google":
+        body = {
+            "error": {
+                "code": error.status,
+                "message": message,
+                "status": _GOOGLE_STATUS.get(error.status, "INTERNAL"),
+            }
+        }
+    elif shape == "cohere":
+        body = {"message": message}
     elif shape == "cloudflare":
         code = _CLOUDFLARE_CODES.get(error.status, 5000)
         body = {

@@ -144,9 +144,7 @@ class MockUpstream:
             return _json(
                 {
                     "object": "list",
-                    "data": [
-                        {"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "openai"}
-                    ],
+                    "data": [{"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "openai"}],
                 }
             )
         return _json({"method": record.method, "path": path, "query": record.query})
@@ -159,9 +157,7 @@ class MockUpstream:
             return await _bytes(request, int(query.get("n", "1024")))
         if name == "gzip":
             payload = gzip.compress(b'{"message": "' + b"compressed " * 100 + b'"}')
-            return web.Response(
-                body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
-            )
+            return web.Response(body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
         if name == "sse":
             return await _sse(request, int(query.get("n", "100")), float(query.get("interval", "0")))
         if name.startswith("status/"):
@@ -233,9 +229,7 @@ async def _openai_completion(body: Any) -> web.Response:
 
 
 async def _openai_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "x-request-id": "req_upstream_123"}
-    )
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req_upstream_123"})
     await response.prepare(request)
     for index, word in enumerate(["Hello", " from", " the", " mock", " upstream"]):
         chunk = {
@@ -281,9 +275,7 @@ async def _anthropic_message(body: Any) -> web.Response:
 
 
 async def _anthropic_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "request-id": "req_upstream_123"}
-    )
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "request-id": "req_upstream_123"})
     await response.prepare(request)
     events: list[tuple[str, dict[str, Any]]] = [
         (

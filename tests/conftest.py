@@ -66,9 +66,7 @@ class GatewayProcess:
         body: dict[str, str] = {"teamId": team_id}
         if name is not None:
             body["name"] = name
-        response = httpx.post(
-            f"{self.url}/tokens", json=body, headers={"authorization": f"Bearer {self.admin_key}"}
-        )
+        response = httpx.post(f"{self.url}/tokens", json=body, headers={"authorization": f"Bearer {self.admin_key}"})
         assert response.status_code == 201, response.text
         key: str = response.json()["apiKey"]
         self.keys.append(key)
@@ -99,9 +97,7 @@ def gateway_env(upstream_url: str | None, tmp: Path, **overrides: str) -> dict[s
     return {k: v for k, v in env.items() if v != ""}
 
 
-def start_gateway(
-    env: dict[str, str], tmp: Path, *, workers: int = 1, port: int | None = None
-) -> GatewayProcess:
+def start_gateway(env: dict[str, str], tmp: Path, *, workers: int = 1, port: int | None = None) -> GatewayProcess:
     port = port or free_port()
     log_path = tmp / f"gateway-{port}.log"
     command = [

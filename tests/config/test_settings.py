@@ -39,9 +39,7 @@ def test_values_and_database_urls() -> None:
         1000,
         "debug",
     )
-    assert Settings.from_env({"DATABASE_URL": "sqlite:///rel/y.db"}, env_file=None).database_path == Path(
-        "rel/y.db"
-    )
+    assert Settings.from_env({"DATABASE_URL": "sqlite:///rel/y.db"}, env_file=None).database_path == Path("rel/y.db")
 
 
 def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
@@ -72,12 +70,12 @@ def test_malformed_values_name_the_variable(name: str, value: str) -> None:
 
 
 def test_public_view_masks_secrets() -> None:
-    view = Settings.from_env(
-        {"ADMIN_API_KEY": "a-secret", "AI_GATEWAY_TOKEN": "t-secret"}, env_file=None
-    ).public_view()
+    env = {"ADMIN_API_KEY": "a-secret", "AI_GATEWAY_TOKEN": "t-secret", "GROQ_API_KEY": "g-secret",
+           "GROQ_BASE_URL": "https://groq.example/v1"}
+    view = Settings.from_env(env, env_file=None).public_view()
     assert view["admin_api_key"] == "set" and view["ai_gateway_token"] == "set"
-    assert view["openai_api_key"] == "unset"
-    assert "a-secret" not in str(view) and "t-secret" not in str(view)
+    assert view["provider_env"] == {"GROQ_API_KEY": "set", "GROQ_BASE_URL": "https://groq.example/v1"}
+    assert "a-secret" not in str(view) and "t-secret" not in str(view) and "g-secret" not in str(view)
 
 
 def procfile_command() -> str:
@@ -95,9 +93,7 @@ def test_malformed_setting_stops_the_procfile_command_with_one_line(tmp_path: Pa
         "UPSTREAM_TIMEOUT_SECONDS": "soon",
         "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
     }
-    result = subprocess.run(
-        ["sh", "-c", procfile_command()], cwd=ROOT, env=env, capture_output=True, timeout=60
-    )
+    result = subprocess.run(["sh", "-c", procfile_command()], cwd=ROOT, env=env, capture_output=True, timeout=60)
     assert result.returncode != 0
     errors = [line for line in result.stderr.decode().splitlines() if "UPSTREAM_TIMEOUT_SECONDS" in line]
     assert errors and "Traceback" not in result.stderr.decode()

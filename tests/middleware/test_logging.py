@@ -69,14 +69,10 @@ def test_no_secret_in_any_log_line_or_error(gateway: GatewayProcess) -> None:
     for response in (
         httpx.get(f"{gateway.url}/tokens/{key}"),
         httpx.post(f"{gateway.url}/tokens/{key}/refresh"),
-        httpx.post(
-            f"{gateway.url}/openai/v1/chat/completions", json={}, headers={"authorization": f"Bearer {key}"}
-        ),
+        httpx.post(f"{gateway.url}/openai/v1/chat/completions", json={}, headers={"authorization": f"Bearer {key}"}),
         httpx.post(f"{gateway.url}/anthropic/v1/messages", json={}, headers={"x-api-key": key}),
         httpx.post(f"{gateway.url}/tokens", json={"teamId": "t"}, headers={"authorization": "Bearer " + key}),
-        httpx.post(
-            f"{gateway.url}/tokens", json={"teamId": 1}, headers={"authorization": f"Bearer {ADMIN_KEY}"}
-        ),
+        httpx.post(f"{gateway.url}/tokens", json={"teamId": 1}, headers={"authorization": f"Bearer {ADMIN_KEY}"}),
         httpx.get(
             f"{gateway.url}/openai/models",
             headers={"authorization": f"Bearer {key}", "cf-aig-metadata": "{bad"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from providers import REGISTRY
+from providers.registry import load_registry
 from providers.paths import safe_rest
 from service.errors import BadRequest
 
@@ -47,11 +47,15 @@ def test_refused_paths(raw: bytes) -> None:
         safe_rest(raw)
 
 
-def test_openai_drops_a_leading_v1_others_keep_it() -> None:
-    assert REGISTRY["openai"].upstream_path("v1/chat/completions") == "chat/completions"
-    assert REGISTRY["openai"].upstream_path("v1") == ""
-    assert REGISTRY["openai"].upstream_path("v10/x") == "v10/x"
-    assert REGISTRY["anthropic"].upstream_path("v1/messages") == "v1/messages"
-    assert REGISTRY["workers-ai"].upstream_path("v1/chat/completions") == "v1/chat/completions"
-    assert REGISTRY["workers-ai"].shape_for("v1/chat/completions") == "openai"
-    assert REGISTRY["workers-ai"].shape_for("@cf/meta/llama") == "cloudflare"
+def test_sdk_prefixes_are_dropped_where_the_upstream_does_not_want_them() -> None:
+    registry = load_registry()
+    assert registry["openai"].rest_path("v1/chat/completions") == "chat/completions"
+    assert registry["openai"].rest_path("v1") == ""
+    assert registry["openai"].rest_path("v10/x") == "v10/x"
+    assert registry["groq"].rest_path("openai/v1/chat/completions") == "chat/completions"
+    assert registry["groq"].rest_path("v1/chat/completions") == "chat/completions"
+    assert registry["anthropic"].rest_path("v1/messages") == "v1/messages"
+    assert registry["mistral"].rest_path("v1/chat/completions") == "v1/chat/completions"
+    assert registry["workers-ai"].rest_path("v1/chat/completions") == "v1/chat/completions"
+    assert registry["workers-ai"].shape_for("v1/chat/completions") == "openai"
+    assert registry["workers-ai"].shape_for("@cf/meta/llama") == "cloudflare"

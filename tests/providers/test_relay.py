@@ -50,21 +50,15 @@ def raw_request(url: str, request_line: str, headers: dict[str, str]) -> tuple[i
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-def test_every_method_is_relayed(
-    gateway: GatewayProcess, team_key: str, upstream: MockUpstream, method: str
-) -> None:
+def test_every_method_is_relayed(gateway: GatewayProcess, team_key: str, upstream: MockUpstream, method: str) -> None:
     response = httpx.request(method, f"{gateway.url}/anthropic/v1/files/abc", headers={"x-api-key": team_key})
     assert response.status_code == 200
     assert response.json()["method"] == method and response.json()["path"] == "/anthropic/v1/files/abc"
 
 
-def test_20_mib_request_body_arrives_identical(
-    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
-) -> None:
+def test_20_mib_request_body_arrives_identical(gateway: GatewayProcess, team_key: str, upstream: MockUpstream) -> None:
     body = os.urandom(20 * 1024 * 1024)
-    response = httpx.post(
-        f"{gateway.url}/openai/v1/_mock/echo", content=body, headers=auth(team_key), timeout=60
-    )
+    response = httpx.post(f"{gateway.url}/openai/v1/_mock/echo", content=body, headers=auth(team_key), timeout=60)
     assert response.status_code == 200
     sent = upstream.last()
     assert sent.body_length == len(body) and sent.body_sha256 == hashlib.sha256(body).hexdigest()
@@ -73,16 +67,12 @@ def test_20_mib_request_body_arrives_identical(
         for start in range(0, len(body), 1024 * 1024):
             yield body[start : start + 1024 * 1024]
 
-    response = httpx.post(
-        f"{gateway.url}/openai/v1/_mock/echo", content=pieces(), headers=auth(team_key), timeout=60
-    )
+    response = httpx.post(f"{gateway.url}/openai/v1/_mock/echo", content=pieces(), headers=auth(team_key), timeout=60)
     assert response.status_code == 200
     assert upstream.last().body_sha256 == hashlib.sha256(body).hexdigest()
 
 
-def test_gzip_body_keeps_its_bytes_and_encoding(
-    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
-) -> None:
+def test_gzip_body_keeps_its_bytes_and_encoding(gateway: GatewayProcess, team_key: str, upstream: MockUpstream) -> None:
     direct = httpx.get(f"{upstream.url}/openai/_mock/gzip", headers={"cf-aig-authorization": "Bearer x"})
     with httpx.stream("GET", f"{gateway.url}/openai/_mock/gzip", headers=auth(team_key)) as response:
         raw = b"".join(response.iter_raw())
@@ -124,9 +114,7 @@ def test_large_response_streams_with_flat_memory(gateway: GatewayProcess, team_k
 
 def test_sse_events_reach_the_client_as_they_are_sent(gateway: GatewayProcess, team_key: str) -> None:
     arrivals = []
-    with httpx.stream(
-        "GET", f"{gateway.url}/openai/_mock/sse?n=5&interval=0.4", headers=auth(team_key)
-    ) as response:
+    with httpx.stream("GET", f"{gateway.url}/openai/_mock/sse?n=5&interval=0.4", headers=auth(team_key)) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("data: {"):
@@ -163,9 +151,7 @@ def test_upstream_errors_pass_through_unchanged(gateway: GatewayProcess, team_ke
     assert httpx.get(f"{gateway.url}/anthropic/_mock/status/529", headers=auth(team_key)).status_code == 529
 
 
-def test_upstream_that_dies_mid_stream_ends_the_response_abruptly(
-    gateway: GatewayProcess, team_key: str
-) -> None:
+def test_upstream_that_dies_mid_stream_ends_the_response_abruptly(gateway: GatewayProcess, team_key: str) -> None:
     with (
         pytest.raises(httpx.RemoteProtocolError),
         httpx.stream("GET", f"{gateway.url}/openai/_mock/die", headers=auth(team_key)) as response,
@@ -213,10 +199,7 @@ def test_body_over_max_request_bytes_is_413(make_gateway, upstream: MockUpstream
     response = httpx.post(f"{gw.url}/anthropic/v1/messages", content=pieces(), headers={"x-api-key": key})
     assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
     assert all(r.body_length <= 1000 for r in upstream.received[before:])
-    assert (
-        httpx.post(f"{gw.url}/openai/v1/chat/completions", content=b"x" * 1000, headers=auth(key)).status_code
-        == 200
-    )
+    assert httpx.post(f"{gw.url}/openai/v1/chat/completions", content=b"x" * 1000, headers=auth(key)).status_code == 200
 
 
 def test_without_ai_gateway_url_provider_routes_are_503(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -225,9 +208,7 @@ def test_without_ai_gateway_url_provider_routes_are_503(make_gateway) -> None:  
     response = httpx.post(f"{gw.url}/openai/v1/chat/completions", json={}, headers=auth(key))
     assert response.status_code == 503
     assert "AI_GATEWAY_URL" in response.json()["error"]["message"]
-    assert any(
-        line.get("event") == "ai_gateway_url_unset" and line["level"] == "warning" for line in gw.log_lines()
-    )
+    assert any(line.get("event") == "ai_gateway_url_unset" and line["level"] == "warning" for line in gw.log_lines())
 
 
 @pytest.mark.parametrize(
@@ -270,9 +251,7 @@ def test_empty_segments_are_collapsed_inside_the_base(
 def test_request_ids(gateway: GatewayProcess, team_key: str) -> None:
     fresh = httpx.get(f"{gateway.url}/openai/models", headers=auth(team_key))
     assert len(fresh.headers["x-gateway-request-id"]) >= 16
-    insane = httpx.get(
-        f"{gateway.url}/openai/models", headers={**auth(team_key), "x-request-id": "a b<script>"}
-    )
+    insane = httpx.get(f"{gateway.url}/openai/models", headers={**auth(team_key), "x-request-id": "a b<script>"})
     assert insane.headers["x-gateway-request-id"] != "a b<script>"
     assert httpx.get(f"{gateway.url}/nope").headers["x-gateway-request-id"]
 

@@ -21,9 +21,7 @@ def test_openai_sync_plain_and_streaming(
     gateway: GatewayProcess, team_key: str, upstream: MockUpstream, suffix: str
 ) -> None:
     client = openai.OpenAI(base_url=gateway.url + suffix, api_key=team_key)
-    completion = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
-    )
+    completion = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert completion.choices[0].message.content == "Hello from the mock upstream"
     sent = upstream.last()
     assert sent.path == "/openai/chat/completions"
@@ -42,9 +40,7 @@ def test_openai_sync_plain_and_streaming(
 
 async def test_openai_async_plain_and_streaming(gateway: GatewayProcess, team_key: str) -> None:
     client = openai.AsyncOpenAI(base_url=f"{gateway.url}/openai/v1", api_key=team_key)
-    completion = await client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "x"}]
-    )
+    completion = await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert completion.model == "gpt-4o"
     stream = await client.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=True
@@ -54,13 +50,9 @@ async def test_openai_async_plain_and_streaming(gateway: GatewayProcess, team_ke
     await client.close()
 
 
-def test_anthropic_sync_plain_and_streaming(
-    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
-) -> None:
+def test_anthropic_sync_plain_and_streaming(gateway: GatewayProcess, team_key: str, upstream: MockUpstream) -> None:
     client = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key=team_key)
-    message = client.messages.create(
-        model="claude-mock-1", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
-    )
+    message = client.messages.create(model="claude-mock-1", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
     assert message.content[0].text == "Hello from the mock upstream"
     sent = upstream.last()
     assert sent.path == "/anthropic/v1/messages"
@@ -88,21 +80,19 @@ async def test_anthropic_async_streaming(gateway: GatewayProcess, team_key: str)
     await client.close()
 
 
-def test_sdks_raise_authentication_error_for_bad_keys(
-    gateway: GatewayProcess, upstream: MockUpstream
-) -> None:
+def test_sdks_raise_authentication_error_for_bad_keys(gateway: GatewayProcess, upstream: MockUpstream) -> None:
     before = len(upstream.received)
     bad = "sk_" + "0" * 64
     with pytest.raises(openai.AuthenticationError) as openai_error:
-        openai.OpenAI(
-            base_url=f"{gateway.url}/openai/v1", api_key=bad, max_retries=0
-        ).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=bad, max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
     assert openai_error.value.status_code == 401
     assert openai_error.value.code == "invalid_api_key"
     with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(
-            base_url=f"{gateway.url}/anthropic", api_key="garbage", max_retries=0
-        ).messages.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+        anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key="garbage", max_retries=0).messages.create(
+            model="m", max_tokens=1, messages=[{"role": "user", "content": "x"}]
+        )
     assert len(upstream.received) == before  # nothing reached the upstream
 
 

@@ -60,11 +60,7 @@ def test_procfile_serves_with_two_workers_and_revocation_reaches_every_worker(
             }
 
         assert statuses(first) == {200} and statuses(second) == {200}  # both workers have cached them
-        pids = {
-            line
-            for line in (tmp_path / "out.log").read_text().splitlines()
-            if "Started server process" in line
-        }
+        pids = {line for line in (tmp_path / "out.log").read_text().splitlines() if "Started server process" in line}
         assert len(pids) == 2
 
         assert httpx.delete(f"{url}/tokens/{first}", headers=admin).status_code == 204

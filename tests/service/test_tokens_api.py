@@ -17,9 +17,7 @@ ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def test_create_returns_key_team_name_and_time(gateway: GatewayProcess) -> None:
-    response = httpx.post(
-        f"{gateway.url}/tokens", json={"teamId": "team_123", "name": "Acme Corp"}, headers=ADMIN
-    )
+    response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_123", "name": "Acme Corp"}, headers=ADMIN)
     assert response.status_code == 201
     body = response.json()
     assert set(body) == {"apiKey", "teamId", "name", "createdAt"}
@@ -48,9 +46,7 @@ def test_name_defaults_to_team_id(gateway: GatewayProcess) -> None:
         ({"teamId": "ok", "name": "n" * 257}, "name"),
     ],
 )
-def test_bad_fields_are_400_naming_the_field(
-    gateway: GatewayProcess, body: dict[str, object], field: str
-) -> None:
+def test_bad_fields_are_400_naming_the_field(gateway: GatewayProcess, body: dict[str, object], field: str) -> None:
     response = httpx.post(f"{gateway.url}/tokens", json=body, headers=ADMIN)
     assert response.status_code == 400
     assert field in response.json()["error"]
@@ -66,9 +62,7 @@ def test_bad_json_is_400(gateway: GatewayProcess, content: bytes, word: str) -> 
 
 
 def test_limits_are_accepted_at_the_edge(gateway: GatewayProcess) -> None:
-    response = httpx.post(
-        f"{gateway.url}/tokens", json={"teamId": "t" * 128, "name": "n" * 256}, headers=ADMIN
-    )
+    response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "t" * 128, "name": "n" * 256}, headers=ADMIN)
     assert response.status_code == 201
 
 
@@ -107,18 +101,14 @@ def test_a_team_key_is_not_an_admin_key(gateway: GatewayProcess, team_key: str) 
         f"{gateway.url}/tokens", json={"teamId": "t"}, headers={"authorization": f"Bearer {team_key}"}
     )
     assert response.status_code == 401
-    response = httpx.delete(
-        f"{gateway.url}/tokens/{team_key}", headers={"authorization": f"Bearer {team_key}"}
-    )
+    response = httpx.delete(f"{gateway.url}/tokens/{team_key}", headers={"authorization": f"Bearer {team_key}"})
     assert response.status_code == 401
     assert httpx.get(f"{gateway.url}/tokens/{team_key}").status_code == 200
 
 
 def test_without_admin_key_configured_admin_calls_are_403(make_gateway) -> None:  # type: ignore[no-untyped-def]
     gw = make_gateway(ADMIN_API_KEY="")
-    response = httpx.post(
-        f"{gw.url}/tokens", json={"teamId": "t"}, headers={"authorization": "Bearer anything"}
-    )
+    response = httpx.post(f"{gw.url}/tokens", json={"teamId": "t"}, headers={"authorization": "Bearer anything"})
     assert response.status_code == 403
     assert "ADMIN_API_KEY" in response.json()["error"]
     response = httpx.delete(f"{gw.url}/tokens/sk_{'0' * 64}", headers={"authorization": "Bearer anything"})
@@ -126,9 +116,7 @@ def test_without_admin_key_configured_admin_calls_are_403(make_gateway) -> None:
 
 
 def test_show_refresh_and_revoke(gateway: GatewayProcess) -> None:
-    created = httpx.post(
-        f"{gateway.url}/tokens", json={"teamId": "team_life", "name": "Life"}, headers=ADMIN
-    ).json()
+    created = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_life", "name": "Life"}, headers=ADMIN).json()
     key = created["apiKey"]
 
     shown = httpx.get(f"{gateway.url}/tokens/{key}")

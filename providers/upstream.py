@@ -1,0 +1,58 @@
+"""Where a provider's requests go, decided once at start-up from the settings.
+
+Through Cloudflare AI Gateway (``AI_GATEWAY_URL`` set): ``{AI_GATEWAY_URL}/{slug}/…`` with
+``cf-aig-authorization`` and, where set, the provider key. Direct (no ``AI_GATEWAY_URL``): the
+provider's ``{SLUG}_BASE_URL`` or public API with its ``{SLUG}_API_KEY``, and no ``cf-aig-*``
+header leaves the gateway. A provider that can be neither answers 503 naming what to set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config import Settings
+from config.settings import env_name, http_url
+from providers.base import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    provider: Provider
+    base: str
+    """``AI_GATEWAY_URL`` through Cloudflare, the provider's API base direct."""
+    via_gateway: bool
+    headers: tuple[tuple[str, str], ...]
+    """Added to every request: the gateway token and the provider key, as configured."""
+
+    def url(self, rest: str) -> str:
+        if self.via_gateway:
+            return self.provider.gateway_url(self.base, rest)
+        return self.provider.direct_url(self.base, rest)
+
+
+def resolve(provider: Provider, settings: Settings) -> Upstream | str:
+    """The upstream for ``provider``, or the message a 503 gives when there is none."""
+    key_name = env_name(provider.slug, "API_KEY")
+    key = settings.provider_env.get(key_name)
+    base_name = env_name(provider.slug, "BASE_URL")
+    raw_base = settings.provider_env.get(base_name)
+    base = http_url(base_name, raw_base) if raw_base else None
+    key_header = [(provider.key_header, provider.key_prefix + key)] if key else []
+
+    if settings.ai_gateway_url:
+        headers = []
+        if settings.ai_gateway_token:
+            headers.append(("cf-aig-authorization", f"Bearer {settings.ai_gateway_token}"))
+            if not key and provider.gateway_token_as_key:
+                key_header = [(provider.key_header, provider.key_prefix + settings.ai_gateway_token)]
+        return Upstream(provider, settings.ai_gateway_url, True, (*headers, *key_header))
+
+    base = base or provider.default_direct_base(settings)
+    if base is None:
+        needs = "CF_ACCOUNT_ID or " + base_name if "{CF_ACCOUNT_ID}" in (provider.direct_base_url or "") else base_name
+        if provider.direct_base_url is None and not raw_base:
+            return f"{provider.title} is served through Cloudflare AI Gateway only: set AI_GATEWAY_URL."
+        return f"{provider.title} has no upstream: set AI_GATEWAY_URL, or {needs} with {key_name}."
+    if not key:
+        return f"{provider.title} has no upstream: set AI_GATEWAY_URL (Cloudflare AI Gateway) or {key_name} (direct)."
+    return Upstream(provider, base, False, tuple(key_header))
