@@ -1,8 +1,9 @@
 """Azure OpenAI: the resource and deployment travel in the path.
 
 Gateway path ``/azure-openai/{resource}/{deployment}/chat/completions?api-version=…``, exactly
-Cloudflare's (an ``AzureOpenAI`` client pointed at ``…/azure-openai/{resource}`` adds
-``openai/deployments/{deployment}/``, which is folded to the same). Direct, it becomes
+Cloudflare's. What the ``AzureOpenAI`` client adds is folded to the same: with
+``azure_endpoint=…/azure-openai/{resource}`` it inserts ``openai/deployments/{deployment}/``, with
+``base_url=…/azure-openai/{resource}/{deployment}`` it inserts ``deployments/{model}/``. Direct, it becomes
 ``https://{resource}.openai.azure.com/openai/deployments/{deployment}/…``; ``AZURE_OPENAI_BASE_URL``
 replaces ``https://{resource}.openai.azure.com``.
 """
@@ -25,6 +26,8 @@ class AzureOpenAI(Provider):
         if tail.startswith("openai/deployments/"):
             tail = tail[len("openai/deployments/") :]
         deployment, _, tail = tail.partition("/")
+        if tail.startswith("deployments/"):  # AzureOpenAI(base_url=…) adds deployments/{model}/
+            tail = tail.partition("/")[2].partition("/")[2]
         if not _NAME.fullmatch(resource) or not _NAME.fullmatch(deployment):
             raise BadRequest("Azure OpenAI paths are /azure-openai/{resource}/{deployment}/….")
         return f"{resource}/{deployment}/{tail}"

@@ -1,21 +1,24 @@
-"""The registry: provider slug → ``Provider``, from the built-in catalogue, the provider modules and
-an optional operator file (``PROVIDERS_FILE``), later entries overriding earlier ones."""
+"""The registry: provider slug → ``Provider``, from the built-in catalogue (``catalog.toml``), every
+module of this package that defines ``PROVIDER``, and an optional operator file (``PROVIDERS_FILE``),
+later entries overriding earlier ones. Adding a provider is adding one of those, nothing else."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args
 
+import providers
 from config import SettingsError
-from providers import azure_openai, workers_ai
 from providers.base import Provider, StreamFormat
 from service.errors import Shape
 
 CATALOG = Path(__file__).with_name("catalog.toml")
-MODULES: tuple[Provider, ...] = (workers_ai.PROVIDER, azure_openai.PROVIDER)
+MACHINERY = frozenset({"base", "mount", "paths", "registry", "relay", "upstream"})
 RESERVED = frozenset({"tokens", "healthz", "readyz", "metrics", "openapi.json"})
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _FIELDS = {f.name for f in fields(Provider)} - {"slug"}
@@ -24,10 +27,22 @@ _TUPLES = {"strip_prefixes", "team_key_headers"}
 
 def load_registry(extra: Path | None = None) -> dict[str, Provider]:
     registry = _from_toml(CATALOG)
-    registry.update((p.slug, p) for p in MODULES)
+    registry.update((p.slug, p) for p in provider_modules())
     if extra is not None:
         registry.update(_from_toml(extra, setting="PROVIDERS_FILE"))
     return registry
+
+
+def provider_modules() -> list[Provider]:
+    """The ``PROVIDER`` of every module in this package (``workers_ai.py``, ``azure_openai.py``, …)."""
+    found = []
+    for module in pkgutil.iter_modules(providers.__path__):
+        if module.name in MACHINERY:
+            continue
+        provider = getattr(importlib.import_module(f"providers.{module.name}"), "PROVIDER", None)
+        if isinstance(provider, Provider):
+            found.append(provider)
+    return found
 
 
 def _from_toml(path: Path, setting: str | None = None) -> dict[str, Provider]:

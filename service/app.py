@@ -72,9 +72,12 @@ def tune_gc() -> None:
 def make_lifespan(settings: Settings) -> Any:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        log.info("gateway_starting", **settings.public_view())
+        log.info("gateway_starting", **settings.public_view(), upstreams=app.state.upstreams)
         if not settings.ai_gateway_url:
-            log.warning("ai_gateway_url_unset", message="AI_GATEWAY_URL is not set: provider routes answer 503")
+            log.warning(
+                "ai_gateway_url_unset",
+                message="AI_GATEWAY_URL is not set: providers with a key go direct, the others answer 503",
+            )
         store = SQLiteStore(settings.database_path)
         await store.open()
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds)

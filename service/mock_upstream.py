@@ -1,10 +1,11 @@
 """A fake Cloudflare AI Gateway for tests, demos and benchmarks: a real aiohttp server.
 
-It serves Cloudflare's provider paths (``/openai/chat/completions``, ``/anthropic/v1/messages``,
-``/workers-ai/@cf/…``, ``/workers-ai/v1/chat/completions``, ``/openai/models``), plain and
-streaming, and records what it received (method, path, query, headers, body digest) so a test
-can check what reached the upstream. With ``token`` set it refuses calls without
-``cf-aig-authorization: Bearer {token}``, as an authenticated Cloudflare gateway does.
+It serves Cloudflare's provider paths (any ``…/chat/completions`` in OpenAI's shape,
+``/anthropic/v1/messages``, ``/workers-ai/@cf/…``, Gemini's ``…:generateContent``, Cohere's
+``/cohere/v2/chat``, ``…/models``), plain and streaming (``"stream": true``), and records what it
+received (method, path, query, headers, body digest) so a test can check what reached the
+upstream. With ``token`` set it refuses calls without ``cf-aig-authorization: Bearer {token}``, as
+an authenticated Cloudflare gateway does.
 
 Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``gzip``,
 ``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``die``, ``hang``.
@@ -129,15 +130,40 @@ class MockUpstream:
         stream = isinstance(body, dict) and body.get("stream") is True
         if path.endswith("/chat/completions"):
             return await (_openai_stream(request) if stream else _openai_completion(body))
-        if path == "/anthropic/v1/messages":
+        if path.endswith("/v1/messages"):
             return await (_anthropic_stream(request) if stream else _anthropic_message(body))
-        if path.startswith("/workers-ai/@cf/"):
+        if "/@cf/" in path:
             return _json(
                 {
                     "result": {"response": "Hello from Workers AI"},
                     "success": True,
                     "errors": [],
                     "messages": [],
+                }
+            )
+        if path.endswith(":generateContent") or path.endswith(":streamGenerateContent"):
+            return _json(
+                {
+                    "candidates": [
+                        {
+                            "content": {"parts": [{"text": "Hello from the mock upstream"}], "role": "model"},
+                            "finishReason": "STOP",
+                            "index": 0,
+                        }
+                    ],
+                    "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 6, "totalTokenCount": 11},
+                }
+            )
+        if path.endswith("/chat") and path.startswith("/cohere/"):
+            return _json(
+                {
+                    "id": "cohere-mock",
+                    "finish_reason": "COMPLETE",
+                    "message": {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": "Hello from the mock upstream"}],
+                    },
+                    "usage": {"tokens": {"input_tokens": 5, "output_tokens": 6}},
                 }
             )
         if path.endswith("/models"):

@@ -173,3 +173,11 @@ def make_gateway(upstream: MockUpstream, tmp_path: Path) -> Iterator[Callable[..
     yield make
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def direct_upstream() -> MockUpstream:
+    """A second mock standing in for providers' own APIs (no Cloudflare token required)."""
+    mock = MockUpstream()
+    mock.start_in_thread()
+    return mock

@@ -70,8 +70,12 @@ def test_malformed_values_name_the_variable(name: str, value: str) -> None:
 
 
 def test_public_view_masks_secrets() -> None:
-    env = {"ADMIN_API_KEY": "a-secret", "AI_GATEWAY_TOKEN": "t-secret", "GROQ_API_KEY": "g-secret",
-           "GROQ_BASE_URL": "https://groq.example/v1"}
+    env = {
+        "ADMIN_API_KEY": "a-secret",
+        "AI_GATEWAY_TOKEN": "t-secret",
+        "GROQ_API_KEY": "g-secret",
+        "GROQ_BASE_URL": "https://groq.example/v1",
+    }
     view = Settings.from_env(env, env_file=None).public_view()
     assert view["admin_api_key"] == "set" and view["ai_gateway_token"] == "set"
     assert view["provider_env"] == {"GROQ_API_KEY": "set", "GROQ_BASE_URL": "https://groq.example/v1"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from providers.registry import load_registry
 from providers.paths import safe_rest
+from providers.registry import load_registry
 from service.errors import BadRequest
 
 
