@@ -16,10 +16,12 @@ from typing import Any
 
 import orjson
 import structlog
+import structlog.tracebacks
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _METHOD_LEVELS = {"warn": "warning", "exception": "error", "msg": "info"}
-_tracebacks = structlog.processors.dict_tracebacks
+# Tracebacks as data, without frame locals: locals hold keys, tokens and headers.
+_tracebacks = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 _second = [0, ""]
 
 

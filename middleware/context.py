@@ -23,6 +23,7 @@ from service.keys import shown
 error_log = structlog.get_logger("gateway.error")
 
 SCOPE_KEY = "gateway"
+_KEY_IN_PATH = re.compile(r"(?<=/)sk_[^/]*")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -78,11 +79,11 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
 
 
 def _logged_path(path: str) -> str:
-    """Paths are logged without query strings, and a key in ``/tokens/{key}…`` only as its prefix."""
-    if path.startswith("/tokens/"):
-        key, sep, tail = path[8:].partition("/")
-        return "/tokens/" + shown(key) + sep + tail
-    return path
+    """Paths are logged without query strings, and any key in them (``/tokens/{key}``, however the
+    slashes fall) only as its first 8 characters."""
+    if "sk_" not in path:
+        return path
+    return _KEY_IN_PATH.sub(lambda match: shown(match.group(0)), path)
 
 
 class RequestContext:

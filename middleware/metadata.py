@@ -8,6 +8,8 @@ dropped and logged, never an error.
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,6 +22,14 @@ log = structlog.get_logger("gateway.metadata")
 MAX_ENTRIES = 5
 MAX_CACHED_TEAMS = 10_000
 RESERVED = ("team_id", "team_name", "request_id")
+
+
+def header_json(value: dict[str, object]) -> str:
+    """JSON for a header value: ASCII only, with DEL and every control character escaped."""
+    text = orjson.dumps(value).decode()
+    if text.isascii() and "\x7f" not in text:
+        return text
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
 def merge_metadata(team_id: str, team_name: str, request_id: str, client: bytes | None) -> tuple[str, str | None]:
@@ -41,7 +51,7 @@ def merge_metadata(team_id: str, team_name: str, request_id: str, client: bytes 
                     continue
                 if isinstance(value, str | int | float | bool):
                     entries[key] = value
-    return orjson.dumps(entries).decode(), problem
+    return header_json(entries), problem
 
 
 class Metadata:
@@ -55,7 +65,7 @@ class Metadata:
         if prefix is None:
             if len(self._prefixes) >= MAX_CACHED_TEAMS:
                 self._prefixes.clear()
-            rendered = orjson.dumps({"team_id": team.team_id, "team_name": team.name}).decode()
+            rendered = header_json({"team_id": team.team_id, "team_name": team.name})
             prefix = self._prefixes[team] = rendered[:-1] + ',"request_id":"'
         return prefix
 

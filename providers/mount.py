@@ -35,10 +35,12 @@ class ProviderMount:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
         info.provider = self.provider.slug
+        raw = scope["raw_path"][len(self.prefix) :]
         try:
-            rest = safe_rest(scope["raw_path"][len(self.prefix) :])
+            rest = safe_rest(raw)
         except BadRequest as error:
-            await send_error(send, error, self.provider.error_shape, info.request_id)
+            shape = self.provider.shape_for(raw.decode("latin-1").lstrip("/"))
+            await send_error(send, error, shape, info.request_id)
             return
         info.error_shape = self.provider.shape_for(rest)
         scope[REST_KEY] = rest

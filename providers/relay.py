@@ -74,7 +74,15 @@ _DROP_DOWN = frozenset(
 # A request still running after this long gets a task that watches for the client leaving; a
 # short one never pays for it. Either way a disconnect cancels the upstream call within this bound.
 WATCH_AFTER_SECONDS = 0.02
-MAX_CACHED_URLS = 4096
+MAX_CACHED_URLS = 1024
+MAX_CACHED_PATH = 512
+
+
+def _without_connection_options(headers: list[tuple[str, str]], connection: bytes) -> list[tuple[str, str]]:
+    """Drop the headers the client's ``Connection`` header names: they are for this hop only."""
+    named = {token.strip().lower() for token in connection.decode("latin-1").split(",")}
+    named -= {"keep-alive", "close", "upgrade", ""}
+    return [(k, v) for k, v in headers if k not in named] if named else headers
 
 
 def team_cache_key(info: RequestInfo, scope: Scope, client_key: bytes | None, body: bytes) -> str:
@@ -108,17 +116,19 @@ class Relay:
         self.drop = frozenset(drop)
         self.timeout = settings.upstream_timeout_seconds
         self.max_body = settings.max_request_bytes
-        self._urls: dict[tuple[str, bytes], URL] = {}
+        self._urls: dict[str, URL] = {}
 
     def _url(self, upstream: Upstream, rest: str, query: bytes) -> URL:
-        """The upstream URL, built once per distinct path and query (yarl parsing is not free)."""
-        url = self._urls.get((rest, query))
+        """The upstream URL; the part before the query is built once per path (yarl parsing is not free)."""
+        if query:
+            return URL(upstream.url(rest) + "?" + query.decode("latin-1"), encoded=True)
+        url = self._urls.get(rest)
         if url is None:
-            target = upstream.url(rest)
-            url = URL(target + "?" + query.decode("latin-1") if query else target, encoded=True)
-            if len(self._urls) >= MAX_CACHED_URLS:
-                self._urls.clear()
-            self._urls[(rest, query)] = url
+            url = URL(upstream.url(rest), encoded=True)
+            if len(rest) <= MAX_CACHED_PATH:
+                if len(self._urls) >= MAX_CACHED_URLS:
+                    self._urls.clear()
+                self._urls[rest] = url
         return url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,11 +149,14 @@ class Relay:
         headers: list[tuple[str, str]] = []
         declared_length = client_cache_key = None
         wants_cache = False
+        connection = None
         for name, value in scope["headers"]:
             if name in drop:
                 if name == b"cf-aig-cache-key":
                     client_cache_key = value
                     wants_cache = True
+                elif name == b"connection":
+                    connection = value
                 continue
             if direct and name.startswith(b"cf-aig-"):
                 continue
@@ -151,7 +164,9 @@ class Relay:
                 declared_length = value
             elif name == b"cf-aig-cache-ttl":
                 wants_cache = True
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        if connection is not None:
+            headers = _without_connection_options(headers, connection)
         headers.extend(self.added)
         if not direct:
             headers.append(("cf-aig-metadata", info.metadata or ""))
@@ -249,6 +264,8 @@ class Relay:
                 raise
             exchange.task.uncancel()
             error = UpstreamTimeout(f"The upstream sent no response within {self.timeout:g} seconds.")
+        except ValueError:  # aiohttp refuses a header value (control or non-UTF-8 characters)
+            error = BadRequest("A request header has characters that cannot be forwarded.")
         except (aiohttp.ClientError, OSError, ClientGone) as exc:
             if exchange.client_gone:
                 return

@@ -23,7 +23,7 @@ import aiohttp
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -51,7 +51,8 @@ def http_session(settings: Settings) -> aiohttp.ClientSession:
         connector=connector,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(settings.upstream_timeout_seconds, 30)),
+        # the relay's own deadline covers connecting and waiting for headers (504), never the stream
+        timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
         trust_env=False,
     )
@@ -116,6 +117,11 @@ async def store_error(request: Request, exc: Exception) -> Response:
     return await gateway_error(request, ServiceUnavailable("The key store is unavailable; try again shortly."))
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client left while its body was being read: nothing to answer, 499 in the access line."""
+    return Response(status_code=499)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, exc.detail)
@@ -171,6 +177,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             GatewayError: gateway_error,
             StoreUnavailableError: store_error,
             HTTPException: http_error,
+            ClientDisconnect: client_gone,
         },
     )
     starlette.state.settings = settings

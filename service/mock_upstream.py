@@ -8,7 +8,8 @@ upstream. With ``token`` set it refuses calls without ``cf-aig-authorization: Be
 an authenticated Cloudflare gateway does.
 
 Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``gzip``,
-``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``die``, ``hang``.
+``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``reset`` (before answering),
+``die`` (mid-stream), ``hang``.
 """
 
 from __future__ import annotations
@@ -196,6 +197,10 @@ class MockUpstream:
         if name == "slow-headers":
             await asyncio.sleep(float(query.get("seconds", "5")))
             return _json({"slow": True})
+        if name == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
         if name == "die":
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             response.content_length = 1_000_000

@@ -73,6 +73,8 @@ def _text_field(payload: dict[str, Any], field: str, limit: int, *, required: bo
         raise BadRequest(f"'{field}' must be a string.")
     if not value.strip():
         raise BadRequest(f"'{field}' must not be empty.")
+    if not value.isprintable():
+        raise BadRequest(f"'{field}' must not contain control characters.")
     if len(value) > limit:
         raise BadRequest(f"'{field}' must be at most {limit} characters.")
     return value

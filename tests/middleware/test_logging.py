@@ -85,3 +85,16 @@ def test_no_secret_in_any_log_line_or_error(gateway: GatewayProcess) -> None:
         assert secret[3:] not in log
         assert all(secret not in body for body in bodies)
     assert "Traceback" not in log
+
+
+def test_tracebacks_in_logs_carry_no_local_variables() -> None:
+    from config.logging import render
+
+    def fail(secret: str) -> None:
+        raise RuntimeError("boom")
+
+    try:
+        fail("sk_" + "a" * 64)
+    except RuntimeError as exc:
+        line = render(None, "error", {"event": "unhandled_error", "exc_info": exc})
+    assert b"boom" in line and b"a" * 64 not in line
