@@ -77,11 +77,14 @@ def configure_logging(level: str) -> AccessWriter | None:
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(formatter)
-    for name in ("uvicorn", "uvicorn.error", "aiohttp", "asyncio"):
+    # asyncpg retries reconnecting on its own during a database outage; the gateway reports the
+    # outage itself (store_unavailable), so only asyncpg's errors are worth a line
+    floors = {"asyncio": logging.INFO, "asyncpg": logging.ERROR}
+    for name in ("uvicorn", "uvicorn.error", "aiohttp", "asyncio", "asyncpg"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False
-        logger.setLevel(max(numeric, logging.INFO) if name == "asyncio" else numeric)
+        logger.setLevel(max(numeric, floors.get(name, logging.NOTSET)))
     logging.getLogger("uvicorn.access").disabled = True
 
     if numeric > logging.INFO:

@@ -31,7 +31,11 @@ class Settings:
     ai_gateway_id: str | None = None
     ai_gateway_token: str | None = None
     admin_api_key: str | None = None
-    database_path: Path = Path("data/gateway.db")
+    database_path: Path | None = Path("data/gateway.db")
+    """The SQLite file, or ``None`` when ``database_dsn`` names a PostgreSQL database."""
+    database_dsn: str | None = None
+    database_pool_size: int = 10
+    store_outage_grace_seconds: float = 60.0
     upstream_timeout_seconds: float = 300.0
     max_request_bytes: int = 32 * 1024 * 1024
     log_level: str = "info"
@@ -65,12 +69,18 @@ class Settings:
             raw = raw.strip()
             return raw or None
 
+        database_url = get("DATABASE_URL") or "sqlite:///data/gateway.db"
         return cls(
             ai_gateway_url=_gateway_url(get("AI_GATEWAY_URL")),
             ai_gateway_id=get("AI_GATEWAY_ID"),
             ai_gateway_token=get("AI_GATEWAY_TOKEN"),
             admin_api_key=get("ADMIN_API_KEY"),
-            database_path=_database_path(get("DATABASE_URL") or "sqlite:///data/gateway.db"),
+            database_path=_database_path(database_url),
+            database_dsn=_database_dsn(database_url),
+            database_pool_size=_positive_int("DATABASE_POOL_SIZE", get("DATABASE_POOL_SIZE"), 10, "connections"),
+            store_outage_grace_seconds=_positive_float(
+                "STORE_OUTAGE_GRACE_SECONDS", get("STORE_OUTAGE_GRACE_SECONDS"), 60.0
+            ),
             upstream_timeout_seconds=_positive_float(
                 "UPSTREAM_TIMEOUT_SECONDS", get("UPSTREAM_TIMEOUT_SECONDS"), 300.0
             ),
@@ -92,6 +102,8 @@ class Settings:
                 value = "set" if value else "unset"
             elif item.name == "provider_env":
                 value = {k: ("set" if k.endswith("_API_KEY") else v) for k, v in sorted(value.items())}
+            elif item.name == "database_dsn" and value:
+                value = _masked_url(value)
             elif isinstance(value, Path):
                 value = str(value)
             view[item.name] = value
@@ -145,13 +157,39 @@ def http_url(name: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
-def _database_path(raw: str) -> Path:
+_DATABASE_URL_FORMS = (
+    "sqlite:///relative/path.db, sqlite:////abs/path.db or postgresql://user:password@host:5432/database"
+)
+
+
+def _database_path(raw: str) -> Path | None:
     prefix = "sqlite:///"
+    if raw.startswith(("postgresql://", "postgres://")):
+        return None
     if not raw.startswith(prefix) or len(raw) == len(prefix):
-        raise SettingsError(
-            f"DATABASE_URL must look like sqlite:///relative/path.db or sqlite:////abs/path.db, got {raw!r}"
-        )
+        raise SettingsError(f"DATABASE_URL must look like {_DATABASE_URL_FORMS}, got {_masked_url(raw)!r}")
     return Path(raw[len(prefix) :])
+
+
+def _database_dsn(raw: str) -> str | None:
+    if not raw.startswith(("postgresql://", "postgres://")):
+        return None
+    try:
+        url = URL(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"DATABASE_URL is not a valid URL: {_masked_url(raw)!r}") from exc
+    if not url.host or not url.path.strip("/"):
+        raise SettingsError(f"DATABASE_URL must name a host and a database, like {_DATABASE_URL_FORMS}")
+    return raw
+
+
+def _masked_url(raw: str) -> str:
+    """A database URL with its password replaced, for messages and logs."""
+    try:
+        url = URL(raw)
+    except (TypeError, ValueError):
+        return "<unparseable>"
+    return str(url.with_password("***")) if url.password else raw
 
 
 def _positive_float(name: str, raw: str | None, default: float) -> float:
@@ -166,7 +204,7 @@ def _positive_float(name: str, raw: str | None, default: float) -> float:
     return value
 
 
-def _positive_int(name: str, raw: str | None, default: int) -> int:
+def _positive_int(name: str, raw: str | None, default: int, unit: str = "bytes") -> int:
     if raw is None:
         return default
     try:
@@ -174,7 +212,7 @@ def _positive_int(name: str, raw: str | None, default: int) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise SettingsError(f"{name} must be a positive whole number of bytes, got {raw!r}")
+        raise SettingsError(f"{name} must be a positive whole number of {unit}, got {raw!r}")
     return value
 
 

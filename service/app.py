@@ -13,6 +13,7 @@ session of this worker, and hands them to every request through lifespan state.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from providers.mount import ProviderMount, mount_providers
 from service import tokens
 from service.errors import GatewayError, NotFound, ServiceUnavailable
 from service.respond import send_error
-from service.store import SQLiteStore, StoreUnavailableError
+from service.store import StoreUnavailableError, store_for
 from service.teams import TeamDirectory
 
 log = structlog.get_logger("gateway")
@@ -79,9 +80,9 @@ def make_lifespan(settings: Settings) -> Any:
                 "ai_gateway_url_unset",
                 message="AI_GATEWAY_URL is not set: providers with a key go direct, the others answer 503",
             )
-        store = SQLiteStore(settings.database_path)
+        store = store_for(settings)
         await store.open()
-        teams = TeamDirectory(store, settings.auth_cache_refresh_seconds)
+        teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
         await teams.start()
         session = http_session(settings)
         tune_gc()
@@ -101,10 +102,18 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    teams: TeamDirectory = request.state.teams
     try:
         await request.state.store.ping()
     except StoreUnavailableError:
-        return JSONResponse({"status": "unavailable", "store": "unreachable"}, status_code=503)
+        body: dict[str, object] = {
+            "status": "unavailable",
+            "store": "unreachable",
+            "grace_seconds": teams.outage_grace_seconds,
+        }
+        if teams.outage_since is not None:
+            body["outage_seconds"] = round(asyncio.get_running_loop().time() - teams.outage_since, 3)
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ready", "store": "ok"})
 
 

@@ -2,22 +2,28 @@
 
 The request path looks a key up with ``peek`` (a dict read, no await) and only on a miss awaits
 ``load``, which asks the store once per digest however many requests wait for it. Hits and misses
-are both cached. Freshness: this process's own writes drop their entries at once; writes by other
-processes are noticed by polling the store's change marker every ``refresh_seconds`` (well within
-the 1-second revocation bound), which empties the cache.
+are both cached. Freshness: this process's own writes drop their entries at once; other processes'
+writes arrive as store notifications where the store has them (PostgreSQL LISTEN/NOTIFY), and in
+any case are noticed by polling the store's change marker every ``refresh_seconds`` (well within the
+1-second revocation bound), which empties the cache.
+
+Store outage: when the store stops answering, the cache is kept, so keys already verified keep
+working for ``outage_grace_seconds``; unseen keys and the token API get 503 (the store raises
+``StoreUnavailableError``). The state is logged once, shown by ``degraded``, and when the store
+answers again the cache is emptied and everything carries on, no restart needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
 from typing import Final
 
 import structlog
 
 from service import keys
 from service.store import StoreUnavailableError, Team, TokenStore
+from service.store.base import utc_timestamp
 
 log = structlog.get_logger("gateway.teams")
 
@@ -27,24 +33,34 @@ UNKNOWN: Final = Team("", "", "")
 MAX_CACHED_MISSES = 10_000
 
 
-def utc_timestamp() -> str:
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-
-
 class TeamDirectory:
-    def __init__(self, store: TokenStore, refresh_seconds: float = 0.25) -> None:
+    def __init__(self, store: TokenStore, refresh_seconds: float = 0.25, outage_grace_seconds: float = 60.0) -> None:
         self.store = store
         self.refresh_seconds = refresh_seconds
+        self.outage_grace_seconds = outage_grace_seconds
+        self.outage_since: float | None = None
+        """Monotonic time the store stopped answering; ``None`` while it answers."""
         self._cache: dict[str, Team] = {}
         self._misses = 0
         self._loading: dict[str, asyncio.Future[Team]] = {}
         self._marker: int | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def degraded(self) -> bool:
+        return self.outage_since is not None
+
     async def start(self) -> None:
         self._marker = await self.store.change_marker()
+        await self.store.watch(self.changed)
         self._task = asyncio.create_task(self._watch(), name="team-cache-refresh")
+
+    def changed(self, digest: str | None) -> None:
+        """A store notification: one key changed, or (``None``) anything may have."""
+        if digest is None:
+            self.clear()
+        else:
+            self._cache.pop(digest, None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -54,12 +70,26 @@ class TeamDirectory:
             self._task = None
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        grace_over = False
         while True:
             await asyncio.sleep(self.refresh_seconds)
             try:
                 marker = await self.store.change_marker()
-            except StoreUnavailableError:
+            except StoreUnavailableError as exc:
+                if self.outage_since is None:
+                    self.outage_since = loop.time()
+                    grace_over = False
+                    log.error("store_unavailable", error=str(exc), grace_seconds=self.outage_grace_seconds)
+                elif not grace_over and loop.time() - self.outage_since > self.outage_grace_seconds:
+                    grace_over = True
+                    self.clear()
+                    log.error("store_outage_grace_over", message="verified keys now get 503 too")
                 continue
+            if self.outage_since is not None:
+                log.info("store_recovered", outage_seconds=round(loop.time() - self.outage_since, 3))
+                self.outage_since = None
+                self.clear()
             if marker != self._marker:
                 self._marker = marker
                 self.clear()
@@ -108,21 +138,25 @@ class TeamDirectory:
     async def issue(self, team_id: str, name: str) -> tuple[str, Team]:
         team = Team(team_id=team_id, name=name, created_at=utc_timestamp())
         key = keys.new_key()
-        await self.store.create(keys.digest(key), team)
-        self.clear()  # a cached miss for this key would otherwise refuse it
+        digest = keys.digest(key)
+        await self.store.create(digest, team)
+        self._cache.pop(digest, None)  # a cached miss for this key would otherwise refuse it
         return key, team
 
     async def rotate(self, key: str) -> tuple[str, Team] | None:
         if not keys.is_well_formed(key):
             return None
         new_key = keys.new_key()
-        team = await self.store.replace(keys.digest(key), keys.digest(new_key))
-        self.clear()
+        old, new = keys.digest(key), keys.digest(new_key)
+        team = await self.store.replace(old, new)
+        self._cache.pop(old, None)
+        self._cache.pop(new, None)
         return None if team is None else (new_key, team)
 
     async def revoke(self, key: str) -> bool:
         if not keys.is_well_formed(key):
             return False
-        deleted = await self.store.delete(keys.digest(key))
-        self.clear()
+        digest = keys.digest(key)
+        deleted = await self.store.delete(digest)
+        self._cache.pop(digest, None)
         return deleted

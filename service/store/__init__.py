@@ -1,6 +1,17 @@
-"""Token stores: the interface and its implementations (SQLite embedded; PostgreSQL later)."""
+"""Token stores: the interface, SQLite (embedded default) and PostgreSQL (several replicas)."""
 
+from config import Settings
 from service.store.base import StoreUnavailableError, Team, TokenStore
+from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
 
-__all__ = ["SQLiteStore", "StoreUnavailableError", "Team", "TokenStore"]
+
+def store_for(settings: Settings) -> TokenStore:
+    """The store ``DATABASE_URL`` names; the rest of the gateway only sees ``TokenStore``."""
+    if settings.database_dsn is not None:
+        return PostgresStore(settings.database_dsn, settings.database_pool_size)
+    assert settings.database_path is not None
+    return SQLiteStore(settings.database_path)
+
+
+__all__ = ["PostgresStore", "SQLiteStore", "StoreUnavailableError", "Team", "TokenStore", "store_for"]

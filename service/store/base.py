@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
+
+
+def utc_timestamp() -> str:
+    """Now, as the token API shows times: ``2025-01-09T12:00:00.000Z``."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 class StoreUnavailableError(Exception):
@@ -38,3 +46,7 @@ class TokenStore(Protocol):
 
     async def change_marker(self) -> int:
         """A number that changes whenever another process writes; caches compare it to stay fresh."""
+
+    async def watch(self, on_change: Callable[[str | None], None]) -> None:
+        """Call ``on_change(digest)`` as other processes change keys (``None``: anything may have
+        changed), where the database can tell; a no-op where it cannot."""

@@ -1,30 +1,20 @@
 """The embedded store: one SQLite file through aiosqlite, in WAL mode.
 
 Several workers may share the file: each opens its own connection, and ``PRAGMA data_version``
-(which changes when another connection commits) is the change marker their caches poll.
+(which changes when another connection commits) is the change marker their caches poll, a cheap
+change counter kept by SQLite itself.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
 
-from service.store.base import StoreUnavailableError, Team
-
-# Numbered migrations; PRAGMA user_version records how many have been applied.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE IF NOT EXISTS tokens (
-        digest     TEXT PRIMARY KEY,
-        team_id    TEXT NOT NULL,
-        name       TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    );
-    CREATE INDEX IF NOT EXISTS tokens_team_id ON tokens (team_id);
-    """,
-)
+from service.store.base import StoreUnavailableError, Team, utc_timestamp
+from service.store.migrations import CREATE_TABLE, migrations
 
 
 class SQLiteStore:
@@ -55,15 +45,20 @@ class SQLiteStore:
             raise StoreUnavailableError(f"cannot prepare SQLite database at {self.path}: {exc}") from exc
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
-        await db.execute("BEGIN IMMEDIATE")
+        await db.execute("BEGIN IMMEDIATE")  # one writer: concurrent starters wait, then find it done
         try:
-            async with db.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
-            applied = int(row[0]) if row else 0
-            for number, sql in enumerate(MIGRATIONS[applied:], start=applied + 1):
-                for statement in filter(str.strip, sql.split(";")):
+            await db.execute(CREATE_TABLE)
+            async with db.execute("SELECT version FROM schema_migrations") as cur:
+                applied = {row[0] for row in await cur.fetchall()}
+            for migration in migrations():
+                if migration.version in applied:
+                    continue
+                for statement in migration.statements:
                     await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {number}")
+                await db.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, utc_timestamp()),
+                )
             await db.execute("COMMIT")
         except BaseException:
             await db.execute("ROLLBACK")
@@ -117,6 +112,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
         return row is not None
+
+    async def watch(self, on_change: Callable[[str | None], None]) -> None:
+        """SQLite has no notifications: the change marker alone keeps caches fresh."""
 
     async def change_marker(self) -> int:
         try:

@@ -40,6 +40,13 @@ def test_values_and_database_urls() -> None:
         "debug",
     )
     assert Settings.from_env({"DATABASE_URL": "sqlite:///rel/y.db"}, env_file=None).database_path == Path("rel/y.db")
+    pg = Settings.from_env(
+        {"DATABASE_URL": "postgresql://u:pw@db:5432/gw", "DATABASE_POOL_SIZE": "4", "STORE_OUTAGE_GRACE_SECONDS": "30"},
+        env_file=None,
+    )
+    assert (pg.database_path, pg.database_dsn, pg.database_pool_size) == (None, "postgresql://u:pw@db:5432/gw", 4)
+    assert pg.store_outage_grace_seconds == 30
+    assert "pw" not in str(pg.public_view()) and pg.public_view()["database_dsn"] == "postgresql://u:***@db:5432/gw"
 
 
 def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
@@ -56,6 +63,11 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
         ("AI_GATEWAY_URL", "ftp://x/y"),
         ("DATABASE_URL", "mysql://x"),
         ("DATABASE_URL", "sqlite:///"),
+        ("DATABASE_URL", "postgresql://db"),
+        ("DATABASE_POOL_SIZE", "0"),
+        ("STORE_OUTAGE_GRACE_SECONDS", "-5"),
+        ("CACHE_SCOPE", "everyone"),
+        ("PROVIDERS", " , "),
         ("UPSTREAM_TIMEOUT_SECONDS", "abc"),
         ("UPSTREAM_TIMEOUT_SECONDS", "-1"),
         ("UPSTREAM_TIMEOUT_SECONDS", "nan"),

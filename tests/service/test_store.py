@@ -1,4 +1,5 @@
-"""The SQLite store and the key cache in front of it, on real database files."""
+"""The store suite, run against both stores (a real SQLite file, the real PostgreSQL), and the key
+cache in front of them."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ from pathlib import Path
 import pytest
 
 from service import keys
-from service.store import SQLiteStore, StoreUnavailableError, Team
+from service.store import PostgresStore, SQLiteStore, StoreUnavailableError, Team, TokenStore
 from service.teams import TeamDirectory
 
 
-async def open_store(path: Path) -> SQLiteStore:
-    store = SQLiteStore(path)
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives: a SQLite file path, or a PostgreSQL DSN with a schema of its own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "g.db")
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return dsn
+
+
+async def open_store(location: str | Path) -> TokenStore:
+    text = str(location)
+    store: TokenStore = PostgresStore(text) if text.startswith("postgresql://") else SQLiteStore(Path(text))
     await store.open()
     return store
 
 
-async def test_store_round_trip(tmp_path: Path) -> None:
-    store = await open_store(tmp_path / "g.db")
+async def test_store_round_trip(location: str) -> None:
+    store = await open_store(location)
     team = Team("team_1", "Acme", "2025-01-09T12:00:00.000Z")
     await store.create("a" * 64, team)
     assert await store.get("a" * 64) == team
@@ -32,16 +43,39 @@ async def test_store_round_trip(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_schema_is_created_once_and_reopening_keeps_data(tmp_path: Path) -> None:
-    path = tmp_path / "nested" / "g.db"
-    store = await open_store(path)
+async def test_reopening_keeps_data(location: str) -> None:
+    store = await open_store(location)
     await store.create("a" * 64, Team("t", "n", "c"))
     await store.close()
-    again = await open_store(path)
+    again = await open_store(location)
     assert await again.get("a" * 64) == Team("t", "n", "c")
-    async with again.db.execute("PRAGMA journal_mode") as cur:
-        assert (await cur.fetchone()) == ("wal",)
     await again.close()
+
+
+async def test_sqlite_is_in_wal_mode_in_a_new_folder(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "nested" / "g.db")
+    await store.open()
+    async with store.db.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone()) == ("wal",)
+    await store.close()
+
+
+async def test_migrations_apply_once_when_many_processes_start_together(location: str) -> None:
+    stores = await asyncio.gather(*(open_store(location) for _ in range(10)))
+    for store in stores:
+        await store.close()
+    probe = await open_store(location)
+    if isinstance(probe, PostgresStore):
+        rows = await probe.pool.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        state = await probe.pool.fetchval("SELECT count(*) FROM gateway_state")
+    else:
+        async with probe.db.execute("SELECT version, name FROM schema_migrations ORDER BY version") as cur:
+            rows = await cur.fetchall()
+        async with probe.db.execute("SELECT count(*) FROM gateway_state") as cur:
+            state = (await cur.fetchone())[0]  # type: ignore[index]
+    assert [tuple(row) for row in rows] == [(1, "tokens"), (2, "change_counter")]
+    assert state == 1
+    await probe.close()
 
 
 async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
@@ -51,8 +85,8 @@ async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
         await open_store(blocker / "g.db")
 
 
-async def test_change_marker_moves_when_another_connection_writes(tmp_path: Path) -> None:
-    mine, theirs = await open_store(tmp_path / "g.db"), await open_store(tmp_path / "g.db")
+async def test_change_marker_moves_when_another_connection_writes(location: str) -> None:
+    mine, theirs = await open_store(location), await open_store(location)
     before = await mine.change_marker()
     await theirs.create("a" * 64, Team("t", "n", "c"))
     assert await mine.change_marker() != before
@@ -60,8 +94,8 @@ async def test_change_marker_moves_when_another_connection_writes(tmp_path: Path
     await theirs.close()
 
 
-async def test_directory_caches_hits_and_misses_and_sees_other_writers(tmp_path: Path) -> None:
-    mine, theirs = await open_store(tmp_path / "g.db"), await open_store(tmp_path / "g.db")
+async def test_directory_caches_hits_and_misses_and_sees_other_writers(location: str) -> None:
+    mine, theirs = await open_store(location), await open_store(location)
     directory = TeamDirectory(mine, refresh_seconds=0.05)
     other = TeamDirectory(theirs, refresh_seconds=0.05)
     await directory.start()
@@ -81,8 +115,8 @@ async def test_directory_caches_hits_and_misses_and_sees_other_writers(tmp_path:
     await theirs.close()
 
 
-async def test_concurrent_misses_ask_the_store_once(tmp_path: Path) -> None:
-    store = await open_store(tmp_path / "g.db")
+async def test_concurrent_misses_ask_the_store_once(location: str) -> None:
+    store = await open_store(location)
     calls = 0
     original = store.get
 
@@ -99,8 +133,8 @@ async def test_concurrent_misses_ask_the_store_once(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_own_writes_take_effect_at_once(tmp_path: Path) -> None:
-    store = await open_store(tmp_path / "g.db")
+async def test_own_writes_take_effect_at_once(location: str) -> None:
+    store = await open_store(location)
     directory = TeamDirectory(store, refresh_seconds=60)
     key, team = await directory.issue("team_1", "Acme")
     assert await directory.resolve(key) == team
@@ -114,3 +148,26 @@ async def test_own_writes_take_effect_at_once(tmp_path: Path) -> None:
     assert await directory.resolve(new_key) is None
     assert await directory.rotate("sk_bad") is None and await directory.revoke("sk_bad") is False
     await store.close()
+
+
+async def test_postgres_notifications_reach_other_processes_at_once(pg_dsn: str) -> None:
+    mine, theirs = await open_store(pg_dsn), await open_store(pg_dsn)
+    directory = TeamDirectory(mine, refresh_seconds=60)  # no polling: only NOTIFY can tell it
+    other = TeamDirectory(theirs, refresh_seconds=60)
+    await directory.start()
+    key, team = await other.issue("team_1", "Acme")
+    assert await directory.resolve(key) == team
+    assert await other.revoke(key) is True
+    for _ in range(100):
+        if directory.peek(keys.digest(key)) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await directory.resolve(key) is None
+    await directory.stop()
+    await mine.close()
+    await theirs.close()
+
+
+async def test_unreachable_postgres_is_a_store_error() -> None:
+    with pytest.raises(StoreUnavailableError):
+        await open_store("postgresql://root@127.0.0.1:1/test")

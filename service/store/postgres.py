@@ -1,0 +1,163 @@
+"""The shared store for several processes and replicas: PostgreSQL through an asyncpg pool.
+
+Every write bumps ``gateway_state.version`` and sends ``NOTIFY gateway_tokens, '<digest>'`` in its
+transaction. Each process listens on a connection of its own and drops the named key from its cache
+at once; the version is the change marker its cache also polls, should a notification be missed
+(for instance while the listening connection reconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import structlog
+
+from service.store.base import StoreUnavailableError, Team, utc_timestamp
+from service.store.migrations import CREATE_TABLE, migrations
+
+log = structlog.get_logger("gateway.store")
+
+CHANNEL = "gateway_tokens"
+MIGRATION_LOCK = 0x6761_7465_7761_79  # "gateway": one advisory lock id for every replica
+DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+RECONNECT_SECONDS = 1.0
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailableError("store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.timeout,
+                command_timeout=self.timeout,
+            )
+            await self._migrate()
+        except DB_ERRORS as exc:
+            await self.close()
+            raise StoreUnavailableError(f"cannot open the PostgreSQL store: {type(exc).__name__}: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(CREATE_TABLE)
+            applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+            for migration in migrations():
+                if migration.version in applied:
+                    continue
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    utc_timestamp(),
+                )
+                log.info("migration_applied", version=migration.version, name=migration.name)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(pool.close(), self.timeout)
+
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        try:
+            return await self.pool.fetchrow(query, *args, timeout=self.timeout)
+        except DB_ERRORS as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _write(self, query: str, *args: Any, notify: str) -> Any:
+        """Run a write; when it changed a row, bump the change counter and notify, atomically."""
+        try:
+            async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                row = await conn.fetchrow(query, *args)
+                if row is not None:
+                    await conn.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notify)
+                return row
+        except DB_ERRORS as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._fetchrow("SELECT 1")
+
+    async def create(self, digest: str, team: Team) -> None:
+        await self._write(
+            "INSERT INTO tokens (digest, team_id, name, created_at) VALUES ($1, $2, $3, $4) RETURNING 1",
+            digest,
+            team.team_id,
+            team.name,
+            team.created_at,
+            notify=digest,
+        )
+
+    async def get(self, digest: str) -> Team | None:
+        row = await self._fetchrow("SELECT team_id, name, created_at FROM tokens WHERE digest = $1", digest)
+        return Team(row[0], row[1], row[2]) if row else None
+
+    async def replace(self, old_digest: str, new_digest: str) -> Team | None:
+        row = await self._write(
+            "UPDATE tokens SET digest = $1 WHERE digest = $2 RETURNING team_id, name, created_at",
+            new_digest,
+            old_digest,
+            notify=old_digest,
+        )
+        return Team(row[0], row[1], row[2]) if row else None
+
+    async def delete(self, digest: str) -> bool:
+        row = await self._write("DELETE FROM tokens WHERE digest = $1 RETURNING 1", digest, notify=digest)
+        return row is not None
+
+    async def change_marker(self) -> int:
+        row = await self._fetchrow("SELECT version FROM gateway_state WHERE id = 1")
+        return int(row[0]) if row else 0
+
+    async def watch(self, on_change: Callable[[str | None], None]) -> None:
+        self._listener = asyncio.create_task(self._listen(on_change), name="store-listen")
+
+    async def _listen(self, on_change: Callable[[str | None], None]) -> None:
+        """Keep one LISTEN connection; after any gap, report that anything may have changed."""
+
+        def notified(conn: Any, pid: int, channel: str, payload: object) -> None:
+            on_change(str(payload) or None)
+
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, notified)
+                on_change(None)  # whatever happened while nobody listened
+                await lost.wait()
+            except DB_ERRORS:
+                pass
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(*DB_ERRORS):
+                        await asyncio.wait_for(conn.close(), self.timeout)
+            await asyncio.sleep(RECONNECT_SECONDS)

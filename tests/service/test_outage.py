@@ -1,0 +1,67 @@
+"""A PostgreSQL outage: verified keys ride it out for a grace period, everything else gets 503,
+and the gateway recovers by itself when the database returns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, GatewayProcess
+from tests.postgres import TcpProxy
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    tcp = TcpProxy("127.0.0.1", 5432)
+    tcp.up()
+    yield tcp
+    tcp.down()
+
+
+def status(gateway: GatewayProcess, key: str) -> int:
+    return httpx.get(f"{gateway.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_outage_grace_503s_and_recovery(
+    make_gateway: Callable[..., GatewayProcess], pg_dsn: str, proxy: TcpProxy
+) -> None:
+    dsn = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    gw = make_gateway(DATABASE_URL=dsn, STORE_OUTAGE_GRACE_SECONDS="3")
+    verified = gw.create_key("team_verified")
+    unseen = gw.create_key("team_unseen")
+    assert status(gw, verified) == 200
+
+    proxy.down()
+    wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, 5)
+    outage_started = time.monotonic()
+    assert status(gw, verified) == 200  # already verified: keeps working in the grace period
+    unseen_response = httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {unseen}"})
+    assert unseen_response.status_code == 503  # not 401: the gateway cannot know
+    assert "unavailable" in unseen_response.json()["error"]["message"]
+    token_api = httpx.post(f"{gw.url}/tokens", json={"teamId": "t"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert token_api.status_code == 503 and "error" in token_api.json()
+    assert httpx.get(f"{gw.url}/tokens/{verified}").status_code == 200  # served from the cache
+    assert httpx.post(f"{gw.url}/tokens/{verified}/refresh").status_code == 503
+    ready = httpx.get(f"{gw.url}/readyz").json()
+    assert ready["status"] == "unavailable" and ready["grace_seconds"] == 3
+
+    wait_for(lambda: status(gw, verified) == 503, 6)  # the grace period is over
+    assert time.monotonic() - outage_started >= 2.5
+    assert [line["event"] for line in gw.log_lines()].count("store_unavailable") == 1
+
+    proxy.up()
+    wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 10)
+    assert status(gw, verified) == 200 and status(gw, unseen) == 200
+    assert gw.create_key("team_after")
+    wait_for(lambda: any(line["event"] == "store_recovered" for line in gw.log_lines()), 2)
+    assert "Traceback" not in gw.log_text()
