@@ -44,6 +44,22 @@ COMPLETION = (
     '"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}'
 )
 REQUEST_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+MISS_SCRIPT = """
+local hex = "0123456789abcdef"
+local body = '%s'
+local unused = "%s"
+request = function()
+  local t = {}
+  for i = 1, 64 do local r = math.random(1, 16); t[i] = hex:sub(r, r) end
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer sk_" .. table.concat(t)}, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = '%s'
@@ -103,6 +119,8 @@ class Server:
     url: str  # the completion URL a client calls
     base: str  # scheme://host:port
     process: subprocess.Popen[bytes]
+    key: str = "none"
+    """The team key it is called with (the references ignore it)."""
     results: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, metric: str, value: float) -> None:
@@ -121,7 +139,6 @@ class Bench:
         self.duration = duration
         self.rounds = rounds
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.key = "none"
 
     def spawn(
         self, command: list[str] | str, core: int, env: dict[str, str] | None = None, log: str = "out"
@@ -242,44 +259,51 @@ http {{
             {**os.environ, "UPSTREAM_URL": upstream},
             log="bare",
         )
-        gw_port = free_port()
-        procfile = (ROOT / "Procfile").read_text().split("web:", 1)[1].strip()
-        gw_env = {
-            **os.environ,
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-            "PORT": str(gw_port),
-            "WEB_CONCURRENCY": "1",
-            "AI_GATEWAY_URL": upstream,
-            "AI_GATEWAY_TOKEN": "bench-gateway-token",
-            "ADMIN_API_KEY": ADMIN_KEY,
-            "DATABASE_URL": f"sqlite:///{self.work}/gateway.db",
-            "LOG_LEVEL": "info",
-        }
-        # the Procfile's own command, pinned; its log goes to a file as a PaaS collects stdout
-        gw_proc = self.spawn(f"sh -c {_quote(procfile)}", 0, gw_env, log="gateway")
-        for port in (bare_port, gw_port):
-            wait_port(port)
-        self.key = _create_key(f"http://127.0.0.1:{gw_port}")
-        return [
+        wait_port(bare_port)
+        servers = [
             Server(
                 "bare",
                 f"http://127.0.0.1:{bare_port}/openai/chat/completions",
                 f"http://127.0.0.1:{bare_port}",
                 bare_proc,
             ),
-            Server(
-                "gateway",
-                f"http://127.0.0.1:{gw_port}/openai/v1/chat/completions",
-                f"http://127.0.0.1:{gw_port}",
-                gw_proc,
-            ),
+            self._gateway("gateway", upstream, f"sqlite:///{self.work}/gateway.db"),
         ]
+        pg_url = _postgres_schema()
+        if pg_url is None:
+            print("PostgreSQL is not reachable: the gateway-pg row is left out", file=sys.stderr)
+        else:
+            servers.append(self._gateway("gateway-pg", upstream, pg_url))
+        return servers
+
+    def _gateway(self, name: str, upstream: str, database_url: str) -> Server:
+        """The Procfile's own command, pinned; its log goes to a file as a PaaS collects stdout."""
+        port = free_port()
+        procfile = (ROOT / "Procfile").read_text().split("web:", 1)[1].strip()
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "PORT": str(port),
+            "WEB_CONCURRENCY": "1",
+            "AI_GATEWAY_URL": upstream,
+            "AI_GATEWAY_TOKEN": "bench-gateway-token",
+            "ADMIN_API_KEY": ADMIN_KEY,
+            "DATABASE_URL": database_url,
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+        }
+        process = self.spawn(f"sh -c {_quote(procfile)}", 0, env, log=name)
+        wait_port(port)
+        base = f"http://127.0.0.1:{port}"
+        return Server(name, f"{base}/openai/v1/chat/completions", base, process, key=_create_key(base))
 
     # -- measurements -------------------------------------------------------------------------
 
-    def wrk(self, url: str, connections: int, duration: float) -> dict[str, float]:
+    def wrk(
+        self, url: str, connections: int, duration: float, key: str = "none", misses: bool = False
+    ) -> dict[str, float]:
+        """One wrk run; with ``misses`` every request carries a new random key (all 401s)."""
         script = self.work / "post.lua"
-        script.write_text(WRK_SCRIPT % (REQUEST_BODY, self.key))
+        script.write_text((MISS_SCRIPT if misses else WRK_SCRIPT) % (REQUEST_BODY, key))
         out = subprocess.run(
             [
                 "taskset",
@@ -299,7 +323,7 @@ http {{
         ).stdout
         line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
         requests, duration_us, p50, p99, errors, non2xx = (int(x) for x in line.split()[1:])
-        if errors or non2xx:
+        if errors or (non2xx and not misses):
             raise RuntimeError(f"{url}: {errors} socket errors, {non2xx} non-2xx responses")
         return {
             "requests": requests,
@@ -309,21 +333,30 @@ http {{
         }
 
     def load_round(self, server: Server) -> None:
-        self.wrk(server.url, 1, 1)  # warm connections and caches
-        one = self.wrk(server.url, 1, self.duration)
+        self.wrk(server.url, 1, 1, server.key)  # warm connections and caches
+        one = self.wrk(server.url, 1, self.duration, server.key)
         server.add("p50_1c_ms", one["p50_ms"])
         server.add("p99_1c_ms", one["p99_ms"])
         cpu_before = cpu_seconds(server.process.pid)
-        many = self.wrk(server.url, 32, self.duration)
+        many = self.wrk(server.url, 32, self.duration, server.key)
         cpu = cpu_seconds(server.process.pid) - cpu_before
         server.add("rps_32c", many["rps"])
         server.add("p99_32c_ms", many["p99_ms"])
         server.add("cpu_us_per_req", cpu / many["requests"] * 1e6)
         server.add("rss_load_mib", rss_mib(server.process.pid))
 
-    async def sse_times(self, base: str, path: str, count: int) -> tuple[list[float], list[float]]:
+    def miss_round(self, server: Server) -> None:
+        """Every request with a never-seen key: each one is a store query (then a 401)."""
+        one = self.wrk(server.url, 1, self.duration, misses=True)
+        server.add("miss_p50_1c_ms", one["p50_ms"])
+        cpu_before = cpu_seconds(server.process.pid)
+        many = self.wrk(server.url, 32, self.duration, misses=True)
+        server.add("miss_cpu_us_per_req", (cpu_seconds(server.process.pid) - cpu_before) / many["requests"] * 1e6)
+
+    async def sse_times(self, server: Server, path: str, count: int) -> tuple[list[float], list[float]]:
         firsts, lasts = [], []
-        headers = {"Authorization": f"Bearer {self.key}"}
+        base = server.base
+        headers = {"Authorization": f"Bearer {server.key}"}
         async with aiohttp.ClientSession(auto_decompress=False) as session:
             for _ in range(count):
                 start = time.perf_counter()
@@ -337,7 +370,7 @@ http {{
         return firsts, lasts
 
     async def slow_streams(self, server: Server, count: int) -> float:
-        headers = {"Authorization": f"Bearer {self.key}"}
+        headers = {"Authorization": f"Bearer {server.key}"}
         before = rss_mib(server.process.pid)
         peak = before
         done = asyncio.Event()
@@ -373,7 +406,7 @@ http {{
                 "-o",
                 "/dev/null",
                 "-H",
-                f"Authorization: Bearer {self.key}",
+                f"Authorization: Bearer {server.key}",
                 server.base + self.big_path,
             ]
         )
@@ -396,13 +429,38 @@ http {{
                 self.load_round(server)
         for _ in range(self.rounds):
             for server in everyone:
-                firsts, lasts = asyncio.run(self.sse_times(server.base, "/openai/_mock/sse?n=100", 15))
+                firsts, lasts = asyncio.run(self.sse_times(server, "/openai/_mock/sse?n=100", 15))
                 server.add("sse_first_ms", statistics.median(firsts))
                 server.add("sse_last_ms", statistics.median(lasts))
+        gateways = [p for p in proxies if p.name.startswith("gateway")]
+        for number in range(self.rounds):
+            for server in gateways if number % 2 == 0 else gateways[::-1]:
+                self.miss_round(server)
         for server in proxies:
             server.add("rss_1gib_growth_mib", self.big_response(server))
             server.add("rss_100_streams_growth_mib", asyncio.run(self.slow_streams(server, 100)))
         return report(direct, proxies)
+
+
+def _postgres_schema() -> str | None:
+    """A DSN on a fresh schema of this machine's PostgreSQL, or ``None`` when it is not reachable."""
+    import asyncpg
+
+    root = os.environ.get("BENCH_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
+    schema = "bench_" + os.urandom(4).hex()
+
+    async def create() -> None:
+        connection = await asyncpg.connect(root, timeout=3)
+        try:
+            await connection.execute(f"CREATE SCHEMA {schema}")
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(create())
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None
+    return f"{root}?search_path={schema}"
 
 
 def _quote(text: str) -> str:
@@ -442,6 +500,8 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
         "rps_32c": gw["rps_32c"] / bare["rps_32c"],
         "p99_32c": gw["p99_32c_ms"] / bare["p99_32c_ms"],
     }
+    if "gateway-pg" in base:
+        out["ratio_postgres_vs_sqlite_cpu_per_request"] = base["gateway-pg"]["cpu_us_per_req"] / gw["cpu_us_per_req"]
     return out
 
 
@@ -458,21 +518,28 @@ def print_table(result: dict[str, Any]) -> None:
         ("RSS under load (MiB)", "rss_load_mib"),
         ("RSS growth, 1 GiB body (MiB)", "rss_1gib_growth_mib"),
         ("RSS growth, 100 streams (MiB)", "rss_100_streams_growth_mib"),
+        ("cache miss p50 @1 conn (ms)", "miss_p50_1c_ms"),
+        ("cache miss CPU per request (µs)", "miss_cpu_us_per_req"),
     ]
     servers = result["servers"]
     names = list(servers)
-    print(f"{'':32}" + "".join(f"{n:>12}" for n in names))
+    print(f"{'':34}" + "".join(f"{n:>12}" for n in names))
     for label, key in rows:
         cells = []
         for name in names:
             value = servers[name].get(key)
             cells.append(f"{value:>12.2f}" if isinstance(value, float | int) else f"{'—':>12}")
-        print(f"{label:32}" + "".join(cells))
+        print(f"{label:34}" + "".join(cells))
     ratios = result["ratios_gateway_vs_bare"]
     print(
         f"\ngateway ÷ bare relay: CPU/request {ratios['cpu_per_request']:.3f}, "
         f"req/s {ratios['rps_32c']:.3f}, p99@32 {ratios['p99_32c']:.3f}"
     )
+    if "ratio_postgres_vs_sqlite_cpu_per_request" in result:
+        print(
+            f"gateway on PostgreSQL ÷ on SQLite, CPU/request (cache hits): "
+            f"{result['ratio_postgres_vs_sqlite_cpu_per_request']:.3f}"
+        )
 
 
 def main() -> None:

@@ -2,16 +2,18 @@
 
 from config import Settings
 from service.store.base import StoreUnavailableError, Team, TokenStore
-from service.store.postgres import PostgresStore
 from service.store.sqlite import SQLiteStore
 
 
 def store_for(settings: Settings) -> TokenStore:
     """The store ``DATABASE_URL`` names; the rest of the gateway only sees ``TokenStore``."""
     if settings.database_dsn is not None:
+        # imported here so that a SQLite gateway does not load the PostgreSQL driver (~4 MiB of RSS)
+        from service.store.postgres import PostgresStore
+
         return PostgresStore(settings.database_dsn, settings.database_pool_size)
     assert settings.database_path is not None
     return SQLiteStore(settings.database_path)
 
 
-__all__ = ["PostgresStore", "SQLiteStore", "StoreUnavailableError", "Team", "TokenStore", "store_for"]
+__all__ = ["SQLiteStore", "StoreUnavailableError", "Team", "TokenStore", "store_for"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from service import keys
-from service.store import PostgresStore, SQLiteStore, StoreUnavailableError, Team, TokenStore
+from service.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
+from service.store.postgres import PostgresStore
 from service.teams import TeamDirectory
 
 
