@@ -45,6 +45,9 @@ class Settings:
     providers_file: Path | None = None
     """``PROVIDERS_FILE``: a TOML file of extra providers, read beside the built-in catalogue."""
     cache_scope: str = "team"
+    metrics_port: int | None = None
+    """``METRICS_PORT``: serve /metrics on this port only, not on the public one."""
+    shutdown_grace_seconds: float = 30.0
     cf_account_id: str | None = None
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
@@ -90,6 +93,8 @@ class Settings:
             providers_file=Path(raw_file) if (raw_file := get("PROVIDERS_FILE")) else None,
             cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
             cf_account_id=get("CF_ACCOUNT_ID"),
+            metrics_port=_port("METRICS_PORT", get("METRICS_PORT")),
+            shutdown_grace_seconds=_positive_float("SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS"), 30.0),
             provider_env=_provider_env(values),
         )
 
@@ -135,6 +140,14 @@ def _providers(raw: str | None) -> tuple[str, ...] | None:
     if not slugs:
         raise SettingsError("PROVIDERS must name at least one provider, e.g. PROVIDERS=openai,anthropic")
     return slugs
+
+
+def _port(name: str, raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise SettingsError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
+    return int(raw)
 
 
 def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from middleware.context import SCOPE_KEY, RequestInfo
 from service import keys
 from service.errors import AuthenticationFailed, ServiceUnavailable
+from service.metrics import Metrics
 from service.respond import send_error
 from service.store import StoreUnavailableError
 from service.teams import UNKNOWN, TeamDirectory
@@ -47,20 +48,26 @@ class Auth:
         if not key:
             await send_error(send, MISSING, info.error_shape, info.request_id)
             return
-        team = None
-        if keys.is_well_formed(key):
-            teams: TeamDirectory = scope["state"]["teams"]
-            digest = keys.digest(key)
-            team = teams.peek(digest)
-            if team is None:
-                try:
-                    team = await teams.load(digest)
-                except StoreUnavailableError:
-                    error = ServiceUnavailable("The key store is unavailable; try again shortly.")
-                    await send_error(send, error, info.error_shape, info.request_id)
-                    return
-        if team is None or team is UNKNOWN:
+        if not keys.is_well_formed(key):
             await send_error(send, INVALID, info.error_shape, info.request_id)
             return
+        teams: TeamDirectory = scope["state"]["teams"]
+        digest = keys.digest(key)
+        team = teams.peek(digest)
+        metrics: Metrics = scope["state"]["metrics"]
+        if team is not None:
+            metrics.cache_hits += 1
+        else:
+            metrics.cache_misses += 1
+            try:
+                team = await teams.load(digest)
+            except StoreUnavailableError:
+                error = ServiceUnavailable("The key store is unavailable; try again shortly.")
+                await send_error(send, error, info.error_shape, info.request_id)
+                return
+        if team is UNKNOWN:
+            await send_error(send, INVALID, info.error_shape, info.request_id)
+            return
+        teams.used(digest)
         info.team = team
         await self.app(scope, receive, send)

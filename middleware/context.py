@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from config.logging import AccessWriter
 from service.errors import GatewayError, render
 from service.keys import shown
+from service.metrics import Metrics
 
 error_log = structlog.get_logger("gateway.error")
 
@@ -44,6 +45,7 @@ class RequestInfo:
         "truncated",
         "ttfb",
         "upstream_status",
+        "upstream_wait",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -56,6 +58,8 @@ class RequestInfo:
         self.provider: str | None = None
         self.team: Any = None
         self.upstream_status: int | None = None
+        self.upstream_wait: float | None = None
+        """Seconds from sending the upstream request to receiving its headers."""
         self.truncated = False
         self.metadata: str | None = None
         self.error_shape: Any = "plain"
@@ -87,9 +91,10 @@ def _logged_path(path: str) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, *, write_access: AccessWriter | None) -> None:
+    def __init__(self, app: ASGIApp, *, write_access: AccessWriter | None, metrics: Metrics) -> None:
         self.app = app
         self.write_access = write_access
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,6 +131,16 @@ class RequestContext:
         finally:
             end = time.perf_counter()
             team = info.team
+            ttfb = info.ttfb - started if info.ttfb else None
+            wait = info.upstream_wait
+            self.metrics.request(
+                info.provider or "none",
+                info.status or 499,
+                team.team_id if team is not None else "",
+                end - started,
+                ttfb,
+                ttfb - wait if ttfb is not None and wait is not None else None,
+            )
             if info.provider is None:
                 info.bytes_in = _declared_length(scope["headers"])
             if self.write_access is not None:
@@ -137,7 +152,7 @@ class RequestContext:
                         "path": _logged_path(scope["path"]),
                         "status": info.status or 499,
                         "duration_ms": round((end - started) * 1000, 3),
-                        "ttfb_ms": round((info.ttfb - started) * 1000, 3) if info.ttfb else None,
+                        "ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
                         "upstream_status": info.upstream_status,
                         "bytes_in": info.bytes_in,
                         "bytes_out": info.bytes_out,

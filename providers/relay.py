@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -29,6 +30,7 @@ from service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from service.metrics import Metrics
 from service.respond import send_error
 
 log = structlog.get_logger("gateway.relay")
@@ -254,15 +256,19 @@ class Relay:
         exchange: _Exchange,
         info: RequestInfo,
     ) -> None:
-        session: aiohttp.ClientSession = scope["state"]["http"]
+        state = scope["state"]
+        session: aiohttp.ClientSession = state["http"]
+        metrics: Metrics = state["metrics"]
         error: GatewayError | None = None
         exchange.arm(self.timeout)
+        sent_at = time.perf_counter()
         try:
             response = await session.request(scope["method"], url, headers=headers, data=data, allow_redirects=False)
         except asyncio.CancelledError:
             if not exchange.timed_out:
                 raise
             exchange.task.uncancel()
+            metrics.upstream_error(self.provider.slug, "timeout")
             error = UpstreamTimeout(f"The upstream sent no response within {self.timeout:g} seconds.")
         except ValueError:  # aiohttp refuses a header value (control or non-UTF-8 characters)
             error = BadRequest("A request header has characters that cannot be forwarded.")
@@ -273,6 +279,7 @@ class Relay:
                 error = self._too_large()
             else:
                 log.warning("upstream_unavailable", request_id=info.request_id, error=type(exc).__name__)
+                metrics.upstream_error(self.provider.slug, "unavailable")
                 error = UpstreamUnavailable("The upstream refused or dropped the connection before answering.")
         finally:
             exchange.waiting_headers = False
@@ -280,22 +287,26 @@ class Relay:
             await send_error(send, error, info.error_shape, info.request_id)
             return
 
+        headers_at = time.perf_counter()
+        info.upstream_wait = wait = headers_at - sent_at
+        gateway = headers_at - info.started - wait
+        timing = f"gateway;dur={gateway * 1000:.3f}, upstream;dur={wait * 1000:.3f}".encode()
+        down = [(k, v) for k, v in response.raw_headers if k.lower() not in _DROP_DOWN]
+        down.append((b"server-timing", timing))
+        stream = response.content_type == "text/event-stream"
+        if stream:
+            metrics.streams.inc()
         clean = False
         try:
             info.upstream_status = response.status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status,
-                    "headers": [(k, v) for k, v in response.raw_headers if k.lower() not in _DROP_DOWN],
-                }
-            )
+            await send({"type": "http.response.start", "status": response.status, "headers": down})
             content = response.content
             while True:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, OSError) as exc:
                     log.warning("upstream_truncated", request_id=info.request_id, error=type(exc).__name__)
+                    metrics.upstream_error(self.provider.slug, "truncated")
                     info.truncated = True
                     return  # the server closes the connection: the client sees an abrupt end
                 last = not chunk or content.at_eof()
@@ -306,6 +317,8 @@ class Relay:
                     clean = True
                     return
         finally:
+            if stream:
+                metrics.streams.dec()
             if clean:
                 response.release()
             else:

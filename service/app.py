@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import web
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -35,6 +36,7 @@ from middleware.context import SCOPE_KEY, RequestContext
 from providers.mount import ProviderMount, mount_providers
 from service import tokens
 from service.errors import GatewayError, NotFound, ServiceUnavailable
+from service.metrics import Metrics
 from service.respond import send_error
 from service.store import StoreUnavailableError, store_for
 from service.teams import TeamDirectory
@@ -71,7 +73,7 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 50)
 
 
-def make_lifespan(settings: Settings) -> Any:
+def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log.info("gateway_starting", **settings.public_view(), upstreams=app.state.upstreams)
@@ -85,16 +87,48 @@ def make_lifespan(settings: Settings) -> Any:
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
         await teams.start()
         session = http_session(settings)
+        await metrics.start()
+        metrics_server = await serve_metrics(metrics, settings.metrics_port) if settings.metrics_port else None
         tune_gc()
         try:
-            yield {"http": session, "teams": teams, "store": store}
+            yield {"http": session, "teams": teams, "store": store, "metrics": metrics}
         finally:
+            if metrics_server is not None:
+                await metrics_server.cleanup()
             await teams.stop()
             await session.close()
             await store.close()
+            await metrics.stop()
             log.info("gateway_stopped")
 
     return lifespan
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body, content_type = request.state.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+async def serve_metrics(metrics: Metrics, port: int) -> web.AppRunner | None:
+    """/metrics on a port of its own. With several workers the first to bind it serves it (each
+    reports every worker's figures); the others find the port taken and leave it to that one."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "0.0.0.0", port).start()
+    except OSError:
+        await runner.cleanup()
+        log.info("metrics_port_served_by_another_worker", port=port)
+        return None
+    log.info("metrics_port", port=port)
+    return runner
 
 
 async def healthz(request: Request) -> Response:
@@ -179,9 +213,13 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             print(f"configuration error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(STARTUP_FAILURE) from None
     write_access = configure_logging(settings.log_level)
+    metrics = Metrics()
+    routes = [*tokens.routes, Route("/healthz", healthz), Route("/readyz", readyz)]
+    if settings.metrics_port is None:
+        routes.append(Route("/metrics", metrics_endpoint))
     starlette = Starlette(
-        routes=[*tokens.routes, Route("/healthz", healthz), Route("/readyz", readyz)],
-        lifespan=make_lifespan(settings),
+        routes=routes,
+        lifespan=make_lifespan(settings, metrics),
         exception_handlers={
             GatewayError: gateway_error,
             StoreUnavailableError: store_error,
@@ -199,4 +237,4 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         slug: ("gateway" if m.via_gateway else "direct") if m.available else "unavailable" for slug, m in mounts.items()
     }
     gateway = Gateway(mounts, set(registry) - set(mounts), starlette)
-    return RequestContext(gateway, write_access=write_access)
+    return RequestContext(gateway, write_access=write_access, metrics=metrics)

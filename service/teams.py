@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Final
 
 import structlog
@@ -31,6 +32,8 @@ UNKNOWN: Final = Team("", "", "")
 """Cached answer for a digest the store does not know."""
 
 MAX_CACHED_MISSES = 10_000
+MAX_TRACKED_KEYS = 100_000
+LAST_USED_EVERY_SECONDS = 60.0
 
 
 class TeamDirectory:
@@ -45,6 +48,8 @@ class TeamDirectory:
         self._loading: dict[str, asyncio.Future[Team]] = {}
         self._marker: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._used: dict[str, float] = {}
+        self._pending_use: dict[str, str] = {}
 
     @property
     def degraded(self) -> bool:
@@ -68,6 +73,8 @@ class TeamDirectory:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        with contextlib.suppress(StoreUnavailableError):
+            await self._flush_use()
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -93,6 +100,27 @@ class TeamDirectory:
             if marker != self._marker:
                 self._marker = marker
                 self.clear()
+            await self._flush_use()
+
+    def used(self, digest: str) -> None:
+        """Note that a key was used; ``last_used_at`` is written at most once a minute per key, by
+        the refresh task, never on the request path."""
+        now = time.monotonic()
+        last = self._used.get(digest)
+        if last is None or now - last >= LAST_USED_EVERY_SECONDS:
+            if len(self._used) >= MAX_TRACKED_KEYS:
+                self._used.clear()
+            self._used[digest] = now
+            self._pending_use[digest] = utc_timestamp()
+
+    async def _flush_use(self) -> None:
+        if not self._pending_use:
+            return
+        pending, self._pending_use = self._pending_use, {}
+        try:
+            await self.store.touch(pending)
+        except StoreUnavailableError:
+            self._pending_use = pending | self._pending_use  # try again with the next refresh
 
     def clear(self) -> None:
         self._cache.clear()
@@ -139,7 +167,7 @@ class TeamDirectory:
         team = Team(team_id=team_id, name=name, created_at=utc_timestamp())
         key = keys.new_key()
         digest = keys.digest(key)
-        await self.store.create(digest, team)
+        await self.store.create(digest, team, key[:8])
         self._cache.pop(digest, None)  # a cached miss for this key would otherwise refuse it
         return key, team
 
@@ -148,7 +176,7 @@ class TeamDirectory:
             return None
         new_key = keys.new_key()
         old, new = keys.digest(key), keys.digest(new_key)
-        team = await self.store.replace(old, new)
+        team = await self.store.replace(old, new, new_key[:8])
         self._cache.pop(old, None)
         self._cache.pop(new, None)
         return None if team is None else (new_key, team)

@@ -3,13 +3,15 @@
 - ``POST /tokens`` (admin) issues a key for a team;
 - ``GET /tokens/{apiKey}`` shows the key's team (possession of the key is the authority);
 - ``POST /tokens/{apiKey}/refresh`` rotates it (same team, name and creation time);
-- ``DELETE /tokens/{apiKey}`` (admin) revokes it.
+- ``DELETE /tokens/{apiKey}`` (admin) revokes it;
+- ``GET /tokens`` (admin) lists keys page by page: prefix, team, name, creation and last use.
 
 Errors are ``{"error": "…"}`` with the right status, never a 500.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 from typing import Any
 
@@ -19,10 +21,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PayloadTooLarge
-from service.store import Team
+from service.store import Team, TokenRecord
 from service.teams import TeamDirectory
 
 MAX_BODY_BYTES = 64 * 1024
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
 MAX_TEAM_ID = 128
 MAX_NAME = 256
 NOT_FOUND_MESSAGE = "Token not found"
@@ -116,7 +120,44 @@ async def revoke_token(request: Request) -> Response:
     return Response(status_code=204)
 
 
+def encode_cursor(created_at: str, digest: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at}|{digest}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        created_at, digest = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("'cursor' is not a cursor this API returned.") from None
+    return created_at, digest
+
+
+def record_json(record: TokenRecord) -> dict[str, str | None]:
+    return {
+        "keyPrefix": record.key_prefix + "…" if record.key_prefix else None,
+        "teamId": record.team_id,
+        "name": record.name,
+        "createdAt": record.created_at,
+        "lastUsedAt": record.last_used_at,
+    }
+
+
+async def list_tokens(request: Request) -> Response:
+    """Admin: a page of keys in creation order, never the keys themselves."""
+    require_admin(request)
+    raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise BadRequest(f"'limit' must be a whole number from 1 to {MAX_PAGE}.")
+    limit = int(raw_limit)
+    cursor = request.query_params.get("cursor")
+    rows = await _teams(request).store.list(limit + 1, decode_cursor(cursor) if cursor else None)
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1][0].created_at, page[-1][1]) if len(rows) > limit else None
+    return JSONResponse({"tokens": [record_json(record) for record, _ in page], "nextCursor": next_cursor})
+
+
 routes = [
+    Route("/tokens", list_tokens, methods=["GET"]),
     Route("/tokens", create_token, methods=["POST"]),
     Route("/tokens/{api_key}", show_token, methods=["GET"]),
     Route("/tokens/{api_key}", revoke_token, methods=["DELETE"]),

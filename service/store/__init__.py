@@ -1,7 +1,7 @@
 """Token stores: the interface, SQLite (embedded default) and PostgreSQL (several replicas)."""
 
 from config import Settings
-from service.store.base import StoreUnavailableError, Team, TokenStore
+from service.store.base import StoreUnavailableError, Team, TokenRecord, TokenStore
 from service.store.sqlite import SQLiteStore
 
 
@@ -16,4 +16,4 @@ def store_for(settings: Settings) -> TokenStore:
     return SQLiteStore(settings.database_path)
 
 
-__all__ = ["SQLiteStore", "StoreUnavailableError", "Team", "TokenStore", "store_for"]
+__all__ = ["SQLiteStore", "StoreUnavailableError", "Team", "TokenRecord", "TokenStore", "store_for"]

@@ -27,6 +27,17 @@ class Team:
     created_at: str
 
 
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A key as listed: never the key, only its first characters."""
+
+    key_prefix: str
+    team_id: str
+    name: str
+    created_at: str
+    last_used_at: str | None
+
+
 class TokenStore(Protocol):
     async def open(self) -> None: ...
 
@@ -35,14 +46,21 @@ class TokenStore(Protocol):
     async def ping(self) -> None:
         """Raise ``StoreUnavailableError`` unless the database answers."""
 
-    async def create(self, digest: str, team: Team) -> None: ...
+    async def create(self, digest: str, team: Team, key_prefix: str) -> None: ...
 
     async def get(self, digest: str) -> Team | None: ...
 
-    async def replace(self, old_digest: str, new_digest: str) -> Team | None:
+    async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         """Move a key's record to a new digest (rotation); ``None`` if the old one is unknown."""
 
     async def delete(self, digest: str) -> bool: ...
+
+    async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
+        """Up to ``limit`` keys in creation order after the ``(created_at, digest)`` position, each
+        with its digest (the position to continue from)."""
+
+    async def touch(self, used: dict[str, str]) -> None:
+        """Record ``last_used_at`` for the given digests (digest → timestamp)."""
 
     async def change_marker(self) -> int:
         """A number that changes whenever another process writes; caches compare it to stay fresh."""

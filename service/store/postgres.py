@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from service.store.base import StoreUnavailableError, Team, utc_timestamp
+from service.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
 from service.store.migrations import CREATE_TABLE, migrations
 
 log = structlog.get_logger("gateway.store")
@@ -105,13 +105,15 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._fetchrow("SELECT 1")
 
-    async def create(self, digest: str, team: Team) -> None:
+    async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         await self._write(
-            "INSERT INTO tokens (digest, team_id, name, created_at) VALUES ($1, $2, $3, $4) RETURNING 1",
+            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES ($1, $2, $3, $4, $5)"
+            " RETURNING 1",
             digest,
             team.team_id,
             team.name,
             team.created_at,
+            key_prefix,
             notify=digest,
         )
 
@@ -119,11 +121,12 @@ class PostgresStore:
         row = await self._fetchrow("SELECT team_id, name, created_at FROM tokens WHERE digest = $1", digest)
         return Team(row[0], row[1], row[2]) if row else None
 
-    async def replace(self, old_digest: str, new_digest: str) -> Team | None:
+    async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         row = await self._write(
-            "UPDATE tokens SET digest = $1 WHERE digest = $2 RETURNING team_id, name, created_at",
+            "UPDATE tokens SET digest = $1, key_prefix = $3 WHERE digest = $2 RETURNING team_id, name, created_at",
             new_digest,
             old_digest,
+            new_prefix,
             notify=old_digest,
         )
         return Team(row[0], row[1], row[2]) if row else None
@@ -131,6 +134,27 @@ class PostgresStore:
     async def delete(self, digest: str) -> bool:
         row = await self._write("DELETE FROM tokens WHERE digest = $1 RETURNING 1", digest, notify=digest)
         return row is not None
+
+    async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
+        query = "SELECT key_prefix, team_id, name, created_at, last_used_at, digest FROM tokens"
+        try:
+            if after is None:
+                rows = await self.pool.fetch(query + " ORDER BY created_at, digest LIMIT $1", limit)
+            else:
+                rows = await self.pool.fetch(
+                    query + " WHERE (created_at, digest) > ($1, $2) ORDER BY created_at, digest LIMIT $3", *after, limit
+                )
+        except DB_ERRORS as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        return [(TokenRecord(*row[:5]), row[5]) for row in rows]
+
+    async def touch(self, used: dict[str, str]) -> None:
+        try:
+            await self.pool.executemany(
+                "UPDATE tokens SET last_used_at = $1 WHERE digest = $2", [(at, digest) for digest, at in used.items()]
+            )
+        except DB_ERRORS as exc:
+            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
     async def change_marker(self) -> int:
         row = await self._fetchrow("SELECT version FROM gateway_state WHERE id = 1")

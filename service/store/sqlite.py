@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from service.store.base import StoreUnavailableError, Team, utc_timestamp
+from service.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
 from service.store.migrations import CREATE_TABLE, migrations
 
 
@@ -75,11 +75,11 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
 
-    async def create(self, digest: str, team: Team) -> None:
+    async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         try:
             await self.db.execute(
-                "INSERT INTO tokens (digest, team_id, name, created_at) VALUES (?, ?, ?, ?)",
-                (digest, team.team_id, team.name, team.created_at),
+                "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES (?, ?, ?, ?, ?)",
+                (digest, team.team_id, team.name, team.created_at, key_prefix),
             )
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
@@ -94,11 +94,11 @@ class SQLiteStore:
             raise StoreUnavailableError(str(exc)) from exc
         return Team(row[0], row[1], row[2]) if row else None
 
-    async def replace(self, old_digest: str, new_digest: str) -> Team | None:
+    async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         try:
             async with self.db.execute(
-                "UPDATE tokens SET digest = ? WHERE digest = ? RETURNING team_id, name, created_at",
-                (new_digest, old_digest),
+                "UPDATE tokens SET digest = ?, key_prefix = ? WHERE digest = ? RETURNING team_id, name, created_at",
+                (new_digest, new_prefix, old_digest),
             ) as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as exc:
@@ -112,6 +112,27 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
         return row is not None
+
+    async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
+        query = "SELECT key_prefix, team_id, name, created_at, last_used_at, digest FROM tokens"
+        params: tuple[object, ...] = (limit,)
+        if after is not None:
+            query += " WHERE (created_at, digest) > (?, ?)"
+            params = (*after, limit)
+        try:
+            async with self.db.execute(query + " ORDER BY created_at, digest LIMIT ?", params) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return [(TokenRecord(*row[:5]), row[5]) for row in rows]
+
+    async def touch(self, used: dict[str, str]) -> None:
+        try:
+            await self.db.executemany(
+                "UPDATE tokens SET last_used_at = ? WHERE digest = ?", [(at, digest) for digest, at in used.items()]
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
 
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
         """SQLite has no notifications: the change marker alone keeps caches fresh."""

@@ -33,12 +33,12 @@ async def open_store(location: str | Path) -> TokenStore:
 async def test_store_round_trip(location: str) -> None:
     store = await open_store(location)
     team = Team("team_1", "Acme", "2025-01-09T12:00:00.000Z")
-    await store.create("a" * 64, team)
+    await store.create("a" * 64, team, "sk_aaaaa")
     assert await store.get("a" * 64) == team
     assert await store.get("b" * 64) is None
-    assert await store.replace("a" * 64, "c" * 64) == team
+    assert await store.replace("a" * 64, "c" * 64, "sk_ccccc") == team
     assert await store.get("a" * 64) is None
-    assert await store.replace("a" * 64, "d" * 64) is None
+    assert await store.replace("a" * 64, "d" * 64, "sk_ddddd") is None
     assert await store.delete("c" * 64) is True
     assert await store.delete("c" * 64) is False
     await store.close()
@@ -46,7 +46,7 @@ async def test_store_round_trip(location: str) -> None:
 
 async def test_reopening_keeps_data(location: str) -> None:
     store = await open_store(location)
-    await store.create("a" * 64, Team("t", "n", "c"))
+    await store.create("a" * 64, Team("t", "n", "c"), "sk_aaaaa")
     await store.close()
     again = await open_store(location)
     assert await again.get("a" * 64) == Team("t", "n", "c")
@@ -74,7 +74,7 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
             rows = await cur.fetchall()
         async with probe.db.execute("SELECT count(*) FROM gateway_state") as cur:
             state = (await cur.fetchone())[0]  # type: ignore[index]
-    assert [tuple(row) for row in rows] == [(1, "tokens"), (2, "change_counter")]
+    assert [tuple(row) for row in rows] == [(1, "tokens"), (2, "change_counter"), (3, "listing")]
     assert state == 1
     await probe.close()
 
@@ -89,7 +89,7 @@ async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
 async def test_change_marker_moves_when_another_connection_writes(location: str) -> None:
     mine, theirs = await open_store(location), await open_store(location)
     before = await mine.change_marker()
-    await theirs.create("a" * 64, Team("t", "n", "c"))
+    await theirs.create("a" * 64, Team("t", "n", "c"), "sk_aaaaa")
     assert await mine.change_marker() != before
     await mine.close()
     await theirs.close()
@@ -172,3 +172,18 @@ async def test_postgres_notifications_reach_other_processes_at_once(pg_dsn: str)
 async def test_unreachable_postgres_is_a_store_error() -> None:
     with pytest.raises(StoreUnavailableError):
         await open_store("postgresql://root@127.0.0.1:1/test")
+
+
+async def test_listing_pages_in_creation_order_and_last_use(location: str) -> None:
+    store = await open_store(location)
+    for number in range(5):
+        team = Team(f"team_{number}", f"Team {number}", f"2025-01-0{number + 1}T00:00:00.000Z")
+        await store.create(f"{number}" * 64, team, f"sk_{number}{number}{number}{number}{number}")
+    first = await store.list(2)
+    assert [record.team_id for record, _ in first] == ["team_0", "team_1"]
+    assert first[0][0].key_prefix == "sk_00000" and first[0][0].last_used_at is None
+    rest = await store.list(10, after=(first[-1][0].created_at, first[-1][1]))
+    assert [record.team_id for record, _ in rest] == ["team_2", "team_3", "team_4"]
+    await store.touch({"3" * 64: "2026-01-01T00:00:00.000Z"})
+    assert [r.last_used_at for r, _ in await store.list(10) if r.team_id == "team_3"] == ["2026-01-01T00:00:00.000Z"]
+    await store.close()

@@ -1,0 +1,181 @@
+"""Prometheus metrics, correct across uvicorn workers, cheap on the request path.
+
+The request path only adds to plain in-process tallies (a dict increment and a bisect per
+histogram); a task publishes the differences to prometheus-client once a second. prometheus-client
+runs in multiprocess mode (each worker writes its own memory-mapped files in
+``PROMETHEUS_MULTIPROC_DIR``), so a scrape of any worker reports the whole gateway.
+
+Metrics: ``gateway_requests_total{provider,status_class,team}``, ``gateway_request_duration_seconds``,
+``gateway_time_to_first_byte_seconds``, ``gateway_overhead_seconds`` (time in the gateway itself,
+not waiting on the upstream), ``gateway_upstream_errors_total{provider,kind}``,
+``gateway_streams_in_flight``, ``gateway_auth_cache_total{result}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from bisect import bisect_left
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+FLUSH_SECONDS = 1.0
+
+
+def multiprocess_directory() -> Path:
+    """The directory every worker of this gateway shares (set before prometheus-client is imported).
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when set; otherwise one per uvicorn supervisor (the workers' parent).
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"gateway-metrics-{os.getppid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+class _Tally:
+    """Observations not yet published: count per bucket (+Inf last) and sum, per label set."""
+
+    __slots__ = ("bounds", "counts", "sums")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], float] = defaultdict(float)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        counts = self.counts.get(labels)
+        if counts is None:
+            counts = self.counts[labels] = [0] * (len(self.bounds) + 1)
+        counts[bisect_left(self.bounds, value)] += 1
+        self.sums[labels] += value
+
+    def publish(self, histogram: Any) -> None:
+        counts, sums = self.counts, self.sums
+        self.counts, self.sums = {}, defaultdict(float)
+        for labels, buckets in counts.items():
+            child = histogram.labels(*labels) if labels else histogram
+            # prometheus-client keeps per-bucket (non-cumulative) values in ``_buckets`` and the
+            # total in ``_sum``; adding the differences equals observing each value (pinned 0.26)
+            for index, count in enumerate(buckets):
+                if count:
+                    child._buckets[index].inc(count)
+            child._sum.inc(sums[labels])
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.directory = multiprocess_directory()
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by provider, status class and team",
+            ["provider", "status_class", "team"],
+            registry=None,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request, as the client saw it",
+            ["provider"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.ttfb = Histogram(
+            "gateway_time_to_first_byte_seconds",
+            "Until the response headers were sent",
+            ["provider"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time in the gateway itself, not waiting on the upstream",
+            ["provider"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=None,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream failures by kind", ["provider", "kind"], registry=None
+        )
+        self.streams = Gauge(
+            "gateway_streams_in_flight", "Event streams being relayed", multiprocess_mode="livesum", registry=None
+        )
+        self.auth_cache = Counter("gateway_auth_cache", "Key lookups by cache result", ["result"], registry=None)
+        self._counts: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._errors: dict[tuple[str, str], int] = defaultdict(int)
+        self._durations = _Tally(BUCKETS)
+        self._ttfbs = _Tally(BUCKETS)
+        self._overheads = _Tally(OVERHEAD_BUCKETS)
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._published_hits = self._published_misses = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # -- request path: plain arithmetic ----------------------------------------------------------
+
+    def request(
+        self, provider: str, status: int, team: str, duration: float, ttfb: float | None, overhead: float | None
+    ) -> None:
+        self._counts[(provider, f"{status // 100}xx", team)] += 1
+        labels = (provider,)
+        self._durations.observe(labels, duration)
+        if ttfb is not None:
+            self._ttfbs.observe(labels, ttfb)
+        if overhead is not None:
+            self._overheads.observe(labels, overhead)
+
+    def upstream_error(self, provider: str, kind: str) -> None:
+        self._errors[(provider, kind)] += 1
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        counts, self._counts = self._counts, defaultdict(int)
+        for labels, count in counts.items():
+            self.requests.labels(*labels).inc(count)
+        errors, self._errors = self._errors, defaultdict(int)
+        for error_labels, count in errors.items():
+            self.upstream_errors.labels(*error_labels).inc(count)
+        self._durations.publish(self.duration)
+        self._ttfbs.publish(self.ttfb)
+        self._overheads.publish(self.overhead)
+        if self.cache_hits != self._published_hits:
+            self.auth_cache.labels("hit").inc(self.cache_hits - self._published_hits)
+            self._published_hits = self.cache_hits
+        if self.cache_misses != self._published_misses:
+            self.auth_cache.labels("miss").inc(self.cache_misses - self._published_misses)
+            self._published_misses = self.cache_misses
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._publish_forever(), name="metrics-publish")
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.publish()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.publish()
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The whole gateway's metrics (every worker's), in Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+        self.publish()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
