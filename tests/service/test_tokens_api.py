@@ -177,3 +177,39 @@ def test_keys_survive_a_restart(make_gateway) -> None:  # type: ignore[no-untype
     first.stop()
     second = make_gateway()
     assert httpx.get(f"{second.url}/tokens/{key}").json()["teamId"] == "team_persist"
+
+
+def test_listing_pages_and_never_shows_keys(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway()
+    keys = [gw.create_key(f"team_{n}", f"Team {n}") for n in range(5)]
+    assert httpx.get(f"{gw.url}/tokens").status_code == 401
+    first = httpx.get(f"{gw.url}/tokens?limit=2", headers=ADMIN)
+    assert first.status_code == 200
+    page = first.json()
+    assert [t["teamId"] for t in page["tokens"]] == ["team_0", "team_1"] and page["nextCursor"]
+    assert page["tokens"][0]["keyPrefix"] == keys[0][:8] + "…"
+    assert set(page["tokens"][0]) == {"keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"}
+    rest = httpx.get(f"{gw.url}/tokens", params={"limit": 10, "cursor": page["nextCursor"]}, headers=ADMIN).json()
+    assert [t["teamId"] for t in rest["tokens"]] == ["team_2", "team_3", "team_4"] and rest["nextCursor"] is None
+    everything = first.text + httpx.get(f"{gw.url}/tokens?limit=10", headers=ADMIN).text
+    assert all(key not in everything and key[8:] not in everything for key in keys)
+    for bad in ("limit=0", "limit=501", "limit=x", "cursor=%%%"):
+        response = httpx.get(f"{gw.url}/tokens?{bad}", headers=ADMIN)
+        assert response.status_code == 400 and "error" in response.json()
+
+
+def test_last_used_at_is_recorded_off_the_request_path(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    gw = make_gateway()
+    key = gw.create_key("team_used")
+    before = httpx.get(f"{gw.url}/tokens", headers=ADMIN).json()["tokens"][0]
+    assert before["lastUsedAt"] is None
+    assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        after = httpx.get(f"{gw.url}/tokens", headers=ADMIN).json()["tokens"][0]
+        if after["lastUsedAt"]:
+            break
+        time.sleep(0.1)
+    assert TIME_RE.fullmatch(after["lastUsedAt"]) and after["lastUsedAt"] >= after["createdAt"]
