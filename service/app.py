@@ -18,6 +18,7 @@ import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -131,6 +132,13 @@ async def serve_metrics(metrics: Metrics, port: int) -> web.AppRunner | None:
     return runner
 
 
+OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+async def openapi(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -214,7 +222,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             raise SystemExit(STARTUP_FAILURE) from None
     write_access = configure_logging(settings.log_level)
     metrics = Metrics()
-    routes = [*tokens.routes, Route("/healthz", healthz), Route("/readyz", readyz)]
+    routes = [*tokens.routes, Route("/healthz", healthz), Route("/readyz", readyz), Route("/openapi.json", openapi)]
     if settings.metrics_port is None:
         routes.append(Route("/metrics", metrics_endpoint))
     starlette = Starlette(
@@ -228,6 +236,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         },
     )
     starlette.state.settings = settings
+    starlette.state.openapi = OPENAPI.read_bytes()
     try:
         mounts, registry = mount_providers(settings)
     except SettingsError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import tempfile
 from bisect import bisect_left
@@ -30,10 +31,13 @@ FLUSH_SECONDS = 1.0
 def multiprocess_directory() -> Path:
     """The directory every worker of this gateway shares (set before prometheus-client is imported).
 
-    ``PROMETHEUS_MULTIPROC_DIR`` when set; otherwise one per uvicorn supervisor (the workers' parent).
+    ``PROMETHEUS_MULTIPROC_DIR`` when set; otherwise one per uvicorn supervisor (the parent that
+    spawned the workers), or per process when it serves alone.
     """
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"gateway-metrics-{os.getppid()}"
+    supervisor = multiprocessing.parent_process()
+    owner = supervisor.pid if supervisor is not None else os.getpid()
+    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"gateway-metrics-{owner}"
     path.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path

@@ -84,7 +84,11 @@ class GatewayProcess:
 
 
 def gateway_env(upstream_url: str | None, tmp: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AI_GATEWAY", "OPENAI", "ANTHROPIC"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AI_GATEWAY", "OPENAI", "ANTHROPIC", "PROMETHEUS_MULTIPROC_DIR"))
+    }
     env.update(
         ADMIN_API_KEY=ADMIN_KEY,
         AI_GATEWAY_TOKEN=GATEWAY_TOKEN,
