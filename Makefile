@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8787
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test lint typecheck pytest bench demo clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ run: install
 	mkdir -p data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/uvicorn --factory service.app:create_app --host 127.0.0.1 --port $(PORT) \
 		--loop uvloop --http httptools --no-access-log --no-server-header
+
+# Offline: a mock Cloudflare AI Gateway, the gateway, a key, the real SDKs and curl through it.
+demo: install
+	$(BIN)/python -m service.demo
 
 lint: install
 	$(BIN)/ruff check .
