@@ -47,7 +47,7 @@ class Settings:
     cache_scope: str = "team"
     metrics_port: int | None = None
     """``METRICS_PORT``: serve /metrics on this port only, not on the public one."""
-    shutdown_grace_seconds: float = 30.0
+    shutdown_grace_seconds: int = 30
     cf_account_id: str | None = None
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
@@ -94,7 +94,9 @@ class Settings:
             cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
             cf_account_id=get("CF_ACCOUNT_ID"),
             metrics_port=_port("METRICS_PORT", get("METRICS_PORT")),
-            shutdown_grace_seconds=_positive_float("SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS"), 30.0),
+            shutdown_grace_seconds=_positive_int(
+                "SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS"), 30, "seconds"
+            ),
             provider_env=_provider_env(values),
         )
 

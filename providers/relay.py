@@ -76,6 +76,7 @@ _DROP_DOWN = frozenset(
 # A request still running after this long gets a task that watches for the client leaving; a
 # short one never pays for it. Either way a disconnect cancels the upstream call within this bound.
 WATCH_AFTER_SECONDS = 0.02
+SKIP_CACHE = ("cf-aig-skip-cache", "true")
 MAX_CACHED_URLS = 1024
 MAX_CACHED_PATH = 512
 
@@ -150,7 +151,7 @@ class Relay:
         direct = not self.via_gateway
         headers: list[tuple[str, str]] = []
         declared_length = client_cache_key = None
-        wants_cache = False
+        wants_cache = skips_cache = False
         connection = None
         for name, value in scope["headers"]:
             if name in drop:
@@ -164,8 +165,10 @@ class Relay:
                 continue
             if name == b"content-length":
                 declared_length = value
-            elif name == b"cf-aig-cache-ttl":
+            elif name == b"cf-aig-cache-ttl" or name == b"cf-cache-ttl":
                 wants_cache = True
+            elif name == b"cf-aig-skip-cache":
+                skips_cache = True
             headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
         if connection is not None:
             headers = _without_connection_options(headers, connection)
@@ -189,8 +192,11 @@ class Relay:
             if info.bytes_in > self.max_body:
                 await send_error(send, self._too_large(), info.error_shape, info.request_id)
                 return
-            if wants_cache and self.scope_cache:
-                headers.append(("cf-aig-cache-key", team_cache_key(info, scope, client_cache_key, body)))
+            if self.scope_cache:
+                if wants_cache:
+                    headers.append(("cf-aig-cache-key", team_cache_key(info, scope, client_cache_key, body)))
+                elif not skips_cache:  # a gateway-wide cache would key on the shared provider key
+                    headers.append(SKIP_CACHE)
             data: bytes | AsyncIterator[bytes] | None
             if more:
                 data = self._stream_body(body, receive, exchange, info)

@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 import structlog
-from aiohttp import web
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -88,6 +87,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
         await teams.start()
         session = http_session(settings)
+        metrics.degraded_probe = lambda: teams.degraded
         await metrics.start()
         metrics_server = await serve_metrics(metrics, settings.metrics_port) if settings.metrics_port else None
         tune_gc()
@@ -110,9 +110,10 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-async def serve_metrics(metrics: Metrics, port: int) -> web.AppRunner | None:
+async def serve_metrics(metrics: Metrics, port: int) -> Any:
     """/metrics on a port of its own. With several workers the first to bind it serves it (each
     reports every worker's figures); the others find the port taken and leave it to that one."""
+    from aiohttp import web  # only with METRICS_PORT: aiohttp's server costs ~2 MiB of RSS
 
     async def handle(request: web.Request) -> web.Response:
         body, content_type = metrics.exposition()

@@ -133,6 +133,8 @@ async def reach_gateway(settings: Settings) -> tuple[bool, str]:
     if response.status == 401 and ("2009" in body or "Unauthorized" in body):
         which = "refused AI_GATEWAY_TOKEN" if settings.ai_gateway_token else "needs AI_GATEWAY_TOKEN"
         return False, f"reachable, but the gateway {which} (401)"
+    if response.status == 404 or response.status >= 500:
+        return False, f"reachable, but it answered {response.status}: is AI_GATEWAY_URL the gateway's endpoint?"
     return True, f"reachable, token accepted (the provider answered {response.status})"
 
 
@@ -181,12 +183,17 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     from providers.mount import mount_providers
 
     mount_providers(settings)  # fail here, once, rather than in every worker
+    try:
+        port = args.port or int(os.environ.get("PORT", "8787"))
+        workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "1"))
+    except ValueError:
+        raise CommandFailed("PORT and WEB_CONCURRENCY must be whole numbers", CONFIGURATION) from None
     uvicorn.run(
         "service.app:create_app",
         factory=True,
         host=args.host,
-        port=args.port,
-        workers=args.workers,
+        port=port,
+        workers=workers,
         loop="uvloop",
         http="httptools",
         access_log=False,
@@ -194,7 +201,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         proxy_headers=False,
         backlog=2048,
         timeout_keep_alive=75,
-        timeout_graceful_shutdown=int(os.environ.get("SHUTDOWN_GRACE_SECONDS", "30")),
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     return OK
 
@@ -213,8 +220,8 @@ def parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway (as the Procfile does)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8787")))
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "1")))
+    serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8787")
+    serve.add_argument("--workers", type=int, default=None, help="default: $WEB_CONCURRENCY or 1")
     serve.set_defaults(run=serve_command)
 
     tokens = commands.add_parser("tokens", help="create, list, show, rotate and revoke team keys")
@@ -264,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # e.g. a port already taken
+        print(f"gateway: {exc.strerror or exc}", file=sys.stderr)
+        return UNAVAILABLE
     return code
 
 

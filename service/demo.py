@@ -75,7 +75,7 @@ def main() -> int:
         "LOG_LEVEL": "warning",
     }
     procfile = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    gateway = subprocess.Popen(["sh", "-c", procfile.removeprefix("web:").strip()], env=env, cwd=ROOT)
+    gateway = subprocess.Popen(["sh", "-c", procfile.removeprefix("web:").strip()], env=env, cwd=work)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -94,6 +94,7 @@ def main() -> int:
         created = subprocess.run(
             [str(BIN / "gateway"), "tokens", "create", "--team", "team_demo", "--name", "Demo Team", "--json"],
             env=env,
+            cwd=work,
             capture_output=True,
             text=True,
             check=True,
@@ -128,8 +129,21 @@ def main() -> int:
                 return "streamed: " + repr("".join(stream.text_stream))
 
         def curl() -> str:
+            body = '{"prompt": "Hi"}'
+            curl_path = shutil.which("curl")
+            if curl_path is None:  # the same request without curl
+                print(
+                    f"   (no curl here: curl {base}/workers-ai/@cf/meta/llama-3.1-8b-instruct"
+                    f" -H 'Authorization: Bearer sk_…' -d '{body}', sent with httpx)"
+                )
+                answer = httpx.post(
+                    f"{base}/workers-ai/@cf/meta/llama-3.1-8b-instruct",
+                    headers={"Authorization": f"Bearer {key}"},
+                    content=body,
+                )
+                return "response: " + answer.text
             command = [
-                shutil.which("curl") or "curl",
+                curl_path,
                 "-s",
                 f"{base}/workers-ai/@cf/meta/llama-3.1-8b-instruct",
                 "-H",

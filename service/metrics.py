@@ -8,7 +8,7 @@ runs in multiprocess mode (each worker writes its own memory-mapped files in
 Metrics: ``gateway_requests_total{provider,status_class,team}``, ``gateway_request_duration_seconds``,
 ``gateway_time_to_first_byte_seconds``, ``gateway_overhead_seconds`` (time in the gateway itself,
 not waiting on the upstream), ``gateway_upstream_errors_total{provider,kind}``,
-``gateway_streams_in_flight``, ``gateway_auth_cache_total{result}``.
+``gateway_streams_in_flight``, ``gateway_auth_cache_total{result}``, ``gateway_store_degraded``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import tempfile
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ def multiprocess_directory() -> Path:
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     supervisor = multiprocessing.parent_process()
     owner = supervisor.pid if supervisor is not None else os.getpid()
-    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"gateway-metrics-{owner}"
+    # the owner's start time as well as its pid: a reused pid must not inherit old files
+    started = (
+        Path(f"/proc/{owner}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        if os.path.exists(f"/proc/{owner}/stat")
+        else "0"
+    )
+    name = f"gateway-metrics-{owner}-{started}"
+    path = Path(configured) if configured else Path(tempfile.gettempdir()) / name
     path.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path
@@ -111,6 +119,10 @@ class Metrics:
         self.streams = Gauge(
             "gateway_streams_in_flight", "Event streams being relayed", multiprocess_mode="livesum", registry=None
         )
+        self.store_degraded = Gauge(
+            "gateway_store_degraded", "1 while the key store is unreachable", multiprocess_mode="max", registry=None
+        )
+        self.degraded_probe: Callable[[], bool] = lambda: False
         self.auth_cache = Counter("gateway_auth_cache", "Key lookups by cache result", ["result"], registry=None)
         self._counts: dict[tuple[str, str, str], int] = defaultdict(int)
         self._errors: dict[tuple[str, str], int] = defaultdict(int)
@@ -141,6 +153,7 @@ class Metrics:
     # -- publishing -----------------------------------------------------------------------------
 
     def publish(self) -> None:
+        self.store_degraded.set(1 if self.degraded_probe() else 0)
         counts, self._counts = self._counts, defaultdict(int)
         for labels, count in counts.items():
             self.requests.labels(*labels).inc(count)

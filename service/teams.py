@@ -50,6 +50,8 @@ class TeamDirectory:
         self._task: asyncio.Task[None] | None = None
         self._used: dict[str, float] = {}
         self._pending_use: dict[str, str] = {}
+        self._generation = 0
+        """Bumped by every invalidation: a lookup that raced one must not cache its answer."""
 
     @property
     def degraded(self) -> bool:
@@ -65,6 +67,7 @@ class TeamDirectory:
         if digest is None:
             self.clear()
         else:
+            self._generation += 1
             self._cache.pop(digest, None)
 
     async def stop(self) -> None:
@@ -83,7 +86,9 @@ class TeamDirectory:
             await asyncio.sleep(self.refresh_seconds)
             try:
                 marker = await self.store.change_marker()
-            except StoreUnavailableError as exc:
+            except Exception as exc:  # any failure: the cache must keep being refreshed afterwards
+                if not isinstance(exc, StoreUnavailableError):
+                    log.error("store_refresh_failed", error=f"{type(exc).__name__}: {exc}")
                 if self.outage_since is None:
                     self.outage_since = loop.time()
                     grace_over = False
@@ -123,6 +128,7 @@ class TeamDirectory:
             self._pending_use = pending | self._pending_use  # try again with the next refresh
 
     def clear(self) -> None:
+        self._generation += 1
         self._cache.clear()
         self._misses = 0
 
@@ -131,12 +137,14 @@ class TeamDirectory:
         return self._cache.get(digest)
 
     async def load(self, digest: str) -> Team:
-        """Ask the store (once per digest for all waiters) and cache the answer."""
+        """Ask the store (once per digest for all waiters) and cache the answer, unless the cache
+        was invalidated while the store was being asked (the answer may predate that change)."""
         pending = self._loading.get(digest)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[Team] = asyncio.get_running_loop().create_future()
         self._loading[digest] = future
+        generation = self._generation
         try:
             team = await self.store.get(digest) or UNKNOWN
         except BaseException as exc:
@@ -145,11 +153,12 @@ class TeamDirectory:
             raise
         finally:
             del self._loading[digest]
-        if team is UNKNOWN:
-            if self._misses >= MAX_CACHED_MISSES:
-                self.clear()
-            self._misses += 1
-        self._cache[digest] = team
+        if generation == self._generation:
+            if team is UNKNOWN:
+                if self._misses >= MAX_CACHED_MISSES:
+                    self.clear()
+                self._misses += 1
+            self._cache[digest] = team
         future.set_result(team)
         return team
 
@@ -168,6 +177,7 @@ class TeamDirectory:
         key = keys.new_key()
         digest = keys.digest(key)
         await self.store.create(digest, team, key[:8])
+        self._generation += 1
         self._cache.pop(digest, None)  # a cached miss for this key would otherwise refuse it
         return key, team
 
@@ -177,6 +187,7 @@ class TeamDirectory:
         new_key = keys.new_key()
         old, new = keys.digest(key), keys.digest(new_key)
         team = await self.store.replace(old, new, new_key[:8])
+        self._generation += 1
         self._cache.pop(old, None)
         self._cache.pop(new, None)
         return None if team is None else (new_key, team)
@@ -186,5 +197,6 @@ class TeamDirectory:
             return False
         digest = keys.digest(key)
         deleted = await self.store.delete(digest)
+        self._generation += 1
         self._cache.pop(digest, None)
         return deleted

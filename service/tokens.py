@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PayloadTooLarge
-from service.store import Team, TokenRecord
+from service.store import StoreUnavailableError, Team, TokenRecord
 from service.teams import TeamDirectory
 
 MAX_BODY_BYTES = 64 * 1024
@@ -99,7 +99,10 @@ async def create_token(request: Request) -> Response:
 
 
 async def show_token(request: Request) -> Response:
-    team = await _teams(request).resolve(request.path_params["api_key"])
+    teams = _teams(request)
+    if teams.degraded:  # the cache may answer auth for a grace period, but the API speaks for the store
+        raise StoreUnavailableError("store unavailable")
+    team = await teams.resolve(request.path_params["api_key"])
     if team is None:
         raise NotFound(NOT_FOUND_MESSAGE)
     return JSONResponse(_team_json(team))

@@ -83,12 +83,33 @@ class GatewayProcess:
                 self.process.wait()
 
 
+SETTINGS = (
+    "ADMIN_API_KEY",
+    "DATABASE_URL",
+    "DATABASE_POOL_SIZE",
+    "STORE_OUTAGE_GRACE_SECONDS",
+    "LOG_LEVEL",
+    "UPSTREAM_TIMEOUT_SECONDS",
+    "MAX_REQUEST_BYTES",
+    "PROVIDERS",
+    "PROVIDERS_FILE",
+    "CACHE_SCOPE",
+    "METRICS_PORT",
+    "SHUTDOWN_GRACE_SECONDS",
+    "CF_ACCOUNT_ID",
+    "WEB_CONCURRENCY",
+    "PORT",
+    "PROMETHEUS_MULTIPROC_DIR",
+)
+
+
+def is_gateway_setting(name: str) -> bool:
+    """Settings a developer's shell may carry that must not leak into the gateways under test."""
+    return name in SETTINGS or name.startswith("AI_GATEWAY") or name.endswith(("_API_KEY", "_BASE_URL"))
+
+
 def gateway_env(upstream_url: str | None, tmp: Path, **overrides: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AI_GATEWAY", "OPENAI", "ANTHROPIC", "PROMETHEUS_MULTIPROC_DIR"))
-    }
+    env = {k: v for k, v in os.environ.items() if not is_gateway_setting(k)}
     env.update(
         ADMIN_API_KEY=ADMIN_KEY,
         AI_GATEWAY_TOKEN=GATEWAY_TOKEN,

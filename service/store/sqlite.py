@@ -1,15 +1,17 @@
 """The embedded store: one SQLite file through aiosqlite, in WAL mode.
 
-Several workers may share the file: each opens its own connection, and ``PRAGMA data_version``
-(which changes when another connection commits) is the change marker their caches poll, a cheap
-change counter kept by SQLite itself.
+Several workers may share the file: each opens its own connection, and every key write bumps
+``gateway_state.version`` in its transaction: the cheap change counter their caches poll (writes of
+``last_used_at`` leave it alone, so they do not empty every cache).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -21,6 +23,7 @@ class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._writing = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -75,14 +78,33 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
 
-    async def create(self, digest: str, team: Team, key_prefix: str) -> None:
+    async def _write(self, query: str, params: tuple[object, ...]) -> Any:
+        """Run a key write; when it changed a row, bump the change counter in the same transaction."""
+        db = self.db
+        async with self._writing:  # one transaction at a time on this connection
+            return await self._write_locked(db, query, params)
+
+    async def _write_locked(self, db: aiosqlite.Connection, query: str, params: tuple[object, ...]) -> Any:
         try:
-            await self.db.execute(
-                "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES (?, ?, ?, ?, ?)",
-                (digest, team.team_id, team.name, team.created_at, key_prefix),
-            )
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute(query, params) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    await db.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
+        return row
+
+    async def create(self, digest: str, team: Team, key_prefix: str) -> None:
+        await self._write(
+            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES (?, ?, ?, ?, ?) RETURNING 1",
+            (digest, team.team_id, team.name, team.created_at, key_prefix),
+        )
 
     async def get(self, digest: str) -> Team | None:
         try:
@@ -95,23 +117,14 @@ class SQLiteStore:
         return Team(row[0], row[1], row[2]) if row else None
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
-        try:
-            async with self.db.execute(
-                "UPDATE tokens SET digest = ?, key_prefix = ? WHERE digest = ? RETURNING team_id, name, created_at",
-                (new_digest, new_prefix, old_digest),
-            ) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        row = await self._write(
+            "UPDATE tokens SET digest = ?, key_prefix = ? WHERE digest = ? RETURNING team_id, name, created_at",
+            (new_digest, new_prefix, old_digest),
+        )
         return Team(row[0], row[1], row[2]) if row else None
 
     async def delete(self, digest: str) -> bool:
-        try:
-            async with self.db.execute("DELETE FROM tokens WHERE digest = ? RETURNING 1", (digest,)) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
-        return row is not None
+        return await self._write("DELETE FROM tokens WHERE digest = ? RETURNING 1", (digest,)) is not None
 
     async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
         query = "SELECT key_prefix, team_id, name, created_at, last_used_at, digest FROM tokens"
@@ -139,7 +152,7 @@ class SQLiteStore:
 
     async def change_marker(self) -> int:
         try:
-            async with self.db.execute("PRAGMA data_version") as cur:
+            async with self.db.execute("SELECT version FROM gateway_state WHERE id = 1") as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc

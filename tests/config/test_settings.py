@@ -109,7 +109,7 @@ def test_malformed_setting_stops_the_procfile_command_with_one_line(tmp_path: Pa
         "UPSTREAM_TIMEOUT_SECONDS": "soon",
         "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
     }
-    result = subprocess.run(["sh", "-c", procfile_command()], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    result = subprocess.run(["sh", "-c", procfile_command()], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode != 0
     errors = [line for line in result.stderr.decode().splitlines() if "UPSTREAM_TIMEOUT_SECONDS" in line]
     assert errors and "Traceback" not in result.stderr.decode()

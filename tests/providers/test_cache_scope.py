@@ -21,7 +21,10 @@ def call(gateway: GatewayProcess, key: str, upstream: MockUpstream, **headers: s
 def test_team_scope_keys_the_cache_by_team(gateway: GatewayProcess, upstream: MockUpstream) -> None:
     first, second = gateway.create_key("team_a"), gateway.create_key("team_b")
     other_key_same_team = gateway.create_key("team_a")
-    assert call(gateway, first, upstream) is None  # no caching asked for, nothing added
+    assert call(gateway, first, upstream) is None  # no caching asked for: no key, and no shared cache either
+    assert upstream.last().header("cf-aig-skip-cache") == "true"
+    legacy = call(gateway, first, upstream, **{"cf-cache-ttl": "300"})  # the older header opts in too
+    assert legacy and upstream.last().header("cf-aig-skip-cache") is None
 
     a = call(gateway, first, upstream, **{"cf-aig-cache-ttl": "300"})
     b = call(gateway, second, upstream, **{"cf-aig-cache-ttl": "300"})
@@ -55,4 +58,5 @@ def test_shared_scope_passes_the_client_headers(make_gateway, upstream: MockUpst
     gw = make_gateway(CACHE_SCOPE="shared")
     key = gw.create_key()
     assert call(gw, key, upstream, **{"cf-aig-cache-ttl": "300"}) is None
+    assert call(gw, key, upstream) is None and upstream.last().header("cf-aig-skip-cache") is None
     assert call(gw, key, upstream, **{"cf-aig-cache-ttl": "300", "cf-aig-cache-key": "mine"}) == "mine"

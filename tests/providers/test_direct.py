@@ -23,7 +23,7 @@ def direct_gateway(make_gateway, direct_upstream: MockUpstream):  # type: ignore
         GROQ_API_KEY="gsk-direct",
         GROQ_BASE_URL=f"{base}/groq-api/openai/v1",
         WORKERS_AI_API_KEY="cf-api-token",
-        WORKERS_AI_BASE_URL=f"{base}/client/v4/accounts/acc/ai",
+        WORKERS_AI_BASE_URL=f"{base}/client/v4/accounts/acc/ai/run",
         AZURE_OPENAI_API_KEY="az-direct",
         AZURE_OPENAI_BASE_URL=f"{base}/azure-api",
         COMPAT_API_KEY="unused",
@@ -102,3 +102,43 @@ def test_workers_ai_direct_needs_an_account(make_gateway) -> None:  # type: igno
     assert response.status_code == 503 and "CF_ACCOUNT_ID" in response.json()["errors"][0]["message"]
     upstreams = next(line for line in gw.log_lines() if line.get("event") == "gateway_starting")["upstreams"]
     assert upstreams["workers-ai"] == "unavailable" and upstreams["openai"] == "unavailable"
+
+
+def test_public_defaults_in_direct_mode() -> None:
+    from config import Settings
+    from providers.registry import load_registry
+    from providers.upstream import Upstream, resolve
+
+    env = {f"{slug.upper().replace('-', '_')}_API_KEY": "k" for slug in load_registry()}
+    settings = Settings.from_env({**env, "CF_ACCOUNT_ID": "acc"}, env_file=None)
+    registry = load_registry()
+    expected = {
+        ("openai", "v1/chat/completions"): "https://api.openai.com/v1/chat/completions",
+        ("anthropic", "v1/messages"): "https://api.anthropic.com/v1/messages",
+        ("groq", "openai/v1/chat/completions"): "https://api.groq.com/openai/v1/chat/completions",
+        ("mistral", "v1/chat/completions"): "https://api.mistral.ai/v1/chat/completions",
+        (
+            "google-ai-studio",
+            "v1beta/models/g:generateContent",
+        ): "https://generativelanguage.googleapis.com/v1beta/models/g:generateContent",
+        ("deepseek", "v1/chat/completions"): "https://api.deepseek.com/chat/completions",
+        ("openrouter", "v1/chat/completions"): "https://openrouter.ai/api/v1/chat/completions",
+        ("openrouter", "chat/completions"): "https://openrouter.ai/api/v1/chat/completions",
+        ("perplexity-ai", "chat/completions"): "https://api.perplexity.ai/chat/completions",
+        ("grok", "v1/chat/completions"): "https://api.x.ai/v1/chat/completions",
+        ("cohere", "v2/chat"): "https://api.cohere.com/v2/chat",
+        (
+            "azure-openai",
+            "res/dep/chat/completions",
+        ): "https://res.openai.azure.com/openai/deployments/dep/chat/completions",
+        ("workers-ai", "@cf/meta/llama"): "https://api.cloudflare.com/client/v4/accounts/acc/ai/run/@cf/meta/llama",
+        (
+            "workers-ai",
+            "v1/chat/completions",
+        ): "https://api.cloudflare.com/client/v4/accounts/acc/ai/v1/chat/completions",
+    }
+    for (slug, rest), url in expected.items():
+        upstream = resolve(registry[slug], settings)
+        assert isinstance(upstream, Upstream) and not upstream.via_gateway, slug
+        assert upstream.url(rest) == url, slug
+    assert isinstance(resolve(registry["compat"], settings), str)  # Cloudflare only

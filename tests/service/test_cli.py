@@ -17,7 +17,7 @@ from tests.conftest import BIN, GATEWAY_TOKEN, free_port, gateway_env, start_gat
 
 
 def gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "gateway"), *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(BIN / "gateway"), *args], env=env, capture_output=True, text=True, timeout=60, cwd="/")
 
 
 def test_key_lifecycle_on_the_database_directly(tmp_path: Path, upstream: MockUpstream) -> None:

@@ -50,10 +50,13 @@ def test_outage_grace_503s_and_recovery(
     assert "unavailable" in unseen_response.json()["error"]["message"]
     token_api = httpx.post(f"{gw.url}/tokens", json={"teamId": "t"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert token_api.status_code == 503 and "error" in token_api.json()
-    assert httpx.get(f"{gw.url}/tokens/{verified}").status_code == 200  # served from the cache
+    # the token API speaks for the store, not the cache
+    wait_for(lambda: httpx.get(f"{gw.url}/tokens/{verified}").status_code == 503, 2)
     assert httpx.post(f"{gw.url}/tokens/{verified}/refresh").status_code == 503
     ready = httpx.get(f"{gw.url}/readyz").json()
     assert ready["status"] == "unavailable" and ready["grace_seconds"] == 3
+    time.sleep(1.1)
+    assert "gateway_store_degraded 1.0" in httpx.get(f"{gw.url}/metrics").text
 
     wait_for(lambda: status(gw, verified) == 503, 6)  # the grace period is over
     assert time.monotonic() - outage_started >= 2.5
@@ -64,4 +67,5 @@ def test_outage_grace_503s_and_recovery(
     assert status(gw, verified) == 200 and status(gw, unseen) == 200
     assert gw.create_key("team_after")
     wait_for(lambda: any(line["event"] == "store_recovered" for line in gw.log_lines()), 2)
+    wait_for(lambda: "gateway_store_degraded 0.0" in httpx.get(f"{gw.url}/metrics").text, 3)
     assert "Traceback" not in gw.log_text()

@@ -12,7 +12,7 @@ import httpx
 
 from service.mock_upstream import MockUpstream
 from tests.config.test_settings import procfile_command
-from tests.conftest import ADMIN_KEY, BIN, GATEWAY_TOKEN, ROOT, free_port
+from tests.conftest import ADMIN_KEY, BIN, GATEWAY_TOKEN, free_port
 
 
 def test_procfile_serves_with_two_workers_and_revocation_reaches_every_worker(
@@ -32,7 +32,7 @@ def test_procfile_serves_with_two_workers_and_revocation_reaches_every_worker(
     log = (tmp_path / "out.log").open("wb")
     process = subprocess.Popen(
         ["sh", "-c", procfile_command()],
-        cwd=ROOT,
+        cwd=tmp_path,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ import pytest
 
 from service.mock_upstream import MockUpstream
 from tests.config.test_settings import procfile_command
-from tests.conftest import ADMIN_KEY, BIN, ROOT, GatewayProcess, free_port, gateway_env, wait_healthy
+from tests.conftest import ADMIN_KEY, BIN, GatewayProcess, free_port, gateway_env, wait_healthy
 
 
 def start(tmp_path: Path, upstream: MockUpstream, grace: str) -> GatewayProcess:
@@ -27,7 +27,7 @@ def start(tmp_path: Path, upstream: MockUpstream, grace: str) -> GatewayProcess:
     log_path = tmp_path / "gateway.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            ["sh", "-c", procfile_command()], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            ["sh", "-c", procfile_command()], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     gateway = GatewayProcess(f"http://127.0.0.1:{port}", process, log_path, env, ADMIN_KEY)
     wait_healthy(gateway)

@@ -101,6 +101,7 @@ async def test_directory_caches_hits_and_misses_and_sees_other_writers(location:
     other = TeamDirectory(theirs, refresh_seconds=0.05)
     await directory.start()
     key, team = await other.issue("team_1", "Acme")
+    await asyncio.sleep(0.1)  # the creation's own notification or counter change has been seen
     assert await directory.resolve(key) == team
     assert directory.peek(keys.digest(key)) == team  # now served from memory
 
@@ -186,4 +187,39 @@ async def test_listing_pages_in_creation_order_and_last_use(location: str) -> No
     assert [record.team_id for record, _ in rest] == ["team_2", "team_3", "team_4"]
     await store.touch({"3" * 64: "2026-01-01T00:00:00.000Z"})
     assert [r.last_used_at for r, _ in await store.list(10) if r.team_id == "team_3"] == ["2026-01-01T00:00:00.000Z"]
+    await store.close()
+
+
+async def test_concurrent_writes_on_one_connection(location: str) -> None:
+    store = await open_store(location)
+    directory = TeamDirectory(store)
+    issued = await asyncio.gather(*(directory.issue(f"team_{n}", "n") for n in range(20)))
+    assert len({key for key, _ in issued}) == 20
+    assert all(await asyncio.gather(*(directory.revoke(key) for key, _ in issued)))
+    await store.close()
+
+
+async def test_a_lookup_racing_a_revocation_does_not_cache_the_old_answer(location: str) -> None:
+    store = await open_store(location)
+    directory = TeamDirectory(store, refresh_seconds=60)
+    key, team = await directory.issue("team_race", "Race")
+    original = store.get
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_get(digest: str) -> Team | None:
+        answer = await original(digest)  # read before the revocation commits…
+        entered.set()
+        await release.wait()  # …and return after it
+        return answer
+
+    store.get = slow_get  # type: ignore[method-assign]
+    lookup = asyncio.create_task(directory.resolve(key))
+    await entered.wait()
+    directory.changed(keys.digest(key))  # the notification of another process's revocation
+    release.set()
+    assert await lookup == team  # that request was in flight before the revocation
+    store.get = original  # type: ignore[method-assign]
+    await store.delete(keys.digest(key))
+    assert directory.peek(keys.digest(key)) is None  # the stale answer was not cached
+    assert await directory.resolve(key) is None
     await store.close()
