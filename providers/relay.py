@@ -296,10 +296,16 @@ class Relay:
         headers_at = time.perf_counter()
         info.upstream_wait = wait = headers_at - sent_at
         gateway = headers_at - info.started - wait
-        timing = f"gateway;dur={gateway * 1000:.3f}, upstream;dur={wait * 1000:.3f}".encode()
-        down = [(k, v) for k, v in response.raw_headers if k.lower() not in _DROP_DOWN]
-        down.append((b"server-timing", timing))
-        stream = response.content_type == "text/event-stream"
+        down = []
+        stream = False
+        for name, value in response.raw_headers:
+            lowered = name.lower()
+            if lowered in _DROP_DOWN:
+                continue
+            if lowered == b"content-type":
+                stream = value.startswith(b"text/event-stream")
+            down.append((name, value))
+        down.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gateway * 1000, wait * 1000)))
         if stream:
             metrics.streams.inc()
         clean = False

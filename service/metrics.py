@@ -27,6 +27,7 @@ from typing import Any
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 FLUSH_SECONDS = 1.0
+STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def multiprocess_directory() -> Path:
@@ -51,34 +52,29 @@ def multiprocess_directory() -> Path:
     return path
 
 
-class _Tally:
-    """Observations not yet published: count per bucket (+Inf last) and sum, per label set."""
+class _Row:
+    """One provider's observations not yet published: count per bucket (+Inf last) and sum, for
+    each of the three histograms."""
 
-    __slots__ = ("bounds", "counts", "sums")
+    __slots__ = ("duration", "duration_sum", "overhead", "overhead_sum", "ttfb", "ttfb_sum")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts: dict[tuple[str, ...], list[int]] = {}
-        self.sums: dict[tuple[str, ...], float] = defaultdict(float)
+    def __init__(self) -> None:
+        self.duration = [0] * (len(BUCKETS) + 1)
+        self.ttfb = [0] * (len(BUCKETS) + 1)
+        self.overhead = [0] * (len(OVERHEAD_BUCKETS) + 1)
+        self.duration_sum = self.ttfb_sum = self.overhead_sum = 0.0
 
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        counts = self.counts.get(labels)
-        if counts is None:
-            counts = self.counts[labels] = [0] * (len(self.bounds) + 1)
-        counts[bisect_left(self.bounds, value)] += 1
-        self.sums[labels] += value
 
-    def publish(self, histogram: Any) -> None:
-        counts, sums = self.counts, self.sums
-        self.counts, self.sums = {}, defaultdict(float)
-        for labels, buckets in counts.items():
-            child = histogram.labels(*labels) if labels else histogram
-            # prometheus-client keeps per-bucket (non-cumulative) values in ``_buckets`` and the
-            # total in ``_sum``; adding the differences equals observing each value (pinned 0.26)
-            for index, count in enumerate(buckets):
-                if count:
-                    child._buckets[index].inc(count)
-            child._sum.inc(sums[labels])
+def _add(histogram: Any, provider: str, buckets: list[int], total: float) -> None:
+    if not any(buckets):
+        return
+    child = histogram.labels(provider)
+    # prometheus-client keeps per-bucket (non-cumulative) values in ``_buckets`` and the total in
+    # ``_sum``; adding the differences equals observing each value (pinned 0.26)
+    for index, count in enumerate(buckets):
+        if count:
+            child._buckets[index].inc(count)
+    child._sum.inc(total)
 
 
 class Metrics:
@@ -126,9 +122,7 @@ class Metrics:
         self.auth_cache = Counter("gateway_auth_cache", "Key lookups by cache result", ["result"], registry=None)
         self._counts: dict[tuple[str, str, str], int] = defaultdict(int)
         self._errors: dict[tuple[str, str], int] = defaultdict(int)
-        self._durations = _Tally(BUCKETS)
-        self._ttfbs = _Tally(BUCKETS)
-        self._overheads = _Tally(OVERHEAD_BUCKETS)
+        self._rows: dict[str, _Row] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         self._published_hits = self._published_misses = 0
@@ -139,13 +133,18 @@ class Metrics:
     def request(
         self, provider: str, status: int, team: str, duration: float, ttfb: float | None, overhead: float | None
     ) -> None:
-        self._counts[(provider, f"{status // 100}xx", team)] += 1
-        labels = (provider,)
-        self._durations.observe(labels, duration)
+        self._counts[(provider, STATUS_CLASSES[status // 100], team)] += 1
+        row = self._rows.get(provider)
+        if row is None:
+            row = self._rows[provider] = _Row()
+        row.duration[bisect_left(BUCKETS, duration)] += 1
+        row.duration_sum += duration
         if ttfb is not None:
-            self._ttfbs.observe(labels, ttfb)
+            row.ttfb[bisect_left(BUCKETS, ttfb)] += 1
+            row.ttfb_sum += ttfb
         if overhead is not None:
-            self._overheads.observe(labels, overhead)
+            row.overhead[bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
+            row.overhead_sum += overhead
 
     def upstream_error(self, provider: str, kind: str) -> None:
         self._errors[(provider, kind)] += 1
@@ -160,9 +159,11 @@ class Metrics:
         errors, self._errors = self._errors, defaultdict(int)
         for error_labels, count in errors.items():
             self.upstream_errors.labels(*error_labels).inc(count)
-        self._durations.publish(self.duration)
-        self._ttfbs.publish(self.ttfb)
-        self._overheads.publish(self.overhead)
+        rows, self._rows = self._rows, {}
+        for provider, row in rows.items():
+            _add(self.duration, provider, row.duration, row.duration_sum)
+            _add(self.ttfb, provider, row.ttfb, row.ttfb_sum)
+            _add(self.overhead, provider, row.overhead, row.overhead_sum)
         if self.cache_hits != self._published_hits:
             self.auth_cache.labels("hit").inc(self.cache_hits - self._published_hits)
             self._published_hits = self.cache_hits
