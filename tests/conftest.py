@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from service.mock_upstream import MockUpstream
-from tests.postgres import pg_dsn  # noqa: F401 (a fixture for every test module)
+from tests.postgres import pg_dsn, pg_proxy  # noqa: F401 (fixtures for every test module)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

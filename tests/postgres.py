@@ -117,3 +117,12 @@ class TcpProxy:
             self._writers.clear()
 
         self._call(stop())
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the real PostgreSQL, for cutting a gateway off its database."""
+    proxy = TcpProxy("127.0.0.1", 5432)
+    proxy.up()
+    yield proxy
+    proxy.down()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -45,14 +45,6 @@ def test_every_route_of_the_app_is_documented(tmp_path: Path, monkeypatch: pytes
     jsonschema.Draft202012Validator.check_schema(SPEC["components"]["schemas"]["KeyListing"])
 
 
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    tcp = TcpProxy("127.0.0.1", 5432)
-    tcp.up()
-    yield tcp
-    tcp.down()
-
-
 def check(response: httpx.Response, path: str, method: str, produced: set[tuple[str, str, str]]) -> None:
     status = str(response.status_code)
     operation = SPEC["paths"][path][method.lower()]
@@ -67,7 +59,7 @@ def check(response: httpx.Response, path: str, method: str, produced: set[tuple[
 
 
 def test_every_documented_response_is_produced(
-    gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess], pg_dsn: str, proxy: TcpProxy
+    gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess], pg_dsn: str, pg_proxy: TcpProxy
 ) -> None:
     produced: set[tuple[str, str, str]] = set()
     url = gateway.url
@@ -99,11 +91,11 @@ def test_every_documented_response_is_produced(
     no_admin = make_gateway(ADMIN_API_KEY="")
     check(httpx.post(f"{no_admin.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
 
-    outage = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
-    proxy.down()
+    outage = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"))
+    pg_proxy.down()
     time.sleep(0.5)
     check(httpx.post(f"{outage.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
     check(httpx.get(f"{outage.url}/readyz"), "/readyz", "GET", produced)
-    proxy.up()
+    pg_proxy.up()
 
     assert produced == documented()

@@ -4,21 +4,12 @@ and the gateway recovers by itself when the database returns."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
-import pytest
 
 from tests.conftest import ADMIN_KEY, GatewayProcess
 from tests.postgres import TcpProxy
-
-
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    tcp = TcpProxy("127.0.0.1", 5432)
-    tcp.up()
-    yield tcp
-    tcp.down()
 
 
 def status(gateway: GatewayProcess, key: str) -> int:
@@ -33,15 +24,15 @@ def wait_for(condition: Callable[[], bool], seconds: float) -> None:
 
 
 def test_outage_grace_503s_and_recovery(
-    make_gateway: Callable[..., GatewayProcess], pg_dsn: str, proxy: TcpProxy
+    make_gateway: Callable[..., GatewayProcess], pg_dsn: str, pg_proxy: TcpProxy
 ) -> None:
-    dsn = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    dsn = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}")
     gw = make_gateway(DATABASE_URL=dsn, STORE_OUTAGE_GRACE_SECONDS="3")
     verified = gw.create_key("team_verified")
     unseen = gw.create_key("team_unseen")
     assert status(gw, verified) == 200
 
-    proxy.down()
+    pg_proxy.down()
     wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, 5)
     outage_started = time.monotonic()
     assert status(gw, verified) == 200  # already verified: keeps working in the grace period
@@ -62,7 +53,7 @@ def test_outage_grace_503s_and_recovery(
     assert time.monotonic() - outage_started >= 2.5
     assert [line["event"] for line in gw.log_lines()].count("store_unavailable") == 1
 
-    proxy.up()
+    pg_proxy.up()
     wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 10)
     assert status(gw, verified) == 200 and status(gw, unseen) == 200
     assert gw.create_key("team_after")
