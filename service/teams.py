@@ -77,7 +77,7 @@ class TeamDirectory:
                 await self._task
             self._task = None
         with contextlib.suppress(StoreUnavailableError):
-            await self._flush_use()
+            await self.flush_use()
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,7 +105,7 @@ class TeamDirectory:
             if marker != self._marker:
                 self._marker = marker
                 self.clear()
-            await self._flush_use()
+            await self.flush_use()
 
     def used(self, digest: str) -> None:
         """Note that a key was used; ``last_used_at`` is written at most once a minute per key, by
@@ -118,7 +118,7 @@ class TeamDirectory:
             self._used[digest] = now
             self._pending_use[digest] = utc_timestamp()
 
-    async def _flush_use(self) -> None:
+    async def flush_use(self) -> None:
         if not self._pending_use:
             return
         pending, self._pending_use = self._pending_use, {}

@@ -106,3 +106,31 @@ def test_mock_upstream_command(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(10)
+
+
+def test_serve_runs_the_gateway(tmp_path: Path, upstream: MockUpstream) -> None:
+    port = free_port()
+    env = gateway_env(upstream.url, tmp_path)
+    process = subprocess.Popen(
+        [str(BIN / "gateway"), "serve", "--port", str(port), "--workers", "1"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        key = orjson.loads(gateway(env, "tokens", "create", "--team", "t", "--json").stdout)["apiKey"]
+        models = httpx.get(f"http://127.0.0.1:{port}/openai/models", headers={"authorization": f"Bearer {key}"})
+        assert models.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)

@@ -223,3 +223,20 @@ async def test_a_lookup_racing_a_revocation_does_not_cache_the_old_answer(locati
     assert directory.peek(keys.digest(key)) is None  # the stale answer was not cached
     assert await directory.resolve(key) is None
     await store.close()
+
+
+async def test_last_use_is_written_at_most_once_a_minute_per_key(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "g.db")
+    directory = TeamDirectory(store)
+    key, _ = await directory.issue("team_1", "Acme")
+    digest = keys.digest(key)
+    directory.used(digest)
+    directory.used(digest)  # again within the minute: nothing more to write
+    await directory.flush_use()
+    first = [record.last_used_at for record, _ in await store.list(10)]
+    assert first[0] is not None
+    await asyncio.sleep(0.01)
+    directory.used(digest)
+    await directory.flush_use()
+    assert [record.last_used_at for record, _ in await store.list(10)] == first  # not rewritten
+    await store.close()
