@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -83,7 +84,14 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
                 message="AI_GATEWAY_URL is not set: providers with a key go direct, the others answer 503",
             )
         store = store_for(settings)
-        await store.open()
+        try:
+            await store.open()
+        except StoreUnavailableError as exc:
+            # one line and a start-up failure code, rather than the lifespan's traceback; uvicorn's
+            # supervisor stops instead of restarting workers that exit with it
+            log.error("store_unavailable_at_start", error=str(exc))
+            sys.stdout.flush()
+            os._exit(STARTUP_FAILURE)
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
         await teams.start()
         session = http_session(settings)

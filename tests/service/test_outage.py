@@ -60,3 +60,22 @@ def test_outage_grace_503s_and_recovery(
     wait_for(lambda: any(line["event"] == "store_recovered" for line in gw.log_lines()), 2)
     wait_for(lambda: "gateway_store_degraded 0.0" in httpx.get(f"{gw.url}/metrics").text, 3)
     assert "Traceback" not in gw.log_text()
+
+
+def test_a_replica_without_its_database_stops_with_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from tests.conftest import BIN, free_port, gateway_env
+
+    env = gateway_env(None, tmp_path, DATABASE_URL="postgresql://root@127.0.0.1:1/test")
+    result = subprocess.run(
+        [str(BIN / "uvicorn"), "--factory", "service.app:create_app", "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 3
+    assert '"event":"store_unavailable_at_start"' in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
