@@ -25,6 +25,7 @@ INVALID = AuthenticationFailed("Invalid API key: the key is unknown, rotated or 
 
 
 def presented_key(headers: list[tuple[bytes, bytes]], key_headers: frozenset[bytes]) -> str | None:
+    """The well-formed key the client sent (the bearer first), else whatever it sent (refused), else ``None``."""
     bearer = api_key = None
     for name, value in headers:
         if name == b"authorization":
@@ -34,7 +35,9 @@ def presented_key(headers: list[tuple[bytes, bytes]], key_headers: frozenset[byt
             api_key = value.strip().decode("latin-1")
     if bearer and keys.is_well_formed(bearer):
         return bearer
-    return api_key or bearer
+    if api_key and keys.is_well_formed(api_key):
+        return api_key
+    return None if not (bearer or api_key) else ""
 
 
 class Auth:
@@ -45,11 +48,8 @@ class Auth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
         key = presented_key(scope["headers"], self.key_headers)
-        if not key:
-            await send_error(send, MISSING, info.error_shape, info.request_id)
-            return
-        if not keys.is_well_formed(key):
-            await send_error(send, INVALID, info.error_shape, info.request_id)
+        if not key:  # None: nothing sent; "": nothing that could be a key
+            await send_error(send, MISSING if key is None else INVALID, info.error_shape, info.request_id)
             return
         teams: TeamDirectory = scope["state"]["teams"]
         digest = keys.digest(key)

@@ -187,8 +187,14 @@ class Relay:
             body = first.get("body", b"")
             more = first.get("more_body", False)
             info.bytes_in = len(body)
-            if more and wants_cache and self.scope_cache:
-                body, more = await self._read_all(body, receive, info), False
+            if more and wants_cache and self.scope_cache:  # the cache key needs the whole body first
+                try:
+                    body = b"".join([chunk async for chunk in self._stream_body(body, receive, exchange, info)])
+                except ClientGone:
+                    if exchange.too_large:
+                        await send_error(send, self._too_large(), info.error_shape, info.request_id)
+                    return
+                more = False
             if info.bytes_in > self.max_body:
                 await send_error(send, self._too_large(), info.error_shape, info.request_id)
                 return
@@ -213,20 +219,6 @@ class Relay:
             info.truncated = info.status != 0
         finally:
             exchange.stop()
-
-    async def _read_all(self, first: bytes, receive: Receive, info: RequestInfo) -> bytes:
-        """The whole body, for the few requests that need it before going up (team-scoped caching)."""
-        body = bytearray(first)
-        while info.bytes_in <= self.max_body:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            body += chunk
-            info.bytes_in += len(chunk)
-            if not message.get("more_body", False):
-                break
-        return bytes(body)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")

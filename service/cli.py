@@ -28,7 +28,7 @@ import structlog
 from config import Settings, SettingsError
 from service.store import StoreUnavailableError, TokenRecord, store_for
 from service.teams import TeamDirectory
-from service.tokens import MAX_NAME, MAX_TEAM_ID, record_json
+from service.tokens import MAX_NAME, MAX_TEAM_ID, issued_json, record_json, team_json
 
 OK, NOT_FOUND, USAGE, CONFIGURATION, UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -73,8 +73,7 @@ def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
         if not args.team.strip() or len(args.team) > MAX_TEAM_ID or (args.name and len(args.name) > MAX_NAME):
             raise CommandFailed(f"--team must be 1-{MAX_TEAM_ID} characters and --name at most {MAX_NAME}", USAGE)
         key, team = await directory.issue(args.team, args.name or args.team)
-        row = {"apiKey": key, "teamId": team.team_id, "name": team.name, "createdAt": team.created_at}
-        emit(args, [row], team_columns, single=True)
+        emit(args, [issued_json(key, team)], team_columns, single=True)
         return OK
 
     async def listing(directory: TeamDirectory) -> int:
@@ -93,7 +92,7 @@ def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
             raise CommandFailed("no such key", NOT_FOUND)
         emit(
             args,
-            [{"teamId": team.team_id, "name": team.name, "createdAt": team.created_at}],
+            [team_json(team)],
             ["teamId", "name", "createdAt"],
             single=True,
         )
@@ -104,8 +103,7 @@ def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
         if rotated is None:
             raise CommandFailed("no such key", NOT_FOUND)
         key, team = rotated
-        row = {"apiKey": key, "teamId": team.team_id, "name": team.name, "createdAt": team.created_at}
-        emit(args, [row], team_columns, single=True)
+        emit(args, [issued_json(key, team)], team_columns, single=True)
         return OK
 
     async def revoke(directory: TeamDirectory) -> int:

@@ -183,7 +183,7 @@ class MockUpstream:
         if name == "bytes":
             return await _bytes(request, int(query.get("n", "1024")))
         if name == "gzip":
-            payload = gzip.compress(b'{"message": "' + b"compressed " * 100 + b'"}')
+            payload = gzip.compress(b'{"message": "' + b"compressed " * 100 + b'"}', mtime=0)
             return web.Response(body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
         if name == "sse":
             return await _sse(request, int(query.get("n", "100")), float(query.get("interval", "0")))

@@ -84,8 +84,12 @@ def _text_field(payload: dict[str, Any], field: str, limit: int, *, required: bo
     return value
 
 
-def _team_json(team: Team) -> dict[str, str]:
+def team_json(team: Team) -> dict[str, str]:
     return {"teamId": team.team_id, "name": team.name, "createdAt": team.created_at}
+
+
+def issued_json(key: str, team: Team) -> dict[str, str]:
+    return {"apiKey": key, **team_json(team)}
 
 
 async def create_token(request: Request) -> Response:
@@ -95,7 +99,7 @@ async def create_token(request: Request) -> Response:
     assert team_id is not None
     name = _text_field(payload, "name", MAX_NAME, required=False) or team_id
     key, team = await _teams(request).issue(team_id, name)
-    return JSONResponse({"apiKey": key, **_team_json(team)}, status_code=201)
+    return JSONResponse(issued_json(key, team), status_code=201)
 
 
 async def show_token(request: Request) -> Response:
@@ -105,7 +109,7 @@ async def show_token(request: Request) -> Response:
     team = await teams.resolve(request.path_params["api_key"])
     if team is None:
         raise NotFound(NOT_FOUND_MESSAGE)
-    return JSONResponse(_team_json(team))
+    return JSONResponse(team_json(team))
 
 
 async def refresh_token(request: Request) -> Response:
@@ -113,7 +117,7 @@ async def refresh_token(request: Request) -> Response:
     if rotated is None:
         raise NotFound(NOT_FOUND_MESSAGE)
     key, team = rotated
-    return JSONResponse({"apiKey": key, **_team_json(team)})
+    return JSONResponse(issued_json(key, team))
 
 
 async def revoke_token(request: Request) -> Response:
