@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, MutableMapping
@@ -24,6 +25,32 @@ _METHOD_LEVELS = {"warn": "warning", "exception": "error", "msg": "info"}
 # Tracebacks as data, without frame locals: locals hold keys, tokens and headers.
 _tracebacks = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 _second = [0, ""]
+# Anything shaped like a team key, in any case and wherever it sits in a value (``xsk_…``, ``"sk_…"``,
+# ``Bearer sk_…``), and any hex run as long as a key's secret part (60 or more: request and trace ids,
+# at most 32 or 40, stay whole).
+_KEY_LIKE = re.compile(r"(sk_[0-9a-f]{5})[0-9a-f]+|([0-9a-f]{5})[0-9a-f]{55,}", re.IGNORECASE)
+
+
+def mask_keys(text: str) -> str:
+    """``text`` with every key-shaped run cut to its first characters: ``sk_1a2b3…``."""
+    return _KEY_LIKE.sub(lambda m: (m.group(1) or m.group(2)) + "…", text)
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_keys(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
+
+def mask_event(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A processor: every string in the event (tracebacks included) with keys masked."""
+    for name, value in event_dict.items():
+        event_dict[name] = _masked(value)
+    return event_dict
 
 
 def iso_timestamp() -> str:
@@ -44,7 +71,7 @@ def render(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) 
     event_dict["timestamp"] = iso_timestamp()
     if "exc_info" in event_dict:
         event_dict = _tracebacks(logger, method_name, event_dict)
-    return orjson.dumps(event_dict, default=str)
+    return orjson.dumps(mask_event(logger, method_name, event_dict), default=str)
 
 
 AccessWriter = Callable[[dict[str, Any]], None]
@@ -74,6 +101,7 @@ def configure_logging(level: str) -> AccessWriter | None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _tracebacks,
+            mask_event,
             structlog.processors.JSONRenderer(serializer=lambda e, **_: orjson.dumps(e, default=str).decode()),
         ],
     )

@@ -16,15 +16,13 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.logging import AccessWriter
+from config.logging import AccessWriter, mask_keys
 from service.errors import GatewayError, render
-from service.keys import shown
 from service.metrics import Metrics
 
 error_log = structlog.get_logger("gateway.error")
 
 SCOPE_KEY = "gateway"
-_KEY_IN_PATH = re.compile(r"(?<=/)sk_[^/]*")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -69,7 +67,7 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
-            if _SANE_REQUEST_ID.fullmatch(candidate):
+            if _SANE_REQUEST_ID.fullmatch(candidate) and mask_keys(candidate) == candidate:
                 return candidate
             break
     return os.urandom(12).hex()
@@ -83,11 +81,9 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
 
 
 def _logged_path(path: str) -> str:
-    """Paths are logged without query strings, and any key in them (``/tokens/{key}``, however the
-    slashes fall) only as its first 8 characters."""
-    if "sk_" not in path:
-        return path
-    return _KEY_IN_PATH.sub(lambda match: shown(match.group(0)), path)
+    """Paths are logged without query strings, and anything key-shaped in them (``/tokens/{key}``,
+    ``/x/%20SK_…``, ``xsk_…``) only as its first 8 characters."""
+    return mask_keys(path)
 
 
 class RequestContext:

@@ -98,3 +98,29 @@ def test_tracebacks_in_logs_carry_no_local_variables() -> None:
     except RuntimeError as exc:
         line = render(None, "error", {"event": "unhandled_error", "exc_info": exc})
     assert b"boom" in line and b"a" * 64 not in line
+
+
+def test_key_shaped_runs_are_masked_anywhere_in_a_logged_path(gateway: GatewayProcess) -> None:
+    key = "sk_" + "0123456789abcdef" * 4
+    for path in (f"/x/%20{key}", f"/x/%22{key}%22", f"/x/Bearer%20{key}", f"/x/x{key}", f"/x/{key.upper()}"):
+        response = httpx.get(f"{gateway.url}{path}")
+        line = gateway.access_line(response.headers["x-gateway-request-id"])
+        assert "0123456789abcdef" not in str(line["path"]).lower(), line["path"]
+    response = httpx.get(f"{gateway.url}/tokens/{key[3:]}")
+    assert key[3:] not in str(gateway.access_line(response.headers["x-gateway-request-id"])["path"])
+    assert key[8:].lower() not in gateway.log_text().lower()
+
+
+def test_a_key_sent_as_request_id_is_not_echoed_or_logged(gateway: GatewayProcess) -> None:
+    key = "sk_" + "fedcba9876543210" * 4
+    response = httpx.get(f"{gateway.url}/healthz", headers={"x-request-id": key})
+    assert key not in response.headers["x-gateway-request-id"]
+    assert key[8:] not in gateway.log_text()
+
+
+def test_library_log_lines_mask_keys_too() -> None:
+    from config.logging import render
+
+    key = "sk_" + "c0ffee" * 10 + "abcd"
+    line = render(None, "warning", {"event": "x", "detail": f"GET /x?k={key}", "nested": {"v": [key]}})
+    assert key[8:].encode() not in line and b"sk_c0ffe\xe2\x80\xa6" in line
