@@ -17,7 +17,7 @@ from yarl import URL
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CACHE_SCOPES = ("team", "shared")
-SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key"})
+SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key", "metrics_token"})
 PROVIDER_SUFFIXES = ("_API_KEY", "_BASE_URL")
 
 
@@ -47,6 +47,8 @@ class Settings:
     cache_scope: str = "team"
     metrics_port: int | None = None
     """``METRICS_PORT``: serve /metrics on this port only, not on the public one."""
+    metrics_token: str | None = None
+    """``METRICS_TOKEN``: the bearer /metrics needs on the public port (else the admin key)."""
     shutdown_grace_seconds: int = 30
     cf_account_id: str | None = None
     provider_env: Mapping[str, str] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class Settings:
             cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
             cf_account_id=get("CF_ACCOUNT_ID"),
             metrics_port=_port("METRICS_PORT", get("METRICS_PORT")),
+            metrics_token=get("METRICS_TOKEN"),
             shutdown_grace_seconds=_positive_int(
                 "SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS"), 30, "seconds"
             ),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -36,7 +37,7 @@ from config.logging import configure_logging
 from middleware.context import SCOPE_KEY, RequestContext
 from providers.mount import ProviderMount, mount_providers
 from service import tokens
-from service.errors import GatewayError, NotFound, ServiceUnavailable
+from service.errors import AuthenticationFailed, Forbidden, GatewayError, NotFound, ServiceUnavailable
 from service.metrics import Metrics
 from service.respond import send_error
 from service.store import StoreUnavailableError, store_for
@@ -114,6 +115,15 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    """/metrics on the public port: team ids and traffic are not for anyone who asks, so a bearer
+    is needed (``METRICS_TOKEN``, else the admin key); ``METRICS_PORT`` serves it without one."""
+    settings: Settings = request.app.state.settings
+    expected = settings.metrics_token or settings.admin_api_key
+    if not expected:
+        raise Forbidden("Metrics need a bearer on the public port: set METRICS_TOKEN (or use METRICS_PORT).")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+        raise AuthenticationFailed("Metrics need 'Authorization: Bearer <METRICS_TOKEN>' (or the admin key).")
     body, content_type = request.state.metrics.exposition()
     return Response(body, media_type=content_type)
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import shutil
 import tempfile
 from bisect import bisect_left
 from collections import defaultdict
@@ -30,26 +31,71 @@ FLUSH_SECONDS = 1.0
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
+DIRECTORY_PREFIX = "gateway-metrics-"
+
+
+def _started(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), or ``None`` when no such process runs."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_directories(parent: Path) -> None:
+    """Remove the metrics directories of gateways that are no longer running (their owner's pid is
+    gone, or now belongs to a process started at another time)."""
+    for path in parent.glob(DIRECTORY_PREFIX + "*"):
+        owner, _, started = path.name.removeprefix(DIRECTORY_PREFIX).partition("-")
+        if not owner.isascii() or not owner.isdigit():
+            continue
+        if _started(int(owner)) != started:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def multiprocess_directory() -> Path:
     """The directory every worker of this gateway shares (set before prometheus-client is imported).
 
     ``PROMETHEUS_MULTIPROC_DIR`` when set; otherwise one per uvicorn supervisor (the parent that
-    spawned the workers), or per process when it serves alone.
+    spawned the workers), or per process when it serves alone, named after the owner's pid and
+    start time (a reused pid must not inherit old files). Directories of gateways that are gone
+    are removed first.
     """
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    supervisor = multiprocessing.parent_process()
-    owner = supervisor.pid if supervisor is not None else os.getpid()
-    # the owner's start time as well as its pid: a reused pid must not inherit old files
-    started = (
-        Path(f"/proc/{owner}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        if os.path.exists(f"/proc/{owner}/stat")
-        else "0"
-    )
-    name = f"gateway-metrics-{owner}-{started}"
-    path = Path(configured) if configured else Path(tempfile.gettempdir()) / name
+    if configured:
+        path = Path(configured)
+    else:
+        supervisor = multiprocessing.parent_process()
+        owner = (supervisor.pid if supervisor is not None else None) or os.getpid()
+        parent = Path(tempfile.gettempdir())
+        sweep_stale_directories(parent)
+        path = parent / f"{DIRECTORY_PREFIX}{owner}-{_started(owner) or '0'}"
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path
+
+
+def remove_if_last(path: Path) -> None:
+    """Remove a gateway-owned metrics directory once no other process writes into it (the files
+    are named ``…_{pid}.db``): the last worker out cleans up."""
+    if not path.name.startswith(DIRECTORY_PREFIX):
+        return  # an operator's PROMETHEUS_MULTIPROC_DIR is theirs to keep
+    me = os.getpid()
+    for file in path.glob("*.db"):
+        pid = file.stem.rpartition("_")[2]
+        if pid.isascii() and pid.isdigit() and int(pid) != me and _alive(int(pid)):
+            return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class _Row:
@@ -188,6 +234,7 @@ class Metrics:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+        remove_if_last(self.directory)
 
     def exposition(self) -> tuple[bytes, str]:
         """The whole gateway's metrics (every worker's), in Prometheus text format."""

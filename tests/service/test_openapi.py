@@ -84,12 +84,14 @@ def test_every_documented_response_is_produced(
     check(httpx.get(f"{url}/healthz"), "/healthz", "GET", produced)
     check(httpx.get(f"{url}/readyz"), "/readyz", "GET", produced)
     check(httpx.get(f"{url}/metrics"), "/metrics", "GET", produced)
+    check(httpx.get(f"{url}/metrics", headers=ADMIN), "/metrics", "GET", produced)
     served = httpx.get(f"{url}/openapi.json")
     check(served, "/openapi.json", "GET", produced)
     assert served.json() == SPEC
 
     no_admin = make_gateway(ADMIN_API_KEY="")
     check(httpx.post(f"{no_admin.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
+    check(httpx.get(f"{no_admin.url}/metrics"), "/metrics", "GET", produced)
 
     outage = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"))
     pg_proxy.down()

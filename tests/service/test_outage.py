@@ -47,7 +47,10 @@ def test_outage_grace_503s_and_recovery(
     ready = httpx.get(f"{gw.url}/readyz").json()
     assert ready["status"] == "unavailable" and ready["grace_seconds"] == 3
     time.sleep(1.1)
-    assert "gateway_store_degraded 1.0" in httpx.get(f"{gw.url}/metrics").text
+    assert (
+        "gateway_store_degraded 1.0"
+        in httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+    )
 
     wait_for(lambda: status(gw, verified) == 503, 6)  # the grace period is over
     assert time.monotonic() - outage_started >= 2.5
@@ -58,7 +61,13 @@ def test_outage_grace_503s_and_recovery(
     assert status(gw, verified) == 200 and status(gw, unseen) == 200
     assert gw.create_key("team_after")
     wait_for(lambda: any(line["event"] == "store_recovered" for line in gw.log_lines()), 2)
-    wait_for(lambda: "gateway_store_degraded 0.0" in httpx.get(f"{gw.url}/metrics").text, 3)
+    wait_for(
+        lambda: (
+            "gateway_store_degraded 0.0"
+            in httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+        ),
+        3,
+    )
     assert "Traceback" not in gw.log_text()
 
 
