@@ -48,6 +48,8 @@ class Settings:
     metrics_port: int | None = None
     """``METRICS_PORT``: serve /metrics on this port only, not on the public one."""
     metrics_token: str | None = None
+    cors_allow_origins: tuple[str, ...] = ()
+    """``CORS_ALLOW_ORIGINS``: browser origins allowed to call the gateway (``*`` for any); empty: CORS off."""
     """``METRICS_TOKEN``: the bearer /metrics needs on the public port (else the admin key)."""
     shutdown_grace_seconds: int = 30
     cf_account_id: str | None = None
@@ -97,6 +99,7 @@ class Settings:
             cf_account_id=get("CF_ACCOUNT_ID"),
             metrics_port=_port("METRICS_PORT", get("METRICS_PORT")),
             metrics_token=get("METRICS_TOKEN"),
+            cors_allow_origins=_origins(get("CORS_ALLOW_ORIGINS")),
             shutdown_grace_seconds=_positive_int(
                 "SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS"), 30, "seconds"
             ),
@@ -145,6 +148,18 @@ def _providers(raw: str | None) -> tuple[str, ...] | None:
     if not slugs:
         raise SettingsError("PROVIDERS must name at least one provider, e.g. PROVIDERS=openai,anthropic")
     return slugs
+
+
+def _origins(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    origins = tuple(dict.fromkeys(part.strip().rstrip("/") for part in raw.split(",") if part.strip()))
+    for origin in origins:
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("//", 1)[1]):
+            raise SettingsError(
+                f"CORS_ALLOW_ORIGINS must be '*' or origins like https://app.example.com, got {origin!r}"
+            )
+    return origins
 
 
 def _port(name: str, raw: str | None) -> int | None:

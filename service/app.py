@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -264,5 +265,21 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     starlette.state.upstreams = {
         slug: ("gateway" if m.via_gateway else "direct") if m.available else "unavailable" for slug, m in mounts.items()
     }
-    gateway = Gateway(mounts, set(registry) - set(mounts), starlette)
-    return RequestContext(gateway, write_access=write_access, metrics=metrics)
+    app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), starlette)
+    if settings.cors_allow_origins:
+        app = cors(app, settings.cors_allow_origins)
+    return RequestContext(app, write_access=write_access, metrics=metrics)
+
+
+def cors(app: ASGIApp, origins: tuple[str, ...]) -> ASGIApp:
+    """Browser clients of the listed origins: preflights answered here (before auth, which a
+    preflight never carries), any request header allowed (SDKs send their own), no cookies."""
+    return CORSMiddleware(
+        app,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=["*"],
+        allow_credentials=False,
+        expose_headers=["x-gateway-request-id", "server-timing", "retry-after", "request-id", "x-request-id"],
+        max_age=600,
+    )
