@@ -19,9 +19,9 @@ from tests.conftest import ADMIN_KEY, GatewayProcess
 BEHAVIOURS = {
     "garbage": b"\x00\x01 this is not HTTP at all \xff\xfe\r\n\r\n",
     "half-head": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-le",
-    "half-body": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"partial\":",
+    "half-body": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"partial":',
     "bad-status": b"HTTP/1.1 abc Nope\r\ncontent-length: 0\r\n\r\n",
-    "ok": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}",
+    "ok": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}',
 }
 
 
