@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8787
 
-.PHONY: install run test lint typecheck pytest bench demo clean
+.PHONY: install run test lint typecheck pytest bench soak demo clean
 
 install: $(STAMP)
 
@@ -46,3 +46,7 @@ bench: install
 		{ (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null) || \
 		  (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null); }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# 200 concurrent streams for 60 s, then 10 minutes of mixed traffic watched for leaks (bench/README.md).
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
