@@ -73,9 +73,7 @@ class Soak:
 
     def start(self) -> tuple[str, str, int, subprocess.Popen[bytes]]:
         mock_port, port = free_port(), free_port()
-        self.spawn(
-            f"{BIN / 'python'} -m service.mock_upstream", {**os.environ, "PORT": str(mock_port)}, "mock"
-        )
+        self.spawn(f"{BIN / 'python'} -m service.mock_upstream", {**os.environ, "PORT": str(mock_port)}, "mock")
         wait_port(mock_port)
         procfile = (ROOT / "Procfile").read_text().split("web:", 1)[1].strip()
         env = {
