@@ -207,7 +207,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
 def mock_upstream_command(args: argparse.Namespace, settings: Settings) -> int:
     from service.mock_upstream import main as serve_mock
 
-    serve_mock(host=args.host, port=args.port, token=args.token)
+    serve_mock(host=args.host, port=args.port, token=args.token, show=args.show)
     return OK
 
 
@@ -244,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8788)
     mock.add_argument("--token", default=None, help="require cf-aig-authorization: Bearer TOKEN")
+    mock.add_argument("--show", action="store_true", help="print one JSON line per request received")
     mock.set_defaults(run=mock_upstream_command)
     return top
 

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import orjson
 from aiohttp import web
 
 MAX_KEPT_BODY = 1024 * 1024
+RECENT = 50
 
 
 @dataclass
@@ -53,6 +55,10 @@ class MockUpstream:
     """Keep every request in ``received`` (tests); off for long runs such as benchmarks."""
     received: list[Received] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    show: bool = False
+    """Print one line per request received (``gateway mock-upstream --show``)."""
+    recent: deque[Received] = field(default_factory=lambda: deque(maxlen=RECENT))
+    """The last requests, for ``GET /__requests`` (kept even when ``record_requests`` is off)."""
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -112,8 +118,13 @@ class MockUpstream:
             body_sha256=digest.hexdigest(),
             body=bytes(kept) if length <= MAX_KEPT_BODY else None,
         )
+        if request.path == "/__requests":
+            return _json([_shown(r) for r in self.recent])
+        self.recent.append(record)
         if self.record_requests:
             self.received.append(record)
+        if self.show:
+            print(orjson.dumps(_shown(record)).decode(), flush=True)
         if self.token is not None and request.headers.get("cf-aig-authorization") != f"Bearer {self.token}":
             return web.json_response(
                 {
@@ -221,6 +232,21 @@ class MockUpstream:
                 raise
             return response
         return _json({"error": f"unknown mock behaviour {name!r}"}, status=404)
+
+
+_CREDENTIALS = frozenset({"authorization", "cf-aig-authorization", "x-api-key", "api-key", "x-goog-api-key"})
+
+
+def _shown(record: Received) -> dict[str, object]:
+    """What a person may see of a request: credentials as their first characters only."""
+    headers = {str(k): (v[:12] + "…" if k.lower() in _CREDENTIALS and len(v) > 12 else v) for k, v in record.headers}
+    return {
+        "method": record.method,
+        "path": record.path,
+        "query": record.query,
+        "headers": headers,
+        "body_length": record.body_length,
+    }
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -381,9 +407,9 @@ async def _bytes(request: web.Request, size: int) -> web.StreamResponse:
     return response
 
 
-def main(host: str = "127.0.0.1", port: int = 8788, token: str | None = None) -> None:
+def main(host: str = "127.0.0.1", port: int = 8788, token: str | None = None, show: bool = False) -> None:
     async def serve() -> None:
-        upstream = MockUpstream(token=token, record_requests=False)
+        upstream = MockUpstream(token=token, record_requests=False, show=show)
         await upstream.start(host, port)
         print(f"mock upstream listening on {upstream.url}", flush=True)
         await asyncio.Event().wait()
