@@ -49,7 +49,7 @@ def test_near_duplicates_of_our_keys_are_dropped() -> None:
         "TEAM_NAME",
         "team name",
         "Request-Id",
-        "ｔｅａｍ＿ｉｄ",
+        "\uff54\uff45\uff41\uff4d\uff3f\uff49\uff44",
         "team\u200b_id",
     ):
         value, problem = merged(orjson.dumps({key: "evil", "user": "u"}))
