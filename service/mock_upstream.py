@@ -9,7 +9,8 @@ an authenticated Cloudflare gateway does.
 
 Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``gzip``,
 ``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``reset`` (before answering),
-``die`` (mid-stream; ``?content_type=`` for a body other than an event stream), ``hang``.
+``die`` (mid-stream) and ``hang`` (one event, then a minute of silence), both with
+``?content_type=`` for a body other than an event stream.
 
 SDK calls pick a behaviour by model name instead, for OpenAI chat completions and Anthropic messages
 streamed (``"stream": true``): ``mock-cut`` sends two content events, then resets the connection;
@@ -216,7 +217,7 @@ class MockUpstream:
             request.transport.abort()
             return response
         if name == "hang":
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response = web.StreamResponse(headers={"Content-Type": query.get("content_type", "text/event-stream")})
             await response.prepare(request)
             await response.write(b'data: {"first": true}\n\n')
             await self._stall()

@@ -174,3 +174,30 @@ def test_a_base_url_with_credentials_is_refused_without_echoing_them(tmp_path, o
     name = next(iter(overrides))
     assert output.strip().splitlines()[-1].startswith(f"configuration error: {name} must not carry credentials")
     assert "hunter2" not in output
+
+
+def test_the_start_up_view_never_shows_url_credentials() -> None:
+    from config import Settings
+
+    settings = Settings(
+        ai_gateway_url="https://a:hunter2@gw.example/v1", provider_env={"GROQ_BASE_URL": "http://u:hunter2@h/v1"}
+    )
+    view = settings.public_view()
+    assert "hunter2" not in str(view)
+    assert view["provider_env"] == {"GROQ_BASE_URL": "http://***@h/v1"}
+
+
+def test_oversized_client_metadata_is_dropped_and_logged(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    metadata = orjson.dumps({"user": "u", "pad": "x" * 20_000}).decode()
+    headers = {"authorization": f"Bearer {team_key}", "cf-aig-metadata": metadata}
+    response = httpx.get(f"{gateway.url}/openai/models", headers=headers)
+    assert response.status_code == 200
+    assert list(orjson.loads(upstream.last().header("cf-aig-metadata") or "")) == ["team_id", "team_name", "request_id"]
+    request_id = response.headers["x-gateway-request-id"]
+    gateway.access_line(request_id)
+    assert any(
+        line.get("event") == "client_metadata_dropped" and line.get("request_id") == request_id
+        for line in gateway.log_lines()
+    )
