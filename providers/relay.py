@@ -471,6 +471,7 @@ class Relay:
                     metrics.upstream_error(self.provider.slug, "idle")
                 else:  # the server's graceful shutdown ran out
                     log.warning("stream_cut_by_shutdown", request_id=info.request_id)
+            exchange.finished = True  # no timer may cancel the ending
             await self._end_cut_short(send, info, stream, chunk)
         finally:
             if stream:
