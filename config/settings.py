@@ -8,6 +8,7 @@ message names the variable, which start-up prints as one line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,6 +53,11 @@ class Settings:
     """``CORS_ALLOW_ORIGINS``: browser origins allowed to call the gateway (``*`` for any); empty: CORS off."""
     """``METRICS_TOKEN``: the bearer /metrics needs on the public port (else the admin key)."""
     shutdown_grace_seconds: int = 30
+    stream_idle_timeout_seconds: float | None = None
+    """``STREAM_IDLE_TIMEOUT_SECONDS``: end an event stream whose upstream sends nothing this long
+    (``None``: streams may idle as long as the upstream keeps the connection)."""
+    cf_aig_allowed_headers: tuple[str, ...] = ()
+    """``CF_AIG_ALLOWED_HEADERS``: ``cf-aig-*`` headers teams may set beyond the built-in list."""
     cf_account_id: str | None = None
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
@@ -103,6 +109,8 @@ class Settings:
             shutdown_grace_seconds=_positive_int(
                 "SHUTDOWN_GRACE_SECONDS", get("SHUTDOWN_GRACE_SECONDS"), 30, "seconds"
             ),
+            stream_idle_timeout_seconds=_seconds("STREAM_IDLE_TIMEOUT_SECONDS", get("STREAM_IDLE_TIMEOUT_SECONDS")),
+            cf_aig_allowed_headers=_cf_aig_headers(get("CF_AIG_ALLOWED_HEADERS")),
             provider_env=_provider_env(values),
         )
 
@@ -114,9 +122,11 @@ class Settings:
             if item.name in SECRET_FIELDS:
                 value = "set" if value else "unset"
             elif item.name == "provider_env":
-                value = {k: ("set" if k.endswith("_API_KEY") else v) for k, v in sorted(value.items())}
-            elif item.name == "database_dsn" and value:
-                value = _masked_url(value)
+                value = {k: ("set" if k.endswith("_API_KEY") else masked_userinfo(v)) for k, v in sorted(value.items())}
+            elif item.name in ("database_dsn", "ai_gateway_url") and value:
+                value = _masked_url(value) if item.name == "database_dsn" else masked_userinfo(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             elif isinstance(value, Path):
                 value = str(value)
             view[item.name] = value
@@ -177,12 +187,27 @@ def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:
     return value
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#]*@")
+
+
+def masked_userinfo(raw: str) -> str:
+    """A URL with any ``user:password@`` replaced, for messages and logs (works on unparseable URLs too)."""
+    match = _USERINFO.match(raw)
+    return raw if match is None else f"{match.group(1) or ''}//***@{raw[match.end() :]}"
+
+
 def http_url(name: str, raw: str) -> str:
-    """``raw`` as an http(s) base URL without a trailing slash; a ``SettingsError`` naming ``name`` if not."""
+    """``raw`` as an http(s) base URL without a trailing slash; a ``SettingsError`` naming ``name`` if not.
+
+    Credentials in the URL (``http://user:password@host``) are refused: they would be logged with the
+    configuration and sent in a form the gateway does not manage; messages never echo them."""
+    shown = masked_userinfo(raw)
     try:
         url = URL(raw)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{name} is not a valid URL: {raw!r}") from exc
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} is not a valid URL: {shown if '@' not in shown else 'unparseable'!r}") from None
+    if url.user is not None or url.password is not None:
+        raise SettingsError(f"{name} must not carry credentials (user:password@host), got {shown!r}")
     if url.scheme not in ("http", "https") or not url.host:
         raise SettingsError(f"{name} must be an http(s) URL with a host, got {raw!r}")
     if url.query_string or url.fragment:
@@ -223,6 +248,33 @@ def _masked_url(raw: str) -> str:
     except (TypeError, ValueError):
         return "<unparseable>"
     return str(url.with_password("***")) if url.password else raw
+
+
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+_HEADER_NAME = re.compile(r"cf-aig-[a-z0-9-]+")
+# set by the gateway itself on every call through Cloudflare; a team never may
+_GATEWAY_SET = frozenset({"cf-aig-authorization", "cf-aig-metadata"})
+
+
+def _seconds(name: str, raw: str | None) -> float | None:
+    """An optional positive number of seconds in plain ASCII digits (``30``, ``2.5``)."""
+    if raw is None:
+        return None
+    if not _SECONDS.fullmatch(raw) or float(raw) <= 0:
+        raise SettingsError(f"{name} must be a positive number of seconds like 30 or 2.5, got {raw!r}")
+    return float(raw)
+
+
+def _cf_aig_headers(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    names = sorted({part.strip().lower() for part in raw.split(",") if part.strip()})
+    for name in names:
+        if not _HEADER_NAME.fullmatch(name):
+            raise SettingsError(f"CF_AIG_ALLOWED_HEADERS must list cf-aig-* header names, got {name!r}")
+        if name in _GATEWAY_SET:
+            raise SettingsError(f"CF_AIG_ALLOWED_HEADERS cannot allow {name}: the gateway sets it itself")
+    return tuple(names)
 
 
 def _positive_float(name: str, raw: str | None, default: float) -> float:

@@ -2,13 +2,24 @@
 
 The header sent upstream is a JSON object of at most 5 scalar entries: ``team_id``, ``team_name``
 and ``request_id`` first, then the client's own entries when it sent a valid JSON object (scalar
-values only, keys colliding with ours ignored, extras beyond 5 dropped). Invalid client metadata is
-dropped and logged, never an error.
+values only, extras beyond 5 dropped). Limits on the client's part:
+
+* the client's header is at most ``MAX_CLIENT_BYTES`` (1 KiB) as sent; a longer one is dropped whole;
+* a key longer than ``MAX_KEY_CHARS`` (64) or a string value longer than ``MAX_VALUE_CHARS`` (256)
+  drops that entry;
+* a key that could pass for one of ours is dropped: compared after NFKC normalisation, case
+  folding, removing invisible format characters and surrounding spaces, and turning spaces and
+  ``-`` into ``_`` (``Team_ID``, ``team-id``, ``team_id `` and full-width look-alikes all count);
+* an entry holding a gateway key (``sk_`` + 64 hex) is dropped: the key never leaves the gateway.
+
+Invalid or oversized client metadata is dropped and logged, never an error.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 
 import orjson
 import structlog
@@ -22,6 +33,26 @@ log = structlog.get_logger("gateway.metadata")
 MAX_ENTRIES = 5
 MAX_CACHED_TEAMS = 10_000
 RESERVED = ("team_id", "team_name", "request_id")
+MAX_CLIENT_BYTES = 1024
+MAX_KEY_CHARS = 64
+MAX_VALUE_CHARS = 256
+_SEPARATORS = re.compile(r"[\s\-]+")
+_GATEWAY_KEY = re.compile(r"(?i)sk_[0-9a-f]{64}")
+
+
+def normalised_key(key: str) -> str:
+    """How a client key compares with ours: ``" Team-ID\u200b"`` → ``"team_id"``."""
+    folded = unicodedata.normalize("NFKC", key).casefold()
+    visible = "".join(char for char in folded if unicodedata.category(char) != "Cf")
+    return _SEPARATORS.sub("_", visible.strip())
+
+
+def _usable(key: str, value: object) -> bool:
+    if not isinstance(value, str | int | float | bool) or len(key) > MAX_KEY_CHARS:
+        return False
+    if isinstance(value, str) and (len(value) > MAX_VALUE_CHARS or _GATEWAY_KEY.search(value)):
+        return False
+    return normalised_key(key) not in RESERVED and not _GATEWAY_KEY.search(key)
 
 
 def header_json(value: dict[str, object]) -> str:
@@ -36,7 +67,9 @@ def merge_metadata(team_id: str, team_name: str, request_id: str, client: bytes 
     """The header value to send, and why the client's metadata was dropped (if it was)."""
     entries: dict[str, object] = {"team_id": team_id, "team_name": team_name, "request_id": request_id}
     problem = None
-    if client is not None:
+    if client is not None and len(client) > MAX_CLIENT_BYTES:
+        problem = f"over {MAX_CLIENT_BYTES} bytes"
+    elif client is not None:
         try:
             parsed = orjson.loads(client)
         except orjson.JSONDecodeError:
@@ -47,9 +80,7 @@ def merge_metadata(team_id: str, team_name: str, request_id: str, client: bytes 
             for key, value in parsed.items():
                 if len(entries) >= MAX_ENTRIES:
                     break
-                if key in entries:
-                    continue
-                if isinstance(value, str | int | float | bool):
+                if _usable(key, value):
                     entries[key] = value
     return header_json(entries), problem
 

@@ -4,6 +4,7 @@ later entries overriding earlier ones. Adding a provider is adding one of those,
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import re
@@ -31,6 +32,23 @@ def load_registry(extra: Path | None = None) -> dict[str, Provider]:
     if extra is not None:
         registry.update(_from_toml(extra, setting="PROVIDERS_FILE"))
     return registry
+
+
+# Headers that carry a credential for some provider or proxy, whatever the provider called.
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "cf-aig-authorization"}
+)
+
+
+@functools.lru_cache(maxsize=8)
+def credential_headers(extra: Path | None = None) -> frozenset[str]:
+    """Every header any registered provider takes a key in (``key_header``, ``team_key_headers``), with
+    ``CREDENTIAL_HEADERS``: none of them is ever forwarded from a client, whichever provider it calls."""
+    names = set(CREDENTIAL_HEADERS)
+    for provider in load_registry(extra).values():
+        names.add(provider.key_header)
+        names.update(provider.team_key_headers)
+    return frozenset(names)
 
 
 def provider_modules() -> list[Provider]:

@@ -9,7 +9,12 @@ an authenticated Cloudflare gateway does.
 
 Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``gzip``,
 ``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``reset`` (before answering),
-``die`` (mid-stream), ``hang``.
+``die`` (mid-stream) and ``hang`` (one event, then a minute of silence), both with
+``?content_type=`` for a body other than an event stream.
+
+SDK calls pick a behaviour by model name instead, for OpenAI chat completions and Anthropic messages
+streamed (``"stream": true``): ``mock-cut`` sends two content events, then resets the connection;
+``mock-stall`` sends one, then sends nothing more for a minute.
 """
 
 from __future__ import annotations
@@ -141,9 +146,9 @@ class MockUpstream:
         body = _json_or_none(record.body)
         stream = isinstance(body, dict) and body.get("stream") is True
         if path.endswith("/chat/completions"):
-            return await (_openai_stream(request) if stream else _openai_completion(body))
+            return await (self._openai_stream(request, body) if stream else _openai_completion(body))
         if path.endswith("/v1/messages"):
-            return await (_anthropic_stream(request) if stream else _anthropic_message(body))
+            return await (self._anthropic_stream(request, body) if stream else _anthropic_message(body))
         if "/@cf/" in path:
             return _json(
                 {
@@ -213,7 +218,8 @@ class MockUpstream:
             request.transport.abort()
             return web.Response()
         if name == "die":
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            content_type = query.get("content_type", "text/event-stream")
+            response = web.StreamResponse(headers={"Content-Type": content_type})
             response.content_length = 1_000_000
             await response.prepare(request)
             await response.write(b'data: {"partial": true}\n\n')
@@ -222,16 +228,49 @@ class MockUpstream:
             request.transport.abort()
             return response
         if name == "hang":
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response = web.StreamResponse(headers={"Content-Type": query.get("content_type", "text/event-stream")})
             await response.prepare(request)
             await response.write(b'data: {"first": true}\n\n')
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                self.events.append(f"hang-cancelled:{time.monotonic()}")
-                raise
+            await self._stall()
             return response
         return _json({"error": f"unknown mock behaviour {name!r}"}, status=404)
+
+    async def _stall(self) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.events.append(f"hang-cancelled:{time.monotonic()}")
+            raise
+
+    async def _stream_events(
+        self, request: web.Request, body: Any, events: list[bytes], headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Write ``events``, or, for the models ``mock-cut`` and ``mock-stall``, the first few then
+        reset the connection or stall."""
+        model = body.get("model") if isinstance(body, dict) else None
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+        await response.prepare(request)
+        if model == "mock-cut":
+            for event in events[:4]:
+                await response.write(event)
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        if model == "mock-stall":
+            for event in events[:3]:
+                await response.write(event)
+            await self._stall()
+        for event in events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    async def _openai_stream(self, request: web.Request, body: Any) -> web.StreamResponse:
+        return await self._stream_events(request, body, _openai_events(), {"x-request-id": "req_upstream_123"})
+
+    async def _anthropic_stream(self, request: web.Request, body: Any) -> web.StreamResponse:
+        return await self._stream_events(request, body, _anthropic_events(), {"request-id": "req_upstream_123"})
 
 
 _CREDENTIALS = frozenset({"authorization", "cf-aig-authorization", "x-api-key", "api-key", "x-goog-api-key"})
@@ -285,9 +324,8 @@ async def _openai_completion(body: Any) -> web.Response:
     )
 
 
-async def _openai_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req_upstream_123"})
-    await response.prepare(request)
+def _openai_events() -> list[bytes]:
+    events = []
     for index, word in enumerate(["Hello", " from", " the", " mock", " upstream"]):
         chunk = {
             "id": "chatcmpl-mock",
@@ -302,7 +340,7 @@ async def _openai_stream(request: web.Request) -> web.StreamResponse:
                 }
             ],
         }
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
     done = {
         "id": "chatcmpl-mock",
         "object": "chat.completion.chunk",
@@ -310,9 +348,8 @@ async def _openai_stream(request: web.Request) -> web.StreamResponse:
         "model": "gpt-4o-mini",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
     }
-    await response.write(b"data: " + orjson.dumps(done) + b"\n\ndata: [DONE]\n\n")
-    await response.write_eof()
-    return response
+    events.append(b"data: " + orjson.dumps(done) + b"\n\ndata: [DONE]\n\n")
+    return events
 
 
 async def _anthropic_message(body: Any) -> web.Response:
@@ -331,9 +368,7 @@ async def _anthropic_message(body: Any) -> web.Response:
     )
 
 
-async def _anthropic_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "request-id": "req_upstream_123"})
-    await response.prepare(request)
+def _anthropic_events() -> list[bytes]:
     events: list[tuple[str, dict[str, Any]]] = [
         (
             "message_start",
@@ -375,10 +410,7 @@ async def _anthropic_stream(request: web.Request) -> web.StreamResponse:
         ),
         ("message_stop", {"type": "message_stop"}),
     ]
-    for name, data in events:
-        await response.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
-    await response.write_eof()
-    return response
+    return [b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n" for name, data in events]
 
 
 async def _sse(request: web.Request, count: int, interval: float) -> web.StreamResponse:

@@ -10,7 +10,9 @@ import socket
 import threading
 import time
 
+import anthropic
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -154,16 +156,111 @@ def test_upstream_errors_pass_through_unchanged(gateway: GatewayProcess, team_ke
     assert httpx.get(f"{gateway.url}/anthropic/_mock/status/529", headers=auth(team_key)).status_code == 529
 
 
-def test_upstream_that_dies_mid_stream_ends_the_response_abruptly(gateway: GatewayProcess, team_key: str) -> None:
+def test_upstream_that_dies_mid_body_ends_the_response_abruptly(gateway: GatewayProcess, team_key: str) -> None:
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        httpx.stream("GET", f"{gateway.url}/openai/_mock/die", headers=auth(team_key)) as response,
+        httpx.stream(
+            "GET", f"{gateway.url}/openai/_mock/die?content_type=application/json", headers=auth(team_key)
+        ) as response,
     ):
         request_id = response.headers["x-gateway-request-id"]
         for _ in response.iter_raw():
             pass
     line = gateway.access_line(request_id)
     assert line["truncated"] is True and line["status"] == 200
+    cut_lines = [entry for entry in gateway.log_lines() if entry.get("request_id") == request_id]
+    assert [(entry["event"], entry["level"]) for entry in cut_lines] == [
+        ("upstream_truncated", "warning"),
+        ("request", "info"),
+    ]
+    assert "without completing response" not in gateway.log_text()
+
+
+def last_event(body: str) -> str:
+    return [event for event in body.split("\n\n") if event.strip()][-1]
+
+
+@pytest.mark.parametrize(
+    ("provider", "check"),
+    [
+        ("openai", lambda event: orjson.loads(event.removeprefix("data: "))["error"]["code"] == "upstream_truncated"),
+        (
+            "anthropic",
+            lambda event: (
+                event.startswith("event: error\ndata: ")
+                and orjson.loads(event.split("data: ", 1)[1])["error"]["type"] == "api_error"
+            ),
+        ),
+        (
+            "google-ai-studio",
+            lambda event: orjson.loads(event.removeprefix("data: "))["error"]["status"] == "UNAVAILABLE",
+        ),
+        ("cohere", lambda event: "ended before" in orjson.loads(event.removeprefix("data: "))["message"]),
+        ("workers-ai", lambda event: orjson.loads(event.removeprefix("data: "))["success"] is False),
+        ("workers-ai/v1", lambda event: orjson.loads(event.removeprefix("data: "))["error"]["type"] == "api_error"),
+    ],
+)
+def test_an_event_stream_cut_by_the_upstream_ends_with_the_providers_error_event(
+    gateway: GatewayProcess, team_key: str, provider: str, check
+) -> None:  # type: ignore[no-untyped-def]
+    # the upstream declares a length, then resets: the client still gets a well-formed end
+    response = httpx.get(f"{gateway.url}/{provider}/_mock/die", headers=auth(team_key))
+    assert response.status_code == 200 and "content-length" not in response.headers
+    assert response.text.startswith('data: {"partial": true}\n\n')
+    assert check(last_event(response.text)), response.text
+    request_id = response.headers["x-gateway-request-id"]
+    assert response.headers["x-gateway-request-id"] in last_event(response.text)
+    assert gateway.access_line(request_id)["truncated"] is True
+
+
+def test_sdks_raise_on_a_stream_cut_by_the_upstream(gateway: GatewayProcess, team_key: str) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=team_key, max_retries=0)
+    received = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in client.chat.completions.create(
+            model="mock-cut", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            received.append(chunk.choices[0].delta.content)
+    assert received == ["Hello", " from", " the", " mock"]
+    assert "ended before" in raised.value.message
+
+    claude = anthropic.Anthropic(base_url=f"{gateway.url}/anthropic", api_key=team_key, max_retries=0)
+    texts: list[str] = []
+    with (
+        pytest.raises(anthropic.APIStatusError) as cut,
+        claude.messages.stream(model="mock-cut", max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as stream,
+    ):
+        texts.extend(stream.text_stream)
+    assert texts == ["Hello", " from"]
+    assert "ended before" in str(cut.value)
+
+
+def test_stream_idle_timeout_ends_a_silent_stream(make_gateway, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(STREAM_IDLE_TIMEOUT_SECONDS="0.5")
+    key = gw.create_key()
+    before = len(upstream.events)
+    response = httpx.get(f"{gw.url}/openai/_mock/hang", headers=auth(key), timeout=30)
+    assert response.text.startswith('data: {"first": true}\n\n')
+    assert orjson.loads(last_event(response.text).removeprefix("data: "))["error"]["code"] == "upstream_truncated"
+    request_id = response.headers["x-gateway-request-id"]
+    assert gw.access_line(request_id)["truncated"] is True
+    idle = [line for line in gw.log_lines() if line.get("event") == "upstream_stream_idle"]
+    assert [(line["request_id"], line["level"]) for line in idle] == [(request_id, "warning")]
+    deadline = time.monotonic() + 5
+    while len(upstream.events) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(upstream.events) > before, "the upstream call was not closed"
+
+    client = openai.OpenAI(base_url=f"{gw.url}/openai/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(
+            model="mock-stall", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            pass
+    # streams that keep talking, however slowly overall, are not cut
+    with httpx.stream("GET", f"{gw.url}/openai/_mock/sse?n=4&interval=0.3", headers=auth(key)) as stream:
+        assert sum(1 for line in stream.iter_lines() if line.startswith("data: {")) == 4
+    assert not [line for line in gw.log_lines() if line.get("level") == "error"]
 
 
 def test_refused_upstream_is_502_shaped_with_request_id(make_gateway) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from service.mock_upstream import MockUpstream
@@ -50,14 +51,47 @@ def test_sigterm_lets_streams_finish_within_the_grace(
         time.sleep(0.3)
         with pytest.raises(httpx.ConnectError):  # no new connections once shutdown started
             httpx.get(f"{gw.url}/healthz", timeout=2)
-        try:
-            events = 1 + sum(1 for line in lines if line.startswith("data:"))
-        except httpx.RemoteProtocolError:
-            assert not completes
+        rest = [line for line in lines if line.startswith("data:")]
+        request_id = response.headers["x-gateway-request-id"]
     assert gw.process.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    events = 1 + len(rest)
     if completes:
         assert events == 21  # every event, then [DONE]
-    else:
+    else:  # cut by the grace: the provider's error event, then a proper end
         assert events < 21
+        assert orjson.loads(rest[-1].removeprefix("data: "))["error"]["code"] == "upstream_truncated"
     log = gw.log_text()
     assert '"event":"gateway_stopped"' in log and "Traceback" not in log
+    assert gw.access_line(request_id)["truncated"] is not completes
+    assert not [line for line in gw.log_lines() if line["level"] in ("error", "critical")]
+
+
+def test_streams_cut_by_the_grace_are_one_warning_each(tmp_path: Path, upstream: MockUpstream) -> None:
+    gw = start(tmp_path, upstream, "1")
+    auth = {"authorization": f"Bearer {gw.create_key()}"}
+    with (
+        httpx.stream("GET", f"{gw.url}/openai/_mock/hang", headers=auth, timeout=30) as stream,
+        httpx.stream("GET", f"{gw.url}/openai/_mock/hang?content_type=application/json", headers=auth) as body,
+    ):
+        stream_lines = stream.iter_lines()
+        assert next(stream_lines).startswith("data:")
+        body_chunks = body.iter_raw()
+        assert next(body_chunks).startswith(b"data:")
+        gw.process.send_signal(signal.SIGTERM)
+        rest = list(stream_lines)
+        with pytest.raises(httpx.RemoteProtocolError):  # not an event stream: an abrupt end
+            list(body_chunks)
+        ids = [stream.headers["x-gateway-request-id"], body.headers["x-gateway-request-id"]]
+    assert gw.process.wait(20) in (0, -signal.SIGTERM)
+    last = [line for line in rest if line.startswith("data:")][-1]
+    assert orjson.loads(last.removeprefix("data: "))["error"]["code"] == "upstream_truncated"
+    lines = gw.log_lines()
+    for request_id in ids:
+        about = [line for line in lines if line.get("request_id") == request_id]
+        assert [(line["event"], line["level"]) for line in about] == [
+            ("stream_cut_by_shutdown", "warning"),
+            ("request", "info"),
+        ]
+        assert about[1]["truncated"] is True
+    assert not [line for line in lines if line["level"] in ("error", "critical")], gw.log_text()
+    assert "CancelledError" not in gw.log_text() and "without completing response" not in gw.log_text()
