@@ -121,6 +121,7 @@ def test_a_locked_database_delays_a_write_without_losing_it(
 ) -> None:
     gw = make_gateway()
     key = gw.create_key("team_locked")
+    assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
     database = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None, timeout=10)
     database.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     results: list[httpx.Response] = []
