@@ -19,7 +19,9 @@ from providers.base import Provider, StreamFormat
 from service.errors import Shape
 
 CATALOG = Path(__file__).with_name("catalog.toml")
-MACHINERY = frozenset({"base", "mount", "paths", "registry", "relay", "upstream"})
+MACHINERY = frozenset(
+    {"base", "cache_scope", "cuts", "headers", "mount", "paths", "registry", "relay", "upstream", "watch"}
+)
 RESERVED = frozenset({"tokens", "healthz", "readyz", "metrics", "openapi.json"})
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _FIELDS = {f.name for f in fields(Provider)} - {"slug"}

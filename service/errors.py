@@ -10,7 +10,8 @@ Hierarchy::
     ├── PayloadTooLarge          413 body over the limit
     ├── ServiceUnavailable       503 not configured, or the store is down
     ├── UpstreamUnavailable      502 the upstream refused or reset before answering
-    └── UpstreamTimeout          504 no upstream response headers in time
+    ├── UpstreamTimeout          504 no upstream response headers in time
+    └── UpstreamTruncated        502 the upstream's stream ended early (sent as the stream's last event)
 
 ``render(error, shape, request_id)`` turns one into the JSON body a client of that shape expects, so
 the OpenAI and Anthropic SDKs raise their usual exceptions (``AuthenticationError`` for 401, …).
@@ -90,6 +91,13 @@ class UpstreamTimeout(GatewayError):
     openai_type = "api_error"
     anthropic_type = "timeout_error"
     code = "upstream_timeout"
+
+
+class UpstreamTruncated(GatewayError):
+    status = 502
+    openai_type = "api_error"
+    anthropic_type = "api_error"
+    code = "upstream_truncated"
 
 
 _GOOGLE_STATUS = {

@@ -1,0 +1,118 @@
+"""The relay's one timer per request: the header deadline, the disconnect watch, the idle stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import Message, Receive
+
+# A request still running after this long gets a task that watches for the client leaving; a
+# short one never pays for it. Either way a disconnect cancels the upstream call within this bound.
+WATCH_AFTER_SECONDS = 0.02
+NOT_READING = float("inf")
+
+
+class Exchange:
+    """Per-request state shared by the relay and its one timer.
+
+    The timer first fires ``WATCH_AFTER_SECONDS`` after the request went upstream: a request that
+    is done by then costs one timer handle and nothing else. Otherwise it starts a task that
+    watches for the client leaving, then fires again at the header deadline. Both the deadline and
+    the watcher cancel the relay's task with a flag set, which the relay turns into a 504 or a
+    quiet end.
+    """
+
+    __slots__ = (
+        "body_done",
+        "client_gone",
+        "deadline",
+        "finished",
+        "idle",
+        "idle_timer",
+        "idled",
+        "loop",
+        "reading_since",
+        "receive",
+        "task",
+        "timed_out",
+        "timer",
+        "too_large",
+        "waiting_headers",
+        "watcher",
+    )
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.loop = task.get_loop()
+        self.receive = receive
+        self.body_done = False
+        self.client_gone = False
+        self.too_large = False
+        self.timed_out = False
+        self.finished = False
+        self.waiting_headers = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.idle = 0.0
+        self.idled = False
+        self.reading_since = NOT_READING
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def arm(self, timeout: float) -> None:
+        self.waiting_headers = True
+        now = self.loop.time()
+        self.deadline = now + timeout
+        self.timer = self.loop.call_at(min(self.deadline, now + WATCH_AFTER_SECONDS), self._tick)
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
+        now = self.loop.time()
+        if self.waiting_headers and now >= self.deadline and not self.client_gone:
+            self.timed_out = True
+            self.task.cancel()
+            return
+        if self.body_done and self.watcher is None:
+            self.watcher = self.loop.create_task(self._watch())
+        if not self.body_done:
+            self.timer = self.loop.call_at(min(self.deadline, now + WATCH_AFTER_SECONDS), self._tick)
+        elif self.waiting_headers:
+            self.timer = self.loop.call_at(self.deadline, self._tick)
+
+    def watch_idle(self, idle: float) -> None:
+        """Cancel the relay (with ``idled`` set) once it has waited ``idle`` seconds for one chunk.
+
+        The relay only stamps ``reading_since`` around each read (``NOT_READING`` while it sends to
+        a slow client): the timer checks the stamp when it fires and re-arms itself, so a chunk
+        costs no timer work."""
+        self.idle = idle
+        self.idle_timer = self.loop.call_at(self.loop.time() + idle, self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        if self.finished:
+            return
+        now = self.loop.time()
+        since = self.reading_since
+        if now - since >= self.idle:
+            self.idled = True
+            self.task.cancel()
+            return
+        self.idle_timer = self.loop.call_at(min(since, now) + self.idle, self._idle_tick)
+
+    async def _watch(self) -> None:
+        message: Message = await self.receive()
+        if message["type"] == "http.disconnect" and not self.finished and not self.timed_out:
+            self.client_gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
