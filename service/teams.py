@@ -56,6 +56,10 @@ class TeamDirectory:
         """Known keys, by digest: at most one entry per key the store holds."""
         self._misses: dict[str, None] = {}
         """Digests the store does not know, oldest first (a dict keeps insertion order)."""
+        self._verified: dict[str, None] = {}
+        """Digests the store has known in this process, oldest first, kept when the cache is emptied:
+        not an authority (the store is), only what tells a real key from a guess when the auth
+        middleware holds back an address presenting unknown keys."""
         self._loading: dict[str, asyncio.Future[Team]] = {}
         self._marker: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -156,6 +160,10 @@ class TeamDirectory:
             return UNKNOWN
         return team
 
+    def verified(self, digest: str) -> bool:
+        """Whether the store has known this digest in this process (even if since revoked)."""
+        return digest in self._verified
+
     def _remember_miss(self, digest: str) -> None:
         misses = self._misses
         if self.max_cached_misses <= 0:
@@ -186,6 +194,10 @@ class TeamDirectory:
                 self._remember_miss(digest)
             else:
                 self._cache[digest] = team
+        if team is not UNKNOWN and digest not in self._verified:
+            if len(self._verified) >= MAX_TRACKED_KEYS:
+                del self._verified[next(iter(self._verified))]
+            self._verified[digest] = None
         future.set_result(team)
         return team
 
