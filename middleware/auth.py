@@ -5,11 +5,12 @@ The key is taken from ``Authorization: Bearer sk_…`` (OpenAI SDK, curl), ``x-a
 cached valid key costs a dict read and nothing more; an uncached one one store query. A missing or
 unknown key gets a 401 shaped as the provider's error, and nothing reaches the upstream.
 
-Key guessing: each client address may present ``UNKNOWN_KEY_LIMIT`` unknown keys a minute. Past
-that, until its minute is over, its requests with a key not already known to be valid get a 429
-(with ``retry-after``) without a store query; keys this process has seen valid keep working (even
-just after the cache was emptied by a write), so a guessing neighbour behind the same address never
-locks out a real key. The address is the
+Key guessing: each client address may present ``UNKNOWN_KEY_LIMIT`` unknown keys a minute that
+cost a store query (a key already cached as unknown, such as a revoked key a client keeps retrying,
+costs nothing and is not counted). Past that, until its minute is over, its requests with a key not
+already known to be valid get a 429 (with ``retry-after``) without a store query; keys this process
+has seen valid keep working (even just after the cache was emptied by a write), so a guessing
+neighbour behind the same address never locks out a real key. The address is the
 connection's peer, or, when the peer is one of ``TRUSTED_PROXIES``, the right-most
 ``X-Forwarded-For`` entry that is not itself a trusted proxy.
 """
@@ -198,11 +199,11 @@ class Auth:
                     error = ServiceUnavailable("The key store is unavailable; try again shortly.")
                     await send_error(send, error, info.error_shape, info.request_id)
                     return
+                if team is UNKNOWN and address is not None and guard is not None:
+                    guard.unknown(address)  # a store query spent on a key nobody has
             else:
                 metrics.cache_hits += 1
             if team is UNKNOWN:
-                if address is not None and guard is not None:
-                    guard.unknown(address)
                 await send_error(send, INVALID, info.error_shape, info.request_id)
                 return
         else:

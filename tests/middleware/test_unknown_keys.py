@@ -152,3 +152,18 @@ def test_a_limit_of_zero_turns_the_brake_off(make_gateway: Callable[..., Gateway
     gw = make_gateway(UNKNOWN_KEY_LIMIT="0")
     assert {guess(gw).status_code for _ in range(40)} == {401}
     assert flood_lines(gw, deadline_seconds=0) == []
+
+
+def test_a_revoked_key_retried_is_not_guessing(make_gateway: Callable[..., GatewayProcess]) -> None:
+    """Only unknown keys that cost a store query count: a client retrying its revoked key many times,
+    then switching to its new key, is not held back."""
+    gw = make_gateway(UNKNOWN_KEY_LIMIT="3")
+    old, new = gw.create_key("team_retry"), gw.create_key("team_retry")
+    assert (
+        httpx.delete(f"{gw.url}/tokens/{old}", headers={"authorization": f"Bearer {gw.admin_key}"}).status_code == 204
+    )
+    retried = {
+        httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {old}"}).status_code for _ in range(20)
+    }
+    assert retried == {401}
+    assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {new}"}).status_code == 200
