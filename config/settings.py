@@ -7,6 +7,7 @@ message names the variable, which start-up prints as one line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -49,9 +50,9 @@ class Settings:
     metrics_port: int | None = None
     """``METRICS_PORT``: serve /metrics on this port only, not on the public one."""
     metrics_token: str | None = None
+    """``METRICS_TOKEN``: the bearer /metrics needs on the public port (else the admin key)."""
     cors_allow_origins: tuple[str, ...] = ()
     """``CORS_ALLOW_ORIGINS``: browser origins allowed to call the gateway (``*`` for any); empty: CORS off."""
-    """``METRICS_TOKEN``: the bearer /metrics needs on the public port (else the admin key)."""
     shutdown_grace_seconds: int = 30
     stream_idle_timeout_seconds: float | None = None
     """``STREAM_IDLE_TIMEOUT_SECONDS``: end an event stream whose upstream sends nothing this long
@@ -59,6 +60,14 @@ class Settings:
     cf_aig_allowed_headers: tuple[str, ...] = ()
     """``CF_AIG_ALLOWED_HEADERS``: ``cf-aig-*`` headers teams may set beyond the built-in list."""
     cf_account_id: str | None = None
+    self_service_rotation: bool = True
+    """``SELF_SERVICE_ROTATION``: a key alone may rotate itself (the original Worker); ``False``
+    requires the admin bearer for ``POST /tokens/{apiKey}/refresh``."""
+    unknown_key_limit: int = 30
+    """``UNKNOWN_KEY_LIMIT``: unknown-key attempts per minute per client address before its
+    not-known-valid keys get 429; 0 disables."""
+    trusted_proxies: tuple[str, ...] = ()
+    """``TRUSTED_PROXIES``: IPs and CIDRs (normalised) whose ``X-Forwarded-For`` names the client."""
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
     providers are mounted, since only then is it known which slugs exist)."""
@@ -111,6 +120,9 @@ class Settings:
             ),
             stream_idle_timeout_seconds=_seconds("STREAM_IDLE_TIMEOUT_SECONDS", get("STREAM_IDLE_TIMEOUT_SECONDS")),
             cf_aig_allowed_headers=_cf_aig_headers(get("CF_AIG_ALLOWED_HEADERS")),
+            self_service_rotation=_boolean("SELF_SERVICE_ROTATION", get("SELF_SERVICE_ROTATION"), True),
+            unknown_key_limit=_whole_number("UNKNOWN_KEY_LIMIT", get("UNKNOWN_KEY_LIMIT"), 30),
+            trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
             provider_env=_provider_env(values),
         )
 
@@ -306,3 +318,37 @@ def _log_level(raw: str | None) -> str:
     if level not in LOG_LEVELS:
         raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
     return level
+
+
+def _boolean(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value not in ("true", "false"):
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    return value == "true"
+
+
+def _whole_number(name: str, raw: str | None, default: int) -> int:
+    """A whole number of ASCII digits, 0 included."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise SettingsError(f"{name} must be a whole number (0 disables), got {raw!r}")
+    return int(raw)
+
+
+def _networks(name: str, raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    found: list[str] = []
+    for part in raw.split(","):
+        text = part.strip()
+        if not text:
+            continue
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise SettingsError(f"{name} must be comma-separated IP addresses or CIDRs, got {text!r}") from None
+        found.append(str(network))
+    return tuple(dict.fromkeys(found))

@@ -153,6 +153,7 @@ class RequestContext:
                         "bytes_in": info.bytes_in,
                         "bytes_out": info.bytes_out,
                         "team_id": team.team_id if team is not None else None,
+                        "key_id": team.key_id if team is not None else None,
                         "provider": info.provider,
                         "truncated": info.truncated,
                     }

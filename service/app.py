@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings, SettingsError
 from config.logging import configure_logging
-from middleware.context import SCOPE_KEY, RequestContext
+from middleware.auth import UnknownKeyGuard
+from middleware.context import SCOPE_KEY, RequestContext, RequestInfo
 from providers.mount import ProviderMount, mount_providers
 from service import tokens
 from service.errors import AuthenticationFailed, Forbidden, GatewayError, NotFound, ServiceUnavailable
@@ -102,7 +103,8 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         metrics_server = await serve_metrics(metrics, settings.metrics_port) if settings.metrics_port else None
         tune_gc()
         try:
-            yield {"http": session, "teams": teams, "store": store, "metrics": metrics}
+            guard = UnknownKeyGuard(settings.unknown_key_limit, settings.trusted_proxies)
+            yield {"http": session, "teams": teams, "store": store, "metrics": metrics, "guard": guard}
         finally:
             if metrics_server is not None:
                 await metrics_server.cleanup()
@@ -188,6 +190,14 @@ async def store_error(request: Request, exc: Exception) -> Response:
     return await gateway_error(request, ServiceUnavailable("The key store is unavailable; try again shortly."))
 
 
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """Any other failure: a JSON 500 with the request id, never Starlette's text/plain one. Starlette
+    re-raises the exception after this answer; ``RequestContext`` logs it with its traceback."""
+    info: RequestInfo | None = request.scope.get(SCOPE_KEY)
+    suffix = f" (request id: {info.request_id})" if info is not None else ""
+    return JSONResponse({"error": "The gateway failed to handle this request." + suffix}, status_code=500)
+
+
 async def client_gone(request: Request, exc: Exception) -> Response:
     """The client left while its body was being read: nothing to answer, 499 in the access line."""
     return Response(status_code=499)
@@ -253,8 +263,12 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
             StoreUnavailableError: store_error,
             HTTPException: http_error,
             ClientDisconnect: client_gone,
+            Exception: unexpected_error,
         },
     )
+    # no redirect to the slash-less path: its absolute Location would be built from the client's
+    # Host header, with whatever the path carries (a key) in it; such paths get a JSON 404 instead
+    starlette.router.redirect_slashes = False
     starlette.state.settings = settings
     starlette.state.openapi = OPENAPI.read_bytes()
     try:

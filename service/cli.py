@@ -1,12 +1,15 @@
 """The ``gateway`` command: serve, manage keys on the configured database, check the set-up.
 
     gateway serve [--host H] [--port P] [--workers N]
-    gateway tokens create --team T [--name N] | list [--limit N] | show KEY | rotate KEY | revoke KEY
+    gateway tokens create --team T [--name N] | list [--limit N] [--team T] | show KEY | rotate KEY | revoke KEY
+    gateway keys show KEYID | revoke KEYID
+    gateway teams revoke-keys TEAMID
     gateway check
     gateway mock-upstream [--port P] [--token T]
 
 Key commands work on the database directly (no HTTP call, no admin key), so the first key needs
-nothing running. Tables for people, ``--json`` for scripts. Exit codes: 0 done, 1 no such key,
+nothing running. Team ids and names are checked as the token API checks them. Tables for people
+(non-printable characters escaped), ``--json`` for scripts. Exit codes: 0 done, 1 no such key,
 2 usage, 3 configuration error, 4 store or Cloudflare AI Gateway unreachable or refusing.
 Errors are one line on stderr.
 """
@@ -17,8 +20,10 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,9 +31,20 @@ import orjson
 import structlog
 
 from config import Settings, SettingsError
+from service.errors import BadRequest
 from service.store import StoreUnavailableError, TokenRecord, store_for
+from service.store.migrations import latest_version
 from service.teams import TeamDirectory
-from service.tokens import MAX_NAME, MAX_TEAM_ID, issued_json, record_json, team_json
+from service.tokens import (
+    MAX_NAME,
+    MAX_PAGE,
+    MAX_TEAM_ID,
+    check_text,
+    issued_json,
+    record_json,
+    team_json,
+    whole_number,
+)
 
 OK, NOT_FOUND, USAGE, CONFIGURATION, UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -39,8 +55,19 @@ class CommandFailed(Exception):
         self.code = code
 
 
+def printable(value: object) -> str:
+    """A value for a terminal: ``None`` as nothing, non-printable characters (terminal escapes,
+    newlines) as their Python escapes, so stored text cannot drive the terminal."""
+    if value is None:
+        return ""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[("" if row.get(c) is None else str(row[c])) for c in columns] for row in rows]
+    cells = [[printable(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
@@ -52,7 +79,7 @@ def emit(args: argparse.Namespace, rows: Sequence[dict[str, Any]], columns: Sequ
         print(orjson.dumps(rows[0] if single else list(rows), option=orjson.OPT_INDENT_2).decode())
     elif single:
         width = max(len(c) for c in columns)
-        print("\n".join(f"{c.ljust(width)}  {'' if rows[0].get(c) is None else rows[0][c]}" for c in columns))
+        print("\n".join(f"{c.ljust(width)}  {printable(rows[0].get(c))}" for c in columns))
     else:
         print(table(rows, columns))
 
@@ -66,36 +93,38 @@ async def with_directory(settings: Settings, work: Callable[[TeamDirectory], Awa
         await store.close()
 
 
+RECORD_COLUMNS = ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"]
+
+
+def checked(value: str, option: str, limit: int) -> str:
+    """A team id or name, checked exactly as the token API checks it."""
+    try:
+        return check_text(value, option, limit)
+    except BadRequest as exc:
+        raise CommandFailed(exc.message, USAGE) from None
+
+
 def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
-    team_columns = ["apiKey", "teamId", "name", "createdAt"]
+    team_columns = ["apiKey", "keyId", "teamId", "name", "createdAt"]
 
     async def create(directory: TeamDirectory) -> int:
-        if not args.team.strip() or len(args.team) > MAX_TEAM_ID or (args.name and len(args.name) > MAX_NAME):
-            raise CommandFailed(f"--team must be 1-{MAX_TEAM_ID} characters and --name at most {MAX_NAME}", USAGE)
-        key, team = await directory.issue(args.team, args.name or args.team)
+        team_id = checked(args.team, "--team", MAX_TEAM_ID)
+        name = team_id if args.name is None else checked(args.name, "--name", MAX_NAME)
+        key, team = await directory.issue(team_id, name)
         emit(args, [issued_json(key, team)], team_columns, single=True)
         return OK
 
     async def listing(directory: TeamDirectory) -> int:
-        rows: list[tuple[TokenRecord, str]] = await directory.store.list(args.limit)
-        emit(
-            args,
-            [record_json(record) for record, _ in rows],
-            ["keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"],
-            single=False,
-        )
+        team_id = None if args.team is None else checked(args.team, "--team", MAX_TEAM_ID)
+        rows: list[tuple[TokenRecord, str]] = await directory.store.list(args.limit, None, team_id)
+        emit(args, [record_json(record) for record, _ in rows], RECORD_COLUMNS, single=False)
         return OK
 
     async def show(directory: TeamDirectory) -> int:
         team = await directory.resolve(args.key)
         if team is None:
             raise CommandFailed("no such key", NOT_FOUND)
-        emit(
-            args,
-            [team_json(team)],
-            ["teamId", "name", "createdAt"],
-            single=True,
-        )
+        emit(args, [team_json(team)], ["keyId", "teamId", "name", "createdAt"], single=True)
         return OK
 
     async def rotate(directory: TeamDirectory) -> int:
@@ -114,6 +143,36 @@ def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
 
     work = {"create": create, "list": listing, "show": show, "rotate": rotate, "revoke": revoke}[args.action]
     return asyncio.run(with_directory(settings, work))
+
+
+def keys_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Keys by their id (``key_…``), for when the key itself is not at hand."""
+
+    async def show(directory: TeamDirectory) -> int:
+        record = await directory.find(args.key_id)
+        if record is None:
+            raise CommandFailed("no such key", NOT_FOUND)
+        emit(args, [record_json(record)], RECORD_COLUMNS, single=True)
+        return OK
+
+    async def revoke(directory: TeamDirectory) -> int:
+        if not await directory.revoke_id(args.key_id):
+            raise CommandFailed("no such key", NOT_FOUND)
+        emit(args, [{"revoked": True, "keyId": args.key_id}], ["revoked", "keyId"], single=True)
+        return OK
+
+    return asyncio.run(with_directory(settings, {"show": show, "revoke": revoke}[args.action]))
+
+
+def teams_command(args: argparse.Namespace, settings: Settings) -> int:
+    team_id = checked(args.team_id, "TEAMID", MAX_TEAM_ID)
+
+    async def revoke_keys(directory: TeamDirectory) -> int:
+        revoked = await directory.revoke_team(team_id)
+        emit(args, [{"teamId": team_id, "revoked": revoked}], ["teamId", "revoked"], single=True)
+        return OK
+
+    return asyncio.run(with_directory(settings, revoke_keys))
 
 
 async def reach_gateway(settings: Settings) -> tuple[bool, str]:
@@ -152,16 +211,14 @@ def check_command(args: argparse.Namespace, settings: Settings) -> int:
         }
     )
 
+    if settings.admin_api_key:
+        rows.append({"check": "admin_api_key", "ok": True, "detail": "set"})
+    else:
+        rows.append({"check": "admin_api_key", "ok": False, "warning": True, "detail": "unset — token API disabled"})
+
     async def store_and_gateway() -> None:
-        store = store_for(settings)
-        try:
-            await store.open()
-            await store.ping()
-            rows.append({"check": "store", "ok": True, "detail": "reachable, schema up to date"})
-        except StoreUnavailableError as exc:
-            rows.append({"check": "store", "ok": False, "detail": str(exc)})
-        finally:
-            await store.close()
+        ok, detail = await inspect_store(settings)
+        rows.append({"check": "store", "ok": ok, "detail": detail})
         ok, verdict = await reach_gateway(settings)
         rows.append({"check": "ai_gateway", "ok": ok, "detail": verdict})
 
@@ -170,9 +227,55 @@ def check_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(orjson.dumps({"ok": healthy, "checks": rows}, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(table([{**r, "ok": "ok" if r["ok"] else "FAIL"} for r in rows], ["check", "ok", "detail"]))
+        shown = [{**r, "ok": "ok" if r["ok"] else "WARN" if r.get("warning") else "FAIL"} for r in rows]
+        print(table(shown, ["check", "ok", "detail"]))
         print("\nverdict: " + ("ready to serve" if healthy else "not ready"))
     return OK if healthy else UNAVAILABLE
+
+
+def schema_verdict(version: int) -> tuple[bool, str]:
+    latest = latest_version()
+    if version == latest:
+        return True, "reachable, schema up to date"
+    if version < latest:
+        return True, f"reachable, schema at version {version} of {latest}: the rest is applied at start"
+    return False, f"reachable, but its schema (version {version}) is newer than this gateway's ({latest})"
+
+
+async def inspect_store(settings: Settings) -> tuple[bool, str]:
+    """Reach the database without changing it: no file created, no migration applied."""
+    if settings.database_dsn is not None:
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(settings.database_dsn, timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return False, f"cannot reach PostgreSQL: {type(exc).__name__}: {exc}"
+        try:
+            exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            version = await conn.fetchval("SELECT max(version) FROM schema_migrations") if exists else 0
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return False, f"PostgreSQL refused the schema check: {type(exc).__name__}: {exc}"
+        finally:
+            await conn.close()
+        return schema_verdict(int(version or 0))
+    assert settings.database_path is not None
+    return sqlite_verdict(settings.database_path)
+
+
+def sqlite_verdict(path: Path) -> tuple[bool, str]:
+    if not path.exists():
+        return True, f"no database yet at {path}: it is created at first start (or by gateway tokens create)"
+    try:
+        db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, timeout=5)
+        try:
+            tables = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'").fetchone()
+            version = db.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] if tables else 0
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return False, f"cannot read SQLite database at {path}: {exc}"
+    return schema_verdict(int(version or 0))
 
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -211,6 +314,20 @@ def mock_upstream_command(args: argparse.Namespace, settings: Settings) -> int:
     return OK
 
 
+def page_limit(raw: str) -> int:
+    value = whole_number(raw)
+    if value is None or not 1 <= value <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_PAGE}, got {raw!r}")
+    return value
+
+
+def port_number(raw: str) -> int:
+    value = whole_number(raw)
+    if value is None or not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {raw!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gateway", description="AI gateway: serve, manage team keys, check set-up.")
     top.add_argument("--json", action="store_true", help="machine-readable output")
@@ -227,8 +344,9 @@ def parser() -> argparse.ArgumentParser:
     create = actions.add_parser("create", help="issue a key for a team")
     create.add_argument("--team", required=True, help="team id (1-128 characters)")
     create.add_argument("--name", help="team name (defaults to the team id)")
-    listing = actions.add_parser("list", help="list keys (prefixes only, never the keys)")
-    listing.add_argument("--limit", type=int, default=100)
+    listing = actions.add_parser("list", help="list keys (ids and prefixes only, never the keys)")
+    listing.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
+    listing.add_argument("--team", help="only this team's keys")
     for name, text in (("show", "show a key's team"), ("rotate", "replace a key"), ("revoke", "delete a key")):
         action = actions.add_parser(name, help=text)
         action.add_argument("key", help="the team key, sk_…")
@@ -236,13 +354,30 @@ def parser() -> argparse.ArgumentParser:
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     tokens.set_defaults(run=tokens_command)
 
+    keys = commands.add_parser("keys", help="show and revoke keys by their id (key_…), without the key")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    for name, text in (("show", "show a key by its id"), ("revoke", "revoke a key by its id")):
+        action = key_actions.add_parser(name, help=text)
+        action.add_argument("key_id", metavar="KEYID", help="the key's id, key_…")
+    for action in (*key_actions.choices.values(), keys):
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    keys.set_defaults(run=keys_command)
+
+    teams = commands.add_parser("teams", help="act on every key of a team")
+    team_actions = teams.add_subparsers(dest="action", required=True)
+    revoke_keys = team_actions.add_parser("revoke-keys", help="revoke every key of a team")
+    revoke_keys.add_argument("team_id", metavar="TEAMID")
+    for action in (revoke_keys, teams):
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    teams.set_defaults(run=teams_command)
+
     check = commands.add_parser("check", help="validate settings, reach the store and Cloudflare AI Gateway")
     check.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     check.set_defaults(run=check_command)
 
     mock = commands.add_parser("mock-upstream", help="run the bundled fake Cloudflare AI Gateway")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8788)
+    mock.add_argument("--port", type=port_number, default=8788)
     mock.add_argument("--token", default=None, help="require cf-aig-authorization: Bearer TOKEN")
     mock.add_argument("--show", action="store_true", help="print one JSON line per request received")
     mock.set_defaults(run=mock_upstream_command)

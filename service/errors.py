@@ -8,6 +8,7 @@ Hierarchy::
     ├── Forbidden                403 the feature is switched off
     ├── NotFound                 404 unknown route or token
     ├── PayloadTooLarge          413 body over the limit
+    ├── TooManyRequests          429 an address presenting too many unknown keys
     ├── ServiceUnavailable       503 not configured, or the store is down
     ├── UpstreamUnavailable      502 the upstream refused or reset before answering
     ├── UpstreamTimeout          504 no upstream response headers in time
@@ -72,6 +73,13 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class TooManyRequests(GatewayError):
+    status = 429
+    openai_type = "rate_limit_error"
+    anthropic_type = "rate_limit_error"
+    code = "rate_limited"
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     openai_type = "api_error"
@@ -106,6 +114,7 @@ _GOOGLE_STATUS = {
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
     502: "UNAVAILABLE",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",

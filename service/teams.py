@@ -2,7 +2,9 @@
 
 The request path looks a key up with ``peek`` (a dict read, no await) and only on a miss awaits
 ``load``, which asks the store once per digest however many requests wait for it. Hits and misses
-are both cached. Freshness: this process's own writes drop their entries at once; other processes'
+are both cached, apart: known keys in a map bounded by the number of keys, unknown digests in a
+first-in-first-out set of at most ``max_cached_misses``, so a flood of random keys evicts only older
+misses, never a known key. Freshness: this process's own writes drop their entries at once; other processes'
 writes arrive as store notifications where the store has them (PostgreSQL LISTEN/NOTIFY), and in
 any case are noticed by polling the store's change marker every ``refresh_seconds`` (well within the
 1-second revocation bound), which empties the cache.
@@ -23,7 +25,7 @@ from typing import Final
 import structlog
 
 from service import keys
-from service.store import StoreUnavailableError, Team, TokenStore
+from service.store import StoreUnavailableError, Team, TokenRecord, TokenStore
 from service.store.base import utc_timestamp
 
 log = structlog.get_logger("gateway.teams")
@@ -37,14 +39,27 @@ LAST_USED_EVERY_SECONDS = 60.0
 
 
 class TeamDirectory:
-    def __init__(self, store: TokenStore, refresh_seconds: float = 0.25, outage_grace_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        refresh_seconds: float = 0.25,
+        outage_grace_seconds: float = 60.0,
+        max_cached_misses: int = MAX_CACHED_MISSES,
+    ) -> None:
         self.store = store
         self.refresh_seconds = refresh_seconds
         self.outage_grace_seconds = outage_grace_seconds
+        self.max_cached_misses = max_cached_misses
         self.outage_since: float | None = None
         """Monotonic time the store stopped answering; ``None`` while it answers."""
         self._cache: dict[str, Team] = {}
-        self._misses = 0
+        """Known keys, by digest: at most one entry per key the store holds."""
+        self._misses: dict[str, None] = {}
+        """Digests the store does not know, oldest first (a dict keeps insertion order)."""
+        self._verified: dict[str, None] = {}
+        """Digests the store has known in this process, oldest first, kept when the cache is emptied:
+        not an authority (the store is), only what tells a real key from a guess when the auth
+        middleware holds back an address presenting unknown keys."""
         self._loading: dict[str, asyncio.Future[Team]] = {}
         self._marker: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -67,8 +82,14 @@ class TeamDirectory:
         if digest is None:
             self.clear()
         else:
-            self._generation += 1
+            self.forget(digest)
+
+    def forget(self, *digests: str) -> None:
+        """Drop what is cached for these digests, and keep in-flight lookups from caching it again."""
+        self._generation += 1
+        for digest in digests:
             self._cache.pop(digest, None)
+            self._misses.pop(digest, None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -130,11 +151,26 @@ class TeamDirectory:
     def clear(self) -> None:
         self._generation += 1
         self._cache.clear()
-        self._misses = 0
+        self._misses.clear()
 
     def peek(self, digest: str) -> Team | None:
         """The cached answer (``UNKNOWN`` for a cached miss), or ``None`` when not cached."""
-        return self._cache.get(digest)
+        team = self._cache.get(digest)
+        if team is None and digest in self._misses:
+            return UNKNOWN
+        return team
+
+    def verified(self, digest: str) -> bool:
+        """Whether the store has known this digest in this process (even if since revoked)."""
+        return digest in self._verified
+
+    def _remember_miss(self, digest: str) -> None:
+        misses = self._misses
+        if self.max_cached_misses <= 0:
+            return
+        while len(misses) >= self.max_cached_misses:
+            del misses[next(iter(misses))]  # the oldest miss; known keys are elsewhere
+        misses[digest] = None
 
     async def load(self, digest: str) -> Team:
         """Ask the store (once per digest for all waiters) and cache the answer, unless the cache
@@ -155,10 +191,13 @@ class TeamDirectory:
             del self._loading[digest]
         if generation == self._generation:
             if team is UNKNOWN:
-                if self._misses >= MAX_CACHED_MISSES:
-                    self.clear()
-                self._misses += 1
-            self._cache[digest] = team
+                self._remember_miss(digest)
+            else:
+                self._cache[digest] = team
+        if team is not UNKNOWN and digest not in self._verified:
+            if len(self._verified) >= MAX_TRACKED_KEYS:
+                del self._verified[next(iter(self._verified))]
+            self._verified[digest] = None
         future.set_result(team)
         return team
 
@@ -167,29 +206,27 @@ class TeamDirectory:
         if not keys.is_well_formed(key):
             return None
         digest = keys.digest(key)
-        team = self._cache.get(digest) or await self.load(digest)
+        team = self.peek(digest) or await self.load(digest)
         return None if team is UNKNOWN else team
 
     # Writes (token API): through to the store, then drop what this process cached.
 
     async def issue(self, team_id: str, name: str) -> tuple[str, Team]:
-        team = Team(team_id=team_id, name=name, created_at=utc_timestamp())
+        team = Team(team_id=team_id, name=name, created_at=utc_timestamp(), key_id=keys.new_key_id())
         key = keys.new_key()
         digest = keys.digest(key)
         await self.store.create(digest, team, key[:8])
-        self._generation += 1
-        self._cache.pop(digest, None)  # a cached miss for this key would otherwise refuse it
+        self.forget(digest)  # a cached miss for this key would otherwise refuse it
         return key, team
 
     async def rotate(self, key: str) -> tuple[str, Team] | None:
+        """A new secret for the same key: same id, team, name and creation time."""
         if not keys.is_well_formed(key):
             return None
         new_key = keys.new_key()
         old, new = keys.digest(key), keys.digest(new_key)
         team = await self.store.replace(old, new, new_key[:8])
-        self._generation += 1
-        self._cache.pop(old, None)
-        self._cache.pop(new, None)
+        self.forget(old, new)
         return None if team is None else (new_key, team)
 
     async def revoke(self, key: str) -> bool:
@@ -197,6 +234,27 @@ class TeamDirectory:
             return False
         digest = keys.digest(key)
         deleted = await self.store.delete(digest)
-        self._generation += 1
-        self._cache.pop(digest, None)
+        self.forget(digest)
         return deleted
+
+    async def find(self, key_id: str) -> TokenRecord | None:
+        """The key with this id (``key_…``), or ``None`` when it is malformed or unknown."""
+        if not keys.is_key_id(key_id):
+            return None
+        return await self.store.find(key_id)
+
+    async def revoke_id(self, key_id: str) -> bool:
+        """Revoke a key by its id, without its secret."""
+        if not keys.is_key_id(key_id):
+            return False
+        digest = await self.store.delete_id(key_id)
+        if digest is None:
+            return False
+        self.forget(digest)
+        return True
+
+    async def revoke_team(self, team_id: str) -> int:
+        """Revoke every key of a team; how many there were."""
+        digests = await self.store.delete_team(team_id)
+        self.forget(*digests)
+        return len(digests)

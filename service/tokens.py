@@ -2,9 +2,13 @@
 
 - ``POST /tokens`` (admin) issues a key for a team;
 - ``GET /tokens/{apiKey}`` shows the key's team (possession of the key is the authority);
-- ``POST /tokens/{apiKey}/refresh`` rotates it (same team, name and creation time);
+- ``POST /tokens/{apiKey}/refresh`` rotates it (same key id, team, name and creation time); the key
+  alone suffices unless ``SELF_SERVICE_ROTATION=false``, which requires the admin bearer;
 - ``DELETE /tokens/{apiKey}`` (admin) revokes it;
-- ``GET /tokens`` (admin) lists keys page by page: prefix, team, name, creation and last use.
+- ``GET /tokens`` (admin) lists keys page by page: id, prefix, team, name, creation and last use;
+- ``GET /keys/{keyId}`` and ``DELETE /keys/{keyId}`` (admin) show and revoke a key by its id,
+  without its secret;
+- ``DELETE /teams/{teamId}/keys`` (admin) revokes every key of a team.
 
 Errors are ``{"error": "…"}`` with the right status, never a 500.
 """
@@ -30,6 +34,29 @@ MAX_PAGE = 500
 MAX_TEAM_ID = 128
 MAX_NAME = 256
 NOT_FOUND_MESSAGE = "Token not found"
+KEY_NOT_FOUND_MESSAGE = "Key not found"
+
+
+def whole_number(raw: str) -> int | None:
+    """``raw`` as a whole number when it is ASCII digits only, else ``None`` (superscript and
+    fullwidth digits, signs, spaces and underscores, which ``int`` would take or trip on, are refused)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        return None
+    return int(raw)
+
+
+def check_text(value: object, field: str, limit: int) -> str:
+    """A team id or name as the API and the CLI accept it: a non-blank string of printable
+    characters, at most ``limit`` of them; a ``BadRequest`` naming ``field`` otherwise."""
+    if not isinstance(value, str):
+        raise BadRequest(f"'{field}' must be a string.")
+    if not value.strip():
+        raise BadRequest(f"'{field}' must not be empty.")
+    if not value.isprintable():
+        raise BadRequest(f"'{field}' must not contain control characters.")
+    if len(value) > limit:
+        raise BadRequest(f"'{field}' must be at most {limit} characters.")
+    return value
 
 
 def _teams(request: Request) -> TeamDirectory:
@@ -50,8 +77,8 @@ def require_admin(request: Request) -> None:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    declared = whole_number(request.headers.get("content-length") or "")
+    if declared is not None and declared > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"Request body exceeds {MAX_BODY_BYTES} bytes.")
     body = bytearray()
     async for chunk in request.stream():
@@ -72,20 +99,11 @@ def _text_field(payload: dict[str, Any], field: str, limit: int, *, required: bo
         if required:
             raise BadRequest(f"'{field}' is required.")
         return None
-    value = payload[field]
-    if not isinstance(value, str):
-        raise BadRequest(f"'{field}' must be a string.")
-    if not value.strip():
-        raise BadRequest(f"'{field}' must not be empty.")
-    if not value.isprintable():
-        raise BadRequest(f"'{field}' must not contain control characters.")
-    if len(value) > limit:
-        raise BadRequest(f"'{field}' must be at most {limit} characters.")
-    return value
+    return check_text(payload[field], field, limit)
 
 
 def team_json(team: Team) -> dict[str, str]:
-    return {"teamId": team.team_id, "name": team.name, "createdAt": team.created_at}
+    return {"keyId": team.key_id, "teamId": team.team_id, "name": team.name, "createdAt": team.created_at}
 
 
 def issued_json(key: str, team: Team) -> dict[str, str]:
@@ -113,6 +131,8 @@ async def show_token(request: Request) -> Response:
 
 
 async def refresh_token(request: Request) -> Response:
+    if not request.app.state.settings.self_service_rotation:
+        require_admin(request)
     rotated = await _teams(request).rotate(request.path_params["api_key"])
     if rotated is None:
         raise NotFound(NOT_FOUND_MESSAGE)
@@ -141,6 +161,7 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 def record_json(record: TokenRecord) -> dict[str, str | None]:
     return {
+        "keyId": record.key_id,
         "keyPrefix": record.key_prefix + "…" if record.key_prefix else None,
         "teamId": record.team_id,
         "name": record.name,
@@ -152,15 +173,41 @@ def record_json(record: TokenRecord) -> dict[str, str | None]:
 async def list_tokens(request: Request) -> Response:
     """Admin: a page of keys in creation order, never the keys themselves."""
     require_admin(request)
-    raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+    limit = whole_number(request.query_params.get("limit", str(DEFAULT_PAGE)))
+    if limit is None or not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"'limit' must be a whole number from 1 to {MAX_PAGE}.")
-    limit = int(raw_limit)
     cursor = request.query_params.get("cursor")
-    rows = await _teams(request).store.list(limit + 1, decode_cursor(cursor) if cursor else None)
+    team_id = request.query_params.get("teamId")
+    if team_id is not None:
+        check_text(team_id, "teamId", MAX_TEAM_ID)
+    rows = await _teams(request).store.list(limit + 1, decode_cursor(cursor) if cursor else None, team_id)
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1][0].created_at, page[-1][1]) if len(rows) > limit else None
     return JSONResponse({"tokens": [record_json(record) for record, _ in page], "nextCursor": next_cursor})
+
+
+async def show_key(request: Request) -> Response:
+    """Admin: a key by its id (team, name, id, prefix, creation, last use), never the key."""
+    require_admin(request)
+    record = await _teams(request).find(request.path_params["key_id"])
+    if record is None:
+        raise NotFound(KEY_NOT_FOUND_MESSAGE)
+    return JSONResponse(record_json(record))
+
+
+async def revoke_key(request: Request) -> Response:
+    """Admin: revoke a key by its id, when its secret is not at hand (or was rotated by someone else)."""
+    require_admin(request)
+    if not await _teams(request).revoke_id(request.path_params["key_id"]):
+        raise NotFound(KEY_NOT_FOUND_MESSAGE)
+    return Response(status_code=204)
+
+
+async def revoke_team_keys(request: Request) -> Response:
+    """Admin: revoke every key of a team; how many there were (0 is not an error)."""
+    require_admin(request)
+    team_id = check_text(request.path_params["team_id"], "teamId", MAX_TEAM_ID)
+    return JSONResponse({"revoked": await _teams(request).revoke_team(team_id)})
 
 
 routes = [
@@ -169,4 +216,7 @@ routes = [
     Route("/tokens/{api_key}", show_token, methods=["GET"]),
     Route("/tokens/{api_key}", revoke_token, methods=["DELETE"]),
     Route("/tokens/{api_key}/refresh", refresh_token, methods=["POST"]),
+    Route("/keys/{key_id}", show_key, methods=["GET"]),
+    Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
+    Route("/teams/{team_id:path}/keys", revoke_team_keys, methods=["DELETE"]),
 ]

@@ -104,6 +104,9 @@ SETTINGS = (
     "WEB_CONCURRENCY",
     "PORT",
     "PROMETHEUS_MULTIPROC_DIR",
+    "SELF_SERVICE_ROTATION",
+    "UNKNOWN_KEY_LIMIT",
+    "TRUSTED_PROXIES",
 )
 
 
@@ -146,6 +149,7 @@ def start_gateway(env: dict[str, str], tmp: Path, *, workers: int = 1, port: int
         "httptools",
         "--no-access-log",
         "--no-server-header",
+        "--no-proxy-headers",  # as the Procfile: X-Forwarded-For is the gateway's own business (TRUSTED_PROXIES)
     ]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -25,12 +25,15 @@ class Team:
     team_id: str
     name: str
     created_at: str
+    key_id: str = ""
+    """The key's stable, non-secret id (``key_`` + 16 hex), kept across rotation."""
 
 
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
-    """A key as listed: never the key, only its first characters."""
+    """A key as listed: never the key, only its id and first characters."""
 
+    key_id: str
     key_prefix: str
     team_id: str
     name: str
@@ -46,18 +49,30 @@ class TokenStore(Protocol):
     async def ping(self) -> None:
         """Raise ``StoreUnavailableError`` unless the database answers."""
 
-    async def create(self, digest: str, team: Team, key_prefix: str) -> None: ...
+    async def create(self, digest: str, team: Team, key_prefix: str) -> None:
+        """Store a new key; ``team.key_id`` is its id."""
 
     async def get(self, digest: str) -> Team | None: ...
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
-        """Move a key's record to a new digest (rotation); ``None`` if the old one is unknown."""
+        """Move a key's record to a new digest (rotation), keeping its id; ``None`` if the old one is unknown."""
 
     async def delete(self, digest: str) -> bool: ...
 
-    async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
-        """Up to ``limit`` keys in creation order after the ``(created_at, digest)`` position, each
-        with its digest (the position to continue from)."""
+    async def find(self, key_id: str) -> TokenRecord | None:
+        """The key with this id, or ``None``."""
+
+    async def delete_id(self, key_id: str) -> str | None:
+        """Delete the key with this id; its digest (for dropping it from caches), or ``None`` if unknown."""
+
+    async def delete_team(self, team_id: str) -> list[str]:
+        """Delete every key of a team; the digests deleted."""
+
+    async def list(
+        self, limit: int, after: tuple[str, str] | None = None, team_id: str | None = None
+    ) -> list[tuple[TokenRecord, str]]:
+        """Up to ``limit`` keys (of one team, when ``team_id`` is given) in creation order after the
+        ``(created_at, digest)`` position, each with its digest (the position to continue from)."""
 
     async def touch(self, used: dict[str, str]) -> None:
         """Record ``last_used_at`` for the given digests (digest → timestamp)."""

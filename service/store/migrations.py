@@ -1,5 +1,8 @@
 """Numbered SQL migrations shared by every store: ``migrations/NNNN_name.sql``, applied in order once.
 
+A migration the two databases cannot share (a function one of them lacks) comes as one file per
+dialect, ``NNNN_name.sqlite.sql`` and ``NNNN_name.postgresql.sql``, under one number and name.
+
 Each store records what it applied in ``schema_migrations`` and applies the rest at start-up while
 holding a lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), so many processes
 starting at once migrate once.
@@ -10,9 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+Dialect = Literal["sqlite", "postgresql"]
+DIALECTS: tuple[Dialect, ...] = ("sqlite", "postgresql")
 DIRECTORY = Path(__file__).with_name("migrations")
-_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)(?:\.(sqlite|postgresql))?\.sql")
 CREATE_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
     "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
@@ -26,16 +32,32 @@ class Migration:
     statements: tuple[str, ...]
 
 
-def migrations(directory: Path = DIRECTORY) -> list[Migration]:
-    found = []
+def migrations(dialect: Dialect, directory: Path = DIRECTORY) -> list[Migration]:
+    """The migrations for one database, in order: the shared files and that dialect's own."""
+    found: dict[int, Migration] = {}
+    dialects_of: dict[int, set[str]] = {}
     for path in sorted(directory.glob("*.sql")):
         match = _NAME.fullmatch(path.name)
         if match is None:
-            raise RuntimeError(f"migration file name must look like 0001_name.sql: {path.name}")
+            raise RuntimeError(f"migration file name must look like 0001_name.sql or 0001_name.sqlite.sql: {path.name}")
+        version, name, only = int(match.group(1)), match.group(2), match.group(3)
+        dialects_of.setdefault(version, set()).add(only or "shared")
+        if only is not None and only != dialect:
+            continue
         text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("--"))
         statements = tuple(part.strip() for part in text.split(";") if part.strip())
-        found.append(Migration(int(match.group(1)), match.group(2), statements))
-    versions = [m.version for m in found]
+        if version in found:
+            raise RuntimeError(f"two migrations numbered {version:04d} for {dialect}")
+        found[version] = Migration(version, name, statements)
+    for version, kinds in dialects_of.items():
+        if kinds != {"shared"} and kinds != set(DIALECTS):
+            raise RuntimeError(f"migration {version:04d} needs one file per dialect ({', '.join(DIALECTS)})")
+    versions = sorted(found)
     if versions != list(range(1, len(found) + 1)):
         raise RuntimeError(f"migrations must be numbered 1, 2, 3, … without gaps; found {versions}")
-    return found
+    return [found[v] for v in versions]
+
+
+def latest_version() -> int:
+    """The schema version a store has once every migration is applied."""
+    return len(migrations("sqlite"))

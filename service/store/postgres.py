@@ -1,9 +1,10 @@
 """The shared store for several processes and replicas: PostgreSQL through an asyncpg pool.
 
 Every write bumps ``gateway_state.version`` and sends ``NOTIFY gateway_tokens, '<digest>'`` in its
-transaction. Each process listens on a connection of its own and drops the named key from its cache
-at once; the version is the change marker its cache also polls, should a notification be missed
-(for instance while the listening connection reconnects).
+transaction (an empty payload when several keys changed at once: anything may have changed). Each
+process listens on a connection of its own and drops the named key from its cache at once; the
+version is the change marker its cache also polls, should a notification be missed (for instance
+while the listening connection reconnects).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CHANNEL = "gateway_tokens"
 MIGRATION_LOCK = 0x6761_7465_7761_79  # "gateway": one advisory lock id for every replica
 DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 RECONNECT_SECONDS = 1.0
+RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
 
 
 class PostgresStore:
@@ -60,7 +62,7 @@ class PostgresStore:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(CREATE_TABLE)
             applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-            for migration in migrations():
+            for migration in migrations("postgresql"):
                 if migration.version in applied:
                     continue
                 for statement in migration.statements:
@@ -90,15 +92,24 @@ class PostgresStore:
         except DB_ERRORS as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _write(self, query: str, *args: Any, notify: str) -> Any:
-        """Run a write; when it changed a row, bump the change counter and notify, atomically."""
+    async def _write(self, query: str, *args: Any, notify: str | None) -> Any:
+        """Run a write returning at most one row; when it changed one, bump the change counter and
+        notify (``notify=None``: with the row's first column, the digest), atomically."""
+        rows = await self._write_all(query, *args, notify=notify)
+        return rows[0] if rows else None
+
+    async def _write_all(self, query: str, *args: Any, notify: str | None) -> list[Any]:
+        """Run a write returning the rows it changed; if any, bump the change counter and notify
+        once: ``notify``, else the one row's digest (first column), else ``''`` (anything changed)."""
         try:
             async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
-                row = await conn.fetchrow(query, *args)
-                if row is not None:
+                rows = list(await conn.fetch(query, *args))
+                if rows:
+                    if notify is None:
+                        notify = str(rows[0][0]) if len(rows) == 1 else ""
                     await conn.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notify)
-                return row
+                return rows
         except DB_ERRORS as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -107,46 +118,69 @@ class PostgresStore:
 
     async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         await self._write(
-            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES ($1, $2, $3, $4, $5)"
-            " RETURNING 1",
+            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix, key_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1",
             digest,
             team.team_id,
             team.name,
             team.created_at,
             key_prefix,
+            team.key_id,
             notify=digest,
         )
 
     async def get(self, digest: str) -> Team | None:
-        row = await self._fetchrow("SELECT team_id, name, created_at FROM tokens WHERE digest = $1", digest)
-        return Team(row[0], row[1], row[2]) if row else None
+        row = await self._fetchrow("SELECT team_id, name, created_at, key_id FROM tokens WHERE digest = $1", digest)
+        return Team(row[0], row[1], row[2], row[3]) if row else None
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         row = await self._write(
-            "UPDATE tokens SET digest = $1, key_prefix = $3 WHERE digest = $2 RETURNING team_id, name, created_at",
+            "UPDATE tokens SET digest = $1, key_prefix = $3 WHERE digest = $2"
+            " RETURNING team_id, name, created_at, key_id",
             new_digest,
             old_digest,
             new_prefix,
             notify=old_digest,
         )
-        return Team(row[0], row[1], row[2]) if row else None
+        return Team(row[0], row[1], row[2], row[3]) if row else None
 
     async def delete(self, digest: str) -> bool:
         row = await self._write("DELETE FROM tokens WHERE digest = $1 RETURNING 1", digest, notify=digest)
         return row is not None
 
-    async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
-        query = "SELECT key_prefix, team_id, name, created_at, last_used_at, digest FROM tokens"
+    async def find(self, key_id: str) -> TokenRecord | None:
+        query = "SELECT " + RECORD_COLUMNS + " FROM tokens WHERE key_id = $1"  # noqa: S608 (constants only)
+        row = await self._fetchrow(query, key_id)
+        return TokenRecord(*row[:6]) if row else None
+
+    async def delete_id(self, key_id: str) -> str | None:
+        row = await self._write("DELETE FROM tokens WHERE key_id = $1 RETURNING digest", key_id, notify=None)
+        return str(row[0]) if row else None
+
+    async def delete_team(self, team_id: str) -> list[str]:
+        rows = await self._write_all("DELETE FROM tokens WHERE team_id = $1 RETURNING digest", team_id, notify=None)
+        return [str(row[0]) for row in rows]
+
+    async def list(
+        self, limit: int, after: tuple[str, str] | None = None, team_id: str | None = None
+    ) -> list[tuple[TokenRecord, str]]:
+        conditions: list[str] = []
+        args: list[object] = []
+        if team_id is not None:
+            args.append(team_id)
+            conditions.append(f"team_id = ${len(args)}")
+        if after is not None:
+            args.extend(after)
+            conditions.append(f"(created_at, digest) > (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
+        order = f" ORDER BY created_at, digest LIMIT ${len(args)}"
+        query = "SELECT " + RECORD_COLUMNS + " FROM tokens" + where + order  # noqa: S608 (constants and $n only)
         try:
-            if after is None:
-                rows = await self.pool.fetch(query + " ORDER BY created_at, digest LIMIT $1", limit)
-            else:
-                rows = await self.pool.fetch(
-                    query + " WHERE (created_at, digest) > ($1, $2) ORDER BY created_at, digest LIMIT $3", *after, limit
-                )
+            rows = await self.pool.fetch(query, *args)
         except DB_ERRORS as exc:
             raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        return [(TokenRecord(*row[:5]), row[5]) for row in rows]
+        return [(TokenRecord(*row[:6]), row[6]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
         try:

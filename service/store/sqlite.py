@@ -18,6 +18,8 @@ import aiosqlite
 from service.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
 from service.store.migrations import CREATE_TABLE, migrations
 
+RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
+
 
 class SQLiteStore:
     def __init__(self, path: Path) -> None:
@@ -53,7 +55,7 @@ class SQLiteStore:
             await db.execute(CREATE_TABLE)
             async with db.execute("SELECT version FROM schema_migrations") as cur:
                 applied = {row[0] for row in await cur.fetchall()}
-            for migration in migrations():
+            for migration in migrations("sqlite"):
                 if migration.version in applied:
                     continue
                 for statement in migration.statements:
@@ -79,18 +81,24 @@ class SQLiteStore:
             raise StoreUnavailableError(str(exc)) from exc
 
     async def _write(self, query: str, params: tuple[object, ...]) -> Any:
-        """Run a key write; when it changed a row, bump the change counter in the same transaction."""
+        """Run a key write returning at most one row; when it changed one, bump the change counter
+        in the same transaction."""
+        rows = await self._write_all(query, params)
+        return rows[0] if rows else None
+
+    async def _write_all(self, query: str, params: tuple[object, ...]) -> list[Any]:
+        """Run a key write returning the rows it changed; bump the change counter if there are any."""
         db = self.db
         async with self._writing:  # one transaction at a time on this connection
             return await self._write_locked(db, query, params)
 
-    async def _write_locked(self, db: aiosqlite.Connection, query: str, params: tuple[object, ...]) -> Any:
+    async def _write_locked(self, db: aiosqlite.Connection, query: str, params: tuple[object, ...]) -> list[Any]:
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
                 async with db.execute(query, params) as cur:
-                    row = await cur.fetchone()
-                if row is not None:
+                    rows = list(await cur.fetchall())
+                if rows:
                     await db.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
                 await db.execute("COMMIT")
             except BaseException:
@@ -98,46 +106,71 @@ class SQLiteStore:
                 raise
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
-        return row
+        return rows
 
     async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         await self._write(
-            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES (?, ?, ?, ?, ?) RETURNING 1",
-            (digest, team.team_id, team.name, team.created_at, key_prefix),
+            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix, key_id) VALUES (?, ?, ?, ?, ?, ?)"
+            " RETURNING 1",
+            (digest, team.team_id, team.name, team.created_at, key_prefix, team.key_id),
         )
 
     async def get(self, digest: str) -> Team | None:
         try:
             async with self.db.execute(
-                "SELECT team_id, name, created_at FROM tokens WHERE digest = ?", (digest,)
+                "SELECT team_id, name, created_at, key_id FROM tokens WHERE digest = ?", (digest,)
             ) as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
-        return Team(row[0], row[1], row[2]) if row else None
+        return Team(row[0], row[1], row[2], row[3]) if row else None
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         row = await self._write(
-            "UPDATE tokens SET digest = ?, key_prefix = ? WHERE digest = ? RETURNING team_id, name, created_at",
+            "UPDATE tokens SET digest = ?, key_prefix = ? WHERE digest = ? RETURNING team_id, name, created_at, key_id",
             (new_digest, new_prefix, old_digest),
         )
-        return Team(row[0], row[1], row[2]) if row else None
+        return Team(row[0], row[1], row[2], row[3]) if row else None
 
     async def delete(self, digest: str) -> bool:
         return await self._write("DELETE FROM tokens WHERE digest = ? RETURNING 1", (digest,)) is not None
 
-    async def list(self, limit: int, after: tuple[str, str] | None = None) -> list[tuple[TokenRecord, str]]:
-        query = "SELECT key_prefix, team_id, name, created_at, last_used_at, digest FROM tokens"
-        params: tuple[object, ...] = (limit,)
-        if after is not None:
-            query += " WHERE (created_at, digest) > (?, ?)"
-            params = (*after, limit)
+    async def find(self, key_id: str) -> TokenRecord | None:
         try:
-            async with self.db.execute(query + " ORDER BY created_at, digest LIMIT ?", params) as cur:
+            query = "SELECT " + RECORD_COLUMNS + " FROM tokens WHERE key_id = ?"  # noqa: S608 (constants only)
+            async with self.db.execute(query, (key_id,)) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return TokenRecord(*row[:6]) if row else None
+
+    async def delete_id(self, key_id: str) -> str | None:
+        row = await self._write("DELETE FROM tokens WHERE key_id = ? RETURNING digest", (key_id,))
+        return str(row[0]) if row else None
+
+    async def delete_team(self, team_id: str) -> list[str]:
+        rows = await self._write_all("DELETE FROM tokens WHERE team_id = ? RETURNING digest", (team_id,))
+        return [str(row[0]) for row in rows]
+
+    async def list(
+        self, limit: int, after: tuple[str, str] | None = None, team_id: str | None = None
+    ) -> list[tuple[TokenRecord, str]]:
+        conditions: list[str] = []
+        params: list[object] = []
+        if team_id is not None:
+            conditions.append("team_id = ?")
+            params.append(team_id)
+        if after is not None:
+            conditions.append("(created_at, digest) > (?, ?)")
+            params.extend(after)
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
+        query = "SELECT " + RECORD_COLUMNS + " FROM tokens" + where + " ORDER BY created_at, digest LIMIT ?"  # noqa: S608
+        try:
+            async with self.db.execute(query, (*params, limit)) as cur:
                 rows = await cur.fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailableError(str(exc)) from exc
-        return [(TokenRecord(*row[:5]), row[5]) for row in rows]
+        return [(TokenRecord(*row[:6]), row[6]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
         try:

@@ -28,14 +28,18 @@ def test_key_lifecycle_on_the_database_directly(tmp_path: Path, upstream: MockUp
     assert "team_cli" in created.stdout and "CLI Team" in created.stdout
 
     as_json = orjson.loads(gateway(env, "tokens", "create", "--team", "team_two", "--json").stdout)
-    assert set(as_json) == {"apiKey", "teamId", "name", "createdAt"} and as_json["name"] == "team_two"
+    assert set(as_json) == {"apiKey", "keyId", "teamId", "name", "createdAt"} and as_json["name"] == "team_two"
+    assert re.fullmatch(r"key_[0-9a-f]{16}", as_json["keyId"])
 
     listed = gateway(env, "tokens", "list", "--json")
     rows = orjson.loads(listed.stdout)
     assert [row["teamId"] for row in rows] == ["team_cli", "team_two"]
     assert rows[0]["keyPrefix"] == key[:8] + "…" and key not in listed.stdout
+    assert rows[1]["keyId"] == as_json["keyId"]
     table = gateway(env, "tokens", "list").stdout.splitlines()
-    assert table[0].split() == ["keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"] and len(table) == 3
+    assert table[0].split() == ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"] and len(table) == 3
+    only = orjson.loads(gateway(env, "tokens", "list", "--team", "team_two", "--json").stdout)
+    assert [row["keyId"] for row in only] == [as_json["keyId"]]
 
     # the first key works through a gateway on the same database, no HTTP call or admin key needed
     served = start_gateway(env, tmp_path)
@@ -45,9 +49,11 @@ def test_key_lifecycle_on_the_database_directly(tmp_path: Path, upstream: MockUp
     finally:
         served.stop()
 
-    assert orjson.loads(gateway(env, "tokens", "show", key, "--json").stdout)["teamId"] == "team_cli"
-    rotated = orjson.loads(gateway(env, "tokens", "rotate", key, "--json").stdout)["apiKey"]
-    assert rotated != key
+    shown = orjson.loads(gateway(env, "tokens", "show", key, "--json").stdout)
+    assert shown["teamId"] == "team_cli" and shown["keyId"] == rows[0]["keyId"]
+    rotated_json = orjson.loads(gateway(env, "tokens", "rotate", key, "--json").stdout)
+    rotated = rotated_json["apiKey"]
+    assert rotated != key and rotated_json["keyId"] == shown["keyId"]
     missing = gateway(env, "tokens", "show", key)
     assert missing.returncode == 1 and missing.stderr.strip() == "gateway: no such key" and missing.stdout == ""
     assert gateway(env, "tokens", "revoke", rotated).returncode == 0
@@ -67,10 +73,27 @@ def test_errors_are_one_line_with_meaningful_exit_codes(tmp_path: Path) -> None:
 
 
 def test_check_gives_a_verdict(tmp_path: Path, upstream: MockUpstream) -> None:
+    fresh = gateway(gateway_env(upstream.url, tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/new/g.db"), "check")
+    assert fresh.returncode == 0 and "no database yet at" in fresh.stdout, fresh.stdout
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+    assert gateway(gateway_env(upstream.url, tmp_path), "tokens", "create", "--team", "t").returncode == 0
     good = gateway(gateway_env(upstream.url, tmp_path), "check", "--json")
     report = orjson.loads(good.stdout)
-    assert good.returncode == 0 and report["ok"] is True
-    assert {row["check"] for row in report["checks"]} == {"settings", "providers", "store", "ai_gateway"}
+    assert good.returncode == 0 and report["ok"] is True, good.stdout
+    assert {row["check"] for row in report["checks"]} == {
+        "settings",
+        "providers",
+        "admin_api_key",
+        "store",
+        "ai_gateway",
+    }
+    store = next(row for row in report["checks"] if row["check"] == "store")
+    assert store["detail"] == "reachable, schema up to date"
+
+    no_admin = gateway(gateway_env(upstream.url, tmp_path, ADMIN_API_KEY=""), "check")
+    assert no_admin.returncode == 4 and "verdict: not ready" in no_admin.stdout
+    assert "unset — token API disabled" in no_admin.stdout and "WARN" in no_admin.stdout
 
     wrong_token = gateway(gateway_env(upstream.url, tmp_path, AI_GATEWAY_TOKEN="not-the-token"), "check")
     assert wrong_token.returncode == 4 and "refused AI_GATEWAY_TOKEN" in wrong_token.stdout
@@ -134,3 +157,91 @@ def test_serve_runs_the_gateway(tmp_path: Path, upstream: MockUpstream) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+def test_keys_by_id_and_a_teams_keys(tmp_path: Path) -> None:
+    env = gateway_env(None, tmp_path)
+    first = orjson.loads(gateway(env, "tokens", "create", "--team", "team_a", "--json").stdout)
+    second = orjson.loads(gateway(env, "tokens", "create", "--team", "team_a", "--json").stdout)
+    other = orjson.loads(gateway(env, "tokens", "create", "--team", "team_b", "--json").stdout)
+    shown = gateway(env, "keys", "show", first["keyId"], "--json")
+    record = orjson.loads(shown.stdout)
+    assert record["keyId"] == first["keyId"] and record["keyPrefix"] == first["apiKey"][:8] + "…"
+    assert first["apiKey"] not in shown.stdout
+    assert "keyPrefix" in gateway(env, "keys", "show", first["keyId"]).stdout
+
+    assert gateway(env, "keys", "revoke", first["keyId"]).returncode == 0
+    for command in (
+        ("keys", "revoke", first["keyId"]),
+        ("keys", "show", first["keyId"]),
+        ("tokens", "show", first["apiKey"]),
+    ):
+        missing = gateway(env, *command)
+        assert missing.returncode == 1 and missing.stderr.strip() == "gateway: no such key"
+    assert gateway(env, "keys", "show", "key_nothex").returncode == 1
+
+    revoked = orjson.loads(gateway(env, "teams", "revoke-keys", "team_a", "--json").stdout)
+    assert revoked == {"teamId": "team_a", "revoked": 1}
+    assert gateway(env, "tokens", "show", second["apiKey"]).returncode == 1
+    assert gateway(env, "tokens", "show", other["apiKey"]).returncode == 0
+    assert "0" in gateway(env, "teams", "revoke-keys", "team_a").stdout
+
+
+def test_team_ids_names_and_limits_are_checked_as_the_api_checks_them(tmp_path: Path) -> None:
+    env = gateway_env(None, tmp_path)
+    for arguments in (
+        ("--team", "team\x1b[2J"),
+        ("--team", "ok", "--name", "evil\x1b]0;owned\x07"),
+        ("--team", "ok", "--name", "two\nlines"),
+        ("--team", "   "),
+        ("--team", "t" * 129),
+        ("--team", "ok", "--name", ""),
+    ):
+        refused = gateway(env, "tokens", "create", *arguments)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, (arguments, refused.stderr)
+        assert "\x1b" not in refused.stderr
+    for limit in ("-5", "0", "501", "\u00b2", "\uff15", "1_0", " 5"):
+        refused = gateway(env, "tokens", "list", "--limit", limit)
+        assert refused.returncode == 2 and "--limit" in refused.stderr, (limit, refused.stderr)
+    assert gateway(env, "tokens", "list", "--limit", "500").returncode == 0
+    assert gateway(env, "mock-upstream", "--port", "\uff18\uff17\uff18\uff18").returncode == 2
+
+
+def test_tables_escape_what_would_drive_the_terminal(tmp_path: Path) -> None:
+    """Names stored before the CLI checked them (or by an older version) print escaped."""
+    import sqlite3
+
+    env = gateway_env(None, tmp_path)
+    created = orjson.loads(gateway(env, "tokens", "create", "--team", "team_esc", "--json").stdout)
+    with sqlite3.connect(tmp_path / "gateway.db") as db:
+        db.execute("UPDATE tokens SET name = ?", ("evil\x1b[2J\x9b31m\nname",))
+    for command in (("tokens", "list"), ("keys", "show", created["keyId"]), ("tokens", "show", created["apiKey"])):
+        out = gateway(env, *command).stdout
+        assert "\x1b" not in out and "\x9b" not in out and "evil\\x1b[2J\\x9b31m\\nname" in out, out
+    as_json = orjson.loads(gateway(env, "tokens", "list", "--json").stdout)
+    assert as_json[0]["name"] == "evil\x1b[2J\x9b31m\nname"  # JSON carries it exactly, escaped by JSON itself
+
+
+def test_check_reads_postgresql_without_migrating_it(tmp_path: Path, upstream: MockUpstream, pg_dsn: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    empty = gateway(gateway_env(upstream.url, tmp_path, DATABASE_URL=pg_dsn), "check", "--json")
+    store = next(row for row in orjson.loads(empty.stdout)["checks"] if row["check"] == "store")
+    assert store["ok"] is True and "schema at version 0" in store["detail"], store
+
+    async def tables() -> list[str]:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            return [
+                row[0]
+                for row in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+            ]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(tables()) == []
+    assert gateway(gateway_env(upstream.url, tmp_path, DATABASE_URL=pg_dsn), "tokens", "list").returncode == 0
+    migrated = gateway(gateway_env(upstream.url, tmp_path, DATABASE_URL=pg_dsn), "check")
+    assert migrated.returncode == 0 and "schema up to date" in migrated.stdout

@@ -35,14 +35,22 @@ def documented() -> set[tuple[str, str, str]]:
 def test_every_route_of_the_app_is_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     app = create_app(Settings(database_path=tmp_path / "g.db"))
+    names = {"{api_key}": "{apiKey}", "{key_id}": "{keyId}", "{team_id:path}": "{teamId}"}
+
+    def documented_path(path: str) -> str:
+        for name, shown in names.items():
+            path = path.replace(name, shown)
+        return path
+
     routes = {
-        (route.path.replace("{api_key}", "{apiKey}"), method)
+        (documented_path(route.path), method)
         for route in app.app.fallback.routes  # type: ignore[attr-defined]
         if isinstance(route, Route)
         for method in (route.methods or ()) - {"HEAD"}
     }
     assert routes == {(path, method) for path, method, _ in documented()}
-    jsonschema.Draft202012Validator.check_schema(SPEC["components"]["schemas"]["KeyListing"])
+    for schema in SPEC["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
 
 
 def check(response: httpx.Response, path: str, method: str, produced: set[tuple[str, str, str]]) -> None:
@@ -78,6 +86,19 @@ def test_every_documented_response_is_produced(
     check(rotated, "/tokens/{apiKey}/refresh", "POST", produced)
     check(httpx.post(f"{url}/tokens/{api_key}/refresh"), "/tokens/{apiKey}/refresh", "POST", produced)
     new_key = rotated.json()["apiKey"]
+    key_id = rotated.json()["keyId"]
+    check(httpx.get(f"{url}/tokens?teamId=team_doc", headers=ADMIN), "/tokens", "GET", produced)
+    check(httpx.get(f"{url}/keys/{key_id}", headers=ADMIN), "/keys/{keyId}", "GET", produced)
+    check(httpx.get(f"{url}/keys/{key_id}"), "/keys/{keyId}", "GET", produced)
+    check(httpx.get(f"{url}/keys/key_0000000000000000", headers=ADMIN), "/keys/{keyId}", "GET", produced)
+    other = httpx.post(f"{url}/tokens", json={"teamId": "team_doc_2"}, headers=ADMIN).json()
+    check(httpx.delete(f"{url}/keys/{other['keyId']}"), "/keys/{keyId}", "DELETE", produced)
+    check(httpx.delete(f"{url}/keys/{other['keyId']}", headers=ADMIN), "/keys/{keyId}", "DELETE", produced)
+    check(httpx.delete(f"{url}/keys/{other['keyId']}", headers=ADMIN), "/keys/{keyId}", "DELETE", produced)
+    httpx.post(f"{url}/tokens", json={"teamId": "team_doc_3"}, headers=ADMIN)
+    check(httpx.delete(f"{url}/teams/team_doc_3/keys"), "/teams/{teamId}/keys", "DELETE", produced)
+    check(httpx.delete(f"{url}/teams/team_doc_3/keys", headers=ADMIN), "/teams/{teamId}/keys", "DELETE", produced)
+    check(httpx.delete(f"{url}/teams/%1B/keys", headers=ADMIN), "/teams/{teamId}/keys", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}"), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
@@ -89,9 +110,13 @@ def test_every_documented_response_is_produced(
     check(served, "/openapi.json", "GET", produced)
     assert served.json() == SPEC
 
-    no_admin = make_gateway(ADMIN_API_KEY="")
+    no_admin = make_gateway(ADMIN_API_KEY="", SELF_SERVICE_ROTATION="false")
     check(httpx.post(f"{no_admin.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
     check(httpx.get(f"{no_admin.url}/metrics"), "/metrics", "GET", produced)
+    refresh = f"/tokens/sk_{'0' * 64}/refresh"
+    check(httpx.post(no_admin.url + refresh), "/tokens/{apiKey}/refresh", "POST", produced)
+    admin_rotation = make_gateway(SELF_SERVICE_ROTATION="false")
+    check(httpx.post(admin_rotation.url + refresh), "/tokens/{apiKey}/refresh", "POST", produced)
 
     outage = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"))
     pg_proxy.down()

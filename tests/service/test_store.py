@@ -4,14 +4,20 @@ cache in front of them."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
+import aiosqlite
+import asyncpg
 import pytest
 
 from service import keys
 from service.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
+from service.store.migrations import CREATE_TABLE, migrations
 from service.store.postgres import PostgresStore
-from service.teams import TeamDirectory
+from service.teams import UNKNOWN, TeamDirectory
+
+KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -32,11 +38,17 @@ async def open_store(location: str | Path) -> TokenStore:
 
 async def test_store_round_trip(location: str) -> None:
     store = await open_store(location)
-    team = Team("team_1", "Acme", "2025-01-09T12:00:00.000Z")
+    team = Team("team_1", "Acme", "2025-01-09T12:00:00.000Z", "key_0123456789abcdef")
     await store.create("a" * 64, team, "sk_aaaaa")
     assert await store.get("a" * 64) == team
     assert await store.get("b" * 64) is None
-    assert await store.replace("a" * 64, "c" * 64, "sk_ccccc") == team
+    assert await store.replace("a" * 64, "c" * 64, "sk_ccccc") == team  # the same key id after rotation
+    record = await store.find("key_0123456789abcdef")
+    assert record is not None and (record.key_prefix, record.team_id, record.key_id) == (
+        "sk_ccccc",
+        "team_1",
+        "key_0123456789abcdef",
+    )
     assert await store.get("a" * 64) is None
     assert await store.replace("a" * 64, "d" * 64, "sk_ddddd") is None
     assert await store.delete("c" * 64) is True
@@ -46,10 +58,10 @@ async def test_store_round_trip(location: str) -> None:
 
 async def test_reopening_keeps_data(location: str) -> None:
     store = await open_store(location)
-    await store.create("a" * 64, Team("t", "n", "c"), "sk_aaaaa")
+    await store.create("a" * 64, Team("t", "n", "c", "key_aaaaaaaaaaaaaaaa"), "sk_aaaaa")
     await store.close()
     again = await open_store(location)
-    assert await again.get("a" * 64) == Team("t", "n", "c")
+    assert await again.get("a" * 64) == Team("t", "n", "c", "key_aaaaaaaaaaaaaaaa")
     await again.close()
 
 
@@ -74,7 +86,7 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
             rows = await cur.fetchall()
         async with probe.db.execute("SELECT count(*) FROM gateway_state") as cur:
             state = (await cur.fetchone())[0]  # type: ignore[index]
-    assert [tuple(row) for row in rows] == [(1, "tokens"), (2, "change_counter"), (3, "listing")]
+    assert [tuple(row) for row in rows] == [(1, "tokens"), (2, "change_counter"), (3, "listing"), (4, "key_ids")]
     assert state == 1
     await probe.close()
 
@@ -89,7 +101,7 @@ async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
 async def test_change_marker_moves_when_another_connection_writes(location: str) -> None:
     mine, theirs = await open_store(location), await open_store(location)
     before = await mine.change_marker()
-    await theirs.create("a" * 64, Team("t", "n", "c"), "sk_aaaaa")
+    await theirs.create("a" * 64, Team("t", "n", "c", "key_aaaaaaaaaaaaaaaa"), "sk_aaaaa")
     assert await mine.change_marker() != before
     await mine.close()
     await theirs.close()
@@ -178,15 +190,22 @@ async def test_unreachable_postgres_is_a_store_error() -> None:
 async def test_listing_pages_in_creation_order_and_last_use(location: str) -> None:
     store = await open_store(location)
     for number in range(5):
-        team = Team(f"team_{number}", f"Team {number}", f"2025-01-0{number + 1}T00:00:00.000Z")
+        team = Team(
+            f"team_{number % 2}", f"Team {number}", f"2025-01-0{number + 1}T00:00:00.000Z", f"key_{number:016x}"
+        )
         await store.create(f"{number}" * 64, team, f"sk_{number}{number}{number}{number}{number}")
     first = await store.list(2)
-    assert [record.team_id for record, _ in first] == ["team_0", "team_1"]
+    assert [record.name for record, _ in first] == ["Team 0", "Team 1"]
     assert first[0][0].key_prefix == "sk_00000" and first[0][0].last_used_at is None
+    assert first[0][0].key_id == "key_0000000000000000"
     rest = await store.list(10, after=(first[-1][0].created_at, first[-1][1]))
-    assert [record.team_id for record, _ in rest] == ["team_2", "team_3", "team_4"]
+    assert [record.name for record, _ in rest] == ["Team 2", "Team 3", "Team 4"]
+    team_0 = await store.list(2, team_id="team_0")
+    assert [record.name for record, _ in team_0] == ["Team 0", "Team 2"]
+    after = (team_0[-1][0].created_at, team_0[-1][1])
+    assert [record.name for record, _ in await store.list(2, after=after, team_id="team_0")] == ["Team 4"]
     await store.touch({"3" * 64: "2026-01-01T00:00:00.000Z"})
-    assert [r.last_used_at for r, _ in await store.list(10) if r.team_id == "team_3"] == ["2026-01-01T00:00:00.000Z"]
+    assert [r.last_used_at for r, _ in await store.list(10) if r.name == "Team 3"] == ["2026-01-01T00:00:00.000Z"]
     await store.close()
 
 
@@ -239,4 +258,117 @@ async def test_last_use_is_written_at_most_once_a_minute_per_key(tmp_path: Path)
     directory.used(digest)
     await directory.flush_use()
     assert [record.last_used_at for record, _ in await store.list(10)] == first  # not rewritten
+    await store.close()
+
+
+async def test_existing_keys_get_a_random_unique_key_id_by_migration(location: str) -> None:
+    """A database at schema 3 (keys without ids) gets an id for each key when a store opens it."""
+    before_ids = [m for m in migrations("postgresql" if location.startswith("postgresql://") else "sqlite")][:3]
+    rows = [(f"{n}" * 64, f"team_{n}", "n", f"2025-01-0{n + 1}T00:00:00.000Z", "sk_xxxxx") for n in range(3)]
+    insert = "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix) VALUES "
+    if location.startswith("postgresql://"):
+        conn = await asyncpg.connect(location)
+        await conn.execute(CREATE_TABLE)
+        for migration in before_ids:
+            for statement in migration.statements:
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_migrations VALUES ($1, $2, 'then')", migration.version, migration.name
+            )
+        await conn.executemany(insert + "($1, $2, $3, $4, $5)", rows)
+        await conn.close()
+    else:
+        async with aiosqlite.connect(location) as db:
+            await db.execute(CREATE_TABLE)
+            for migration in before_ids:
+                for statement in migration.statements:
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, 'then')", (migration.version, migration.name)
+                )
+            await db.executemany(insert + "(?, ?, ?, ?, ?)", rows)
+            await db.commit()
+    store = await open_store(location)
+    listed = await store.list(10)
+    ids = [record.key_id for record, _ in listed]
+    assert len(ids) == 3 and len(set(ids)) == 3 and all(KEY_ID_RE.fullmatch(i) for i in ids)
+    assert all(i != "key_" + digest[:16] for i, (_, digest) in zip(ids, listed, strict=True))  # not derived
+    team = await store.get("0" * 64)
+    assert team is not None and team.key_id == ids[0]
+    with pytest.raises(StoreUnavailableError):  # key ids are unique
+        await store.create("9" * 64, Team("t", "n", "c", ids[0]), "sk_99999")
+    await store.close()
+
+
+async def test_key_ids_survive_rotation_and_revoke_without_the_key(location: str) -> None:
+    store = await open_store(location)
+    directory = TeamDirectory(store, refresh_seconds=60)
+    key, team = await directory.issue("team_1", "Acme")
+    assert KEY_ID_RE.fullmatch(team.key_id)
+    rotated = await directory.rotate(key)
+    assert rotated is not None and rotated[1].key_id == team.key_id
+    new_key = rotated[0]
+    record = await directory.find(team.key_id)
+    assert record is not None and record.key_prefix == new_key[:8] and record.team_id == "team_1"
+    assert await directory.resolve(new_key) == team  # cached now
+    assert await directory.revoke_id(team.key_id) is True
+    assert directory.peek(keys.digest(new_key)) is None  # dropped from the cache at once
+    assert await directory.resolve(new_key) is None
+    assert await directory.revoke_id(team.key_id) is False
+    assert await directory.find(team.key_id) is None
+    assert await directory.find("key_bad") is None and await directory.revoke_id("sk_" + "0" * 64) is False
+    await store.close()
+
+
+async def test_revoking_a_team_revokes_all_its_keys(location: str) -> None:
+    store = await open_store(location)
+    directory = TeamDirectory(store, refresh_seconds=60)
+    mine = [await directory.issue("team_a", "A") for _ in range(3)]
+    other, other_team = await directory.issue("team_b", "B")
+    for key, team in mine:
+        assert await directory.resolve(key) == team
+    assert await directory.revoke_team("team_a") == 3
+    assert [await directory.resolve(key) for key, _ in mine] == [None, None, None]
+    assert await directory.resolve(other) == other_team
+    assert await directory.revoke_team("team_a") == 0
+    await store.close()
+
+
+@pytest.mark.parametrize("several", [False, True])
+async def test_revocations_by_id_and_team_reach_other_processes(location: str, several: bool) -> None:
+    """PostgreSQL: by NOTIFY alone (no polling); SQLite: by the change counter."""
+    postgres = location.startswith("postgresql://")
+    mine, theirs = await open_store(location), await open_store(location)
+    directory = TeamDirectory(mine, refresh_seconds=60 if postgres else 0.05)
+    other = TeamDirectory(theirs, refresh_seconds=60)
+    await directory.start()
+    issued = [await other.issue("team_n", "N") for _ in range(3 if several else 1)]
+    for key, team in issued:
+        assert await directory.resolve(key) == team
+    if several:
+        assert await other.revoke_team("team_n") == 3
+    else:
+        assert await other.revoke_id(issued[0][1].key_id) is True
+    digests = [keys.digest(key) for key, _ in issued]
+    for _ in range(200):
+        if all(directory.peek(digest) is None for digest in digests):
+            break
+        await asyncio.sleep(0.01)
+    assert all([await directory.resolve(key) is None for key, _ in issued])
+    await directory.stop()
+    await mine.close()
+    await theirs.close()
+
+
+async def test_a_flood_of_unknown_keys_never_evicts_known_ones(location: str) -> None:
+    store = await open_store(location)
+    directory = TeamDirectory(store, refresh_seconds=60, max_cached_misses=10)
+    key, team = await directory.issue("team_1", "Acme")
+    assert await directory.resolve(key) == team
+    unknown = [keys.new_key() for _ in range(50)]
+    for guess in unknown:
+        assert await directory.resolve(guess) is None
+    assert directory.peek(keys.digest(key)) == team  # still a dict read, no store query
+    cached = [directory.peek(keys.digest(guess)) for guess in unknown]
+    assert cached[-10:] == [UNKNOWN] * 10 and cached[:40] == [None] * 40  # only the newest misses are kept
     await store.close()
