@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -210,13 +211,20 @@ async def revoke_team_keys(request: Request) -> Response:
     return JSONResponse({"revoked": await _teams(request).revoke_team(team_id)})
 
 
+def route(path: str, handlers: dict[str, Callable[[Request], Awaitable[Response]]]) -> Route:
+    """One route per path, dispatching on the method, so that a 405 lists in ``Allow`` every
+    method the path has (one route per method would list only the first route's)."""
+
+    async def dispatch(request: Request) -> Response:
+        return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+    return Route(path, dispatch, methods=list(handlers))
+
+
 routes = [
-    Route("/tokens", list_tokens, methods=["GET"]),
-    Route("/tokens", create_token, methods=["POST"]),
-    Route("/tokens/{api_key}", show_token, methods=["GET"]),
-    Route("/tokens/{api_key}", revoke_token, methods=["DELETE"]),
-    Route("/tokens/{api_key}/refresh", refresh_token, methods=["POST"]),
-    Route("/keys/{key_id}", show_key, methods=["GET"]),
-    Route("/keys/{key_id}", revoke_key, methods=["DELETE"]),
-    Route("/teams/{team_id:path}/keys", revoke_team_keys, methods=["DELETE"]),
+    route("/tokens", {"GET": list_tokens, "POST": create_token}),
+    route("/tokens/{api_key}", {"GET": show_token, "DELETE": revoke_token}),
+    route("/tokens/{api_key}/refresh", {"POST": refresh_token}),
+    route("/keys/{key_id}", {"GET": show_key, "DELETE": revoke_key}),
+    route("/teams/{team_id:path}/keys", {"DELETE": revoke_team_keys}),
 ]
