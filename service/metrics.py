@@ -1,9 +1,16 @@
 """Prometheus metrics, correct across uvicorn workers, cheap on the request path.
 
 The request path only adds to plain in-process tallies (a dict increment and a bisect per
-histogram); a task publishes the differences to prometheus-client once a second. prometheus-client
-runs in multiprocess mode (each worker writes its own memory-mapped files in
-``PROMETHEUS_MULTIPROC_DIR``), so a scrape of any worker reports the whole gateway.
+histogram: no lock, no I/O, no prometheus-client call). Once a second each worker writes its
+cumulative tallies to a small JSON file of its own in a directory all workers of the gateway share
+(``worker-<pid>-<start>.json``, replaced atomically). A scrape of any worker publishes that worker's
+latest tallies, then sums every worker's file in a custom prometheus-client collector, so it
+reports the whole gateway. Only prometheus-client's public API is used: a collector yielding
+metric families, registered on a ``CollectorRegistry`` and rendered by ``generate_latest``.
+
+Counters and histograms of workers that have exited stay counted (their file remains, so totals
+never go backwards); the gauges count live workers only (a worker zeroes its gauges on a clean
+stop, and a worker whose pid is gone is left out).
 
 Metrics: ``gateway_requests_total{provider,status_class,team}``, ``gateway_request_duration_seconds``,
 ``gateway_time_to_first_byte_seconds``, ``gateway_overhead_seconds`` (time in the gateway itself,
@@ -19,19 +26,39 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import orjson
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 FLUSH_SECONDS = 1.0
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
-
 DIRECTORY_PREFIX = "gateway-metrics-"
+WORKER_PREFIX = "worker-"
+
+# name, help text, bucket bounds of the three per-provider histograms (keys of the worker files)
+HISTOGRAMS = {
+    "duration": ("gateway_request_duration_seconds", "Whole request, as the client saw it", BUCKETS),
+    "ttfb": ("gateway_time_to_first_byte_seconds", "Until the response headers were sent", BUCKETS),
+    "overhead": (
+        "gateway_overhead_seconds",
+        "Time in the gateway itself, not waiting on the upstream",
+        OVERHEAD_BUCKETS,
+    ),
+}
+
+log = structlog.get_logger("gateway.metrics")
 
 
 def _started(pid: int) -> str | None:
@@ -63,44 +90,66 @@ def sweep_stale_directories(parent: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def multiprocess_directory() -> Path:
-    """The directory every worker of this gateway shares (set before prometheus-client is imported).
+def shared_directory() -> tuple[Path, bool]:
+    """The directory every worker of this gateway shares, and whether the gateway owns it.
 
-    ``PROMETHEUS_MULTIPROC_DIR`` when set; otherwise one per uvicorn supervisor (the parent that
-    spawned the workers), or per process when it serves alone, named after the owner's pid and
-    start time (a reused pid must not inherit old files). Directories of gateways that are gone
-    are removed first.
+    ``PROMETHEUS_MULTIPROC_DIR`` when set (the operator's: never removed); otherwise one per uvicorn
+    supervisor (the parent that spawned the workers), or per process when it serves alone, under
+    the temporary directory, named after the owner's pid and start time (a reused pid must not
+    inherit old files). Directories of gateways that are gone are removed first. Nothing is created
+    here and the environment is left as it is.
     """
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
-        path = Path(configured)
-    else:
-        supervisor = multiprocessing.parent_process()
-        owner = (supervisor.pid if supervisor is not None else None) or os.getpid()
-        parent = Path(tempfile.gettempdir())
-        sweep_stale_directories(parent)
-        path = parent / f"{DIRECTORY_PREFIX}{owner}-{_started(owner) or '0'}"
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        return Path(configured), False
+    supervisor = multiprocessing.parent_process()
+    owner = (supervisor.pid if supervisor is not None else None) or os.getpid()
+    parent = Path(tempfile.gettempdir())
+    sweep_stale_directories(parent)
+    return parent / f"{DIRECTORY_PREFIX}{owner}-{_started(owner) or '0'}", True
+
+
+def _worker_pid(file: Path) -> int | None:
+    """The pid in a worker file's name (``worker-<pid>-<start>.json``)."""
+    pid = file.name.removeprefix(WORKER_PREFIX).partition("-")[0]
+    return int(pid) if pid.isascii() and pid.isdigit() else None
+
+
+def _read(file: Path) -> dict[str, Any] | None:
+    try:
+        document = orjson.loads(file.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None  # gone meanwhile, or not ours
+    return document if isinstance(document, dict) else None
+
+
+def worker_files(directory: Path) -> Iterator[Path]:
+    return directory.glob(WORKER_PREFIX + "*.json")
 
 
 def remove_if_last(path: Path) -> None:
-    """Remove a gateway-owned metrics directory once no other process writes into it (the files
-    are named ``…_{pid}.db``): the last worker out cleans up."""
+    """Remove a gateway-owned metrics directory once no other worker still writes into it: the last
+    worker out cleans up.
+
+    A worker writes its final file (marked ``stopped``) before it looks at the others, so of workers
+    stopping together at least the last to write sees every other one stopped, and removes it.
+    Workers whose pid is gone (killed without a clean stop) do not hold the directory either.
+    """
     if not path.name.startswith(DIRECTORY_PREFIX):
         return  # an operator's PROMETHEUS_MULTIPROC_DIR is theirs to keep
-    me = os.getpid()
-    for file in path.glob("*.db"):
-        pid = file.stem.rpartition("_")[2]
-        if pid.isascii() and pid.isdigit() and int(pid) != me and _alive(int(pid)):
+    for file in worker_files(path):
+        pid = _worker_pid(file)
+        if pid is None or not _alive(pid):
+            continue
+        document = _read(file)
+        if document is None or not document.get("stopped"):
             return
     shutil.rmtree(path, ignore_errors=True)
 
 
 class _Row:
-    """One provider's observations not yet published: count per bucket (+Inf last) and sum, for
-    each of the three histograms."""
+    """One provider's observations: count per bucket (not cumulative, +Inf last) and sum, for each
+    of the three histograms."""
 
     __slots__ = ("duration", "duration_sum", "overhead", "overhead_sum", "ttfb", "ttfb_sum")
 
@@ -111,68 +160,151 @@ class _Row:
         self.duration_sum = self.ttfb_sum = self.overhead_sum = 0.0
 
 
-def _add(histogram: Any, provider: str, buckets: list[int], total: float) -> None:
-    if not any(buckets):
-        return
-    child = histogram.labels(provider)
-    # prometheus-client keeps per-bucket (non-cumulative) values in ``_buckets`` and the total in
-    # ``_sum``; adding the differences equals observing each value (pinned 0.26)
-    for index, count in enumerate(buckets):
-        if count:
-            child._buckets[index].inc(count)
-    child._sum.inc(total)
+class InFlight:
+    """This worker's event streams being relayed (``gateway_streams_in_flight``): a plain integer
+    behind ``inc()`` / ``dec()``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+class Totals:
+    """Worker documents summed: counters and histograms of every worker, gauges of live ones."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.upstream_errors: dict[tuple[str, str], int] = defaultdict(int)
+        self.auth_cache: dict[str, int] = defaultdict(int)
+        self.histograms: dict[str, dict[str, tuple[list[int], float]]] = {name: {} for name in HISTOGRAMS}
+        self.streams = 0
+        self.degraded = 0
+
+    def add(self, document: dict[str, Any], live: bool) -> None:
+        for provider, status_class, team, count in document.get("requests", ()):
+            self.requests[(provider, status_class, team)] += count
+        for provider, kind, count in document.get("upstream_errors", ()):
+            self.upstream_errors[(provider, kind)] += count
+        for result, count in document.get("auth_cache", {}).items():
+            self.auth_cache[result] += count
+        for name, rows in document.get("histograms", {}).items():
+            mine = self.histograms.get(name)
+            if mine is None:
+                continue
+            size = len(HISTOGRAMS[name][2]) + 1
+            for provider, (buckets, total) in rows.items():
+                if len(buckets) != size:
+                    continue  # written with other buckets (an older version in a kept directory)
+                known = mine.get(provider)
+                if known is None:
+                    mine[provider] = (list(buckets), total)
+                else:
+                    mine[provider] = ([a + b for a, b in zip(known[0], buckets, strict=True)], known[1] + total)
+        if live and not document.get("stopped"):
+            self.streams += document.get("streams", 0)
+            self.degraded = max(self.degraded, document.get("degraded", 0))
+
+    def families(self) -> Iterator[Metric]:
+        """The metric families, with today's names, types, labels, help texts and buckets."""
+        degraded = GaugeMetricFamily("gateway_store_degraded", "1 while the key store is unreachable")
+        degraded.add_metric([], self.degraded)
+        yield degraded
+        requests = CounterMetricFamily(
+            "gateway_requests",
+            "Requests by provider, status class and team",
+            labels=["provider", "status_class", "team"],
+        )
+        for request_labels, count in self.requests.items():
+            requests.add_metric(request_labels, count)
+        yield requests
+        errors = CounterMetricFamily(
+            "gateway_upstream_errors", "Upstream failures by kind", labels=["provider", "kind"]
+        )
+        for error_labels, count in self.upstream_errors.items():
+            errors.add_metric(error_labels, count)
+        yield errors
+        cache = CounterMetricFamily("gateway_auth_cache", "Key lookups by cache result", labels=["result"])
+        for result, count in self.auth_cache.items():
+            if count:
+                cache.add_metric([result], count)
+        yield cache
+        for key, (name, documentation, bounds) in HISTOGRAMS.items():
+            histogram = HistogramMetricFamily(name, documentation, labels=["provider"])
+            les = [repr(float(bound)) for bound in bounds] + ["+Inf"]
+            for provider, (buckets, total) in self.histograms[key].items():
+                cumulative, running = [], 0
+                for le, count in zip(les, buckets, strict=True):
+                    running += count
+                    cumulative.append((le, float(running)))
+                if running:
+                    histogram.add_metric([provider], cumulative, total)
+            yield histogram
+        streams = GaugeMetricFamily("gateway_streams_in_flight", "Event streams being relayed")
+        streams.add_metric([], self.streams)
+        yield streams
+
+
+class GatewayCollector(Collector):
+    """A prometheus-client collector reporting the whole gateway: on each collection it publishes
+    this worker's latest tallies, then sums every worker's file in the shared directory."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        mine = self.metrics.publish()
+        totals = Totals()
+        totals.add(mine, live=True)
+        directory = self.metrics.directory
+        if directory is not None:
+            for file in worker_files(directory):
+                if file.name == self.metrics.file_name:
+                    continue  # this worker's figures are the ones just taken
+                pid = _worker_pid(file)
+                document = _read(file)
+                if pid is not None and document is not None:
+                    totals.add(document, live=_alive(pid))
+        return list(totals.families())
+
+    def describe(self) -> Iterable[Metric]:
+        return list(Totals().families())
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.directory = multiprocess_directory()
-        from prometheus_client import Counter, Gauge, Histogram
+    """One worker's metrics: tallies on the request path, published to the shared directory.
 
-        self.requests = Counter(
-            "gateway_requests",
-            "Requests by provider, status class and team",
-            ["provider", "status_class", "team"],
-            registry=None,
-        )
-        self.duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Whole request, as the client saw it",
-            ["provider"],
-            buckets=BUCKETS,
-            registry=None,
-        )
-        self.ttfb = Histogram(
-            "gateway_time_to_first_byte_seconds",
-            "Until the response headers were sent",
-            ["provider"],
-            buckets=BUCKETS,
-            registry=None,
-        )
-        self.overhead = Histogram(
-            "gateway_overhead_seconds",
-            "Time in the gateway itself, not waiting on the upstream",
-            ["provider"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=None,
-        )
-        self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Upstream failures by kind", ["provider", "kind"], registry=None
-        )
-        self.streams = Gauge(
-            "gateway_streams_in_flight", "Event streams being relayed", multiprocess_mode="livesum", registry=None
-        )
-        self.store_degraded = Gauge(
-            "gateway_store_degraded", "1 while the key store is unreachable", multiprocess_mode="max", registry=None
-        )
-        self.degraded_probe: Callable[[], bool] = lambda: False
-        self.auth_cache = Counter("gateway_auth_cache", "Key lookups by cache result", ["result"], registry=None)
+    Construction only sets attributes (no environment writes, no /proc reads, no files); the
+    directory is decided in ``start()`` unless given here. ``pid`` (this process's by default)
+    names the worker's file and decides whether its gauges count; in-process tests give two
+    instances different ones to stand in for two workers. The call sites use ``request()``,
+    ``upstream_error()``, ``cache_hits`` / ``cache_misses`` (plain integers), ``streams.inc()`` /
+    ``streams.dec()``, ``degraded_probe``, ``start()``, ``stop()`` and ``exposition()``.
+    """
+
+    def __init__(self, directory: Path | None = None, *, pid: int | None = None) -> None:
+        self.directory = directory
+        self.pid = pid
+        self.file_name = ""  # set in start(): worker-<pid>-<start>.json
+        self._owned = False  # whether stop() may remove the directory (never an operator's)
+        self._stopped = False
+        self._last_written: bytes | None = b""  # None after a failed write
         self._counts: dict[tuple[str, str, str], int] = defaultdict(int)
         self._errors: dict[tuple[str, str], int] = defaultdict(int)
         self._rows: dict[str, _Row] = {}
         self.cache_hits = 0
         self.cache_misses = 0
-        self._published_hits = self._published_misses = 0
+        self.streams = InFlight()
+        self.degraded_probe: Callable[[], bool] = lambda: False
         self._task: asyncio.Task[None] | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(GatewayCollector(self))
 
     # -- request path: plain arithmetic ----------------------------------------------------------
 
@@ -197,27 +329,56 @@ class Metrics:
 
     # -- publishing -----------------------------------------------------------------------------
 
-    def publish(self) -> None:
-        self.store_degraded.set(1 if self.degraded_probe() else 0)
-        counts, self._counts = self._counts, defaultdict(int)
-        for labels, count in counts.items():
-            self.requests.labels(*labels).inc(count)
-        errors, self._errors = self._errors, defaultdict(int)
-        for error_labels, count in errors.items():
-            self.upstream_errors.labels(*error_labels).inc(count)
-        rows, self._rows = self._rows, {}
-        for provider, row in rows.items():
-            _add(self.duration, provider, row.duration, row.duration_sum)
-            _add(self.ttfb, provider, row.ttfb, row.ttfb_sum)
-            _add(self.overhead, provider, row.overhead, row.overhead_sum)
-        if self.cache_hits != self._published_hits:
-            self.auth_cache.labels("hit").inc(self.cache_hits - self._published_hits)
-            self._published_hits = self.cache_hits
-        if self.cache_misses != self._published_misses:
-            self.auth_cache.labels("miss").inc(self.cache_misses - self._published_misses)
-            self._published_misses = self.cache_misses
+    def snapshot(self) -> dict[str, Any]:
+        """This worker's cumulative tallies as a JSON-able document (the worker file's content)."""
+        stopped = self._stopped
+        return {
+            "pid": self.pid,
+            "stopped": stopped,
+            "requests": [[*labels, count] for labels, count in self._counts.items()],
+            "upstream_errors": [[*labels, count] for labels, count in self._errors.items()],
+            "auth_cache": {"hit": self.cache_hits, "miss": self.cache_misses},
+            "histograms": {
+                "duration": {p: (r.duration, r.duration_sum) for p, r in self._rows.items()},
+                "ttfb": {p: (r.ttfb, r.ttfb_sum) for p, r in self._rows.items()},
+                "overhead": {p: (r.overhead, r.overhead_sum) for p, r in self._rows.items()},
+            },
+            "streams": 0 if stopped else self.streams.value,
+            "degraded": 0 if stopped else int(self.degraded_probe()),
+        }
+
+    def publish(self) -> dict[str, Any]:
+        """Write this worker's tallies to its file (temp file + ``os.replace``, so readers see the
+        old document or the new one, never half of one; skipped when nothing changed) and return
+        them. Before ``start()`` nothing is written. A failed write (a full disk, a removed
+        directory) is logged once per run of failures and retried at the next publish."""
+        document = self.snapshot()
+        if self.directory is None or not self.file_name:
+            return document
+        body = orjson.dumps(document)
+        if body != self._last_written:
+            temporary = self.directory / f".{self.file_name}.tmp"
+            try:
+                temporary.write_bytes(body)
+                os.replace(temporary, self.directory / self.file_name)
+            except OSError as exc:
+                if self._last_written is not None:
+                    log.warning("metrics_publish_failed", directory=str(self.directory), error=str(exc))
+                self._last_written = None
+            else:
+                self._last_written = body
+        return document
 
     async def start(self) -> None:
+        """Decide the shared directory (unless given), publish once, then once a second."""
+        if self.directory is None:
+            self.directory, self._owned = shared_directory()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.pid is None:
+            self.pid = os.getpid()
+        self.file_name = f"{WORKER_PREFIX}{self.pid}-{_started(self.pid) or time.time_ns()}.json"
+        self._stopped = False
+        self.publish()
         self._task = asyncio.create_task(self._publish_forever(), name="metrics-publish")
 
     async def _publish_forever(self) -> None:
@@ -226,21 +387,21 @@ class Metrics:
             self.publish()
 
     async def stop(self) -> None:
+        """Publish the final tallies with this worker's gauges zeroed; the last worker out removes
+        a directory the gateway created."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        self._stopped = True
+        if self.directory is None:
+            return
         self.publish()
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
-        remove_if_last(self.directory)
+        if self._owned:
+            remove_if_last(self.directory)
 
     def exposition(self) -> tuple[bytes, str]:
-        """The whole gateway's metrics (every worker's), in Prometheus text format."""
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-
-        self.publish()
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        """The whole gateway's metrics (every worker's), in Prometheus text format, with its
+        content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
