@@ -1,7 +1,8 @@
-"""``python -m config``: validate the settings and exit 3 with one line naming a malformed variable.
+"""``python -m config``: validate the settings and the provider catalogue, building nothing; exit 3
+with one line naming a malformed variable.
 
-The Procfile runs it before uvicorn so that a bad setting stops a multi-worker start with a
-failing exit code in the parent process, not only in its workers.
+This entry point is the one place in ``config`` that reaches up (to ``providers``, for the
+catalogue): the import contract in pyproject.toml names it as the exception.
 """
 
 import sys
@@ -10,10 +11,9 @@ from config.settings import Settings, SettingsError
 
 try:
     settings = Settings.from_env()
-    # the provider registry and every {SLUG}_BASE_URL are checked as the gateway's start-up would
-    from providers.mount import mount_providers
+    from providers.upstream import enabled_upstreams
 
-    mount_providers(settings)
+    enabled_upstreams(settings)  # the registry, PROVIDERS and every {SLUG}_BASE_URL
 except SettingsError as exc:
     print(f"configuration error: {exc}", file=sys.stderr, flush=True)
     sys.exit(3)

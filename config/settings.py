@@ -72,10 +72,6 @@ class Settings:
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
     providers are mounted, since only then is it known which slugs exist)."""
 
-    def provider_setting(self, slug: str, suffix: str) -> str | None:
-        """``provider_setting("google-ai-studio", "API_KEY")`` reads ``GOOGLE_AI_STUDIO_API_KEY``."""
-        return self.provider_env.get(env_name(slug, suffix))
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
         """Read settings: the process environment wins over the ``.env`` file."""

@@ -1,9 +1,13 @@
-"""Request context: request id, timing, and one JSON access line per request.
+"""Request context: request id, timing, the error boundary, and one JSON access line per request.
 
 The outermost middleware. It creates the ``RequestInfo`` that the layers below fill in (provider,
-team, upstream status, bytes in, truncation) and reads it back for the access line once the
-response is done. It also answers any unexpected failure below it with a JSON 500, so a client
-never sees a stack trace and uvicorn never prints one.
+team, upstream status, bytes in) and reads it back for the access line once the response is done.
+
+It is the one error boundary of the proxy path: a hop refuses a request by raising a
+``GatewayError`` before the response has started, and this answers it in the request's provider
+shape with the request id; a store that cannot be reached is the store's 503; anything unexpected is
+a JSON 500 in the same shape, logged with its traceback, so a client never sees a stack trace and
+uvicorn never prints one. A response that started and did not finish is ``truncated``.
 """
 
 from __future__ import annotations
@@ -11,56 +15,20 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.logging import AccessWriter, mask_keys
-from service.errors import GatewayError, render
-from service.metrics import Metrics
+from service.core.errors import GatewayError, send_error, store_unavailable
+from service.core.metrics import Metrics
+from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.store import StoreUnavailableError
 
 error_log = structlog.get_logger("gateway.error")
 
-SCOPE_KEY = "gateway"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class RequestInfo:
-    """What one request has learned on its way through the gateway."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "error_shape",
-        "metadata",
-        "provider",
-        "request_id",
-        "started",
-        "status",
-        "team",
-        "truncated",
-        "ttfb",
-        "upstream_status",
-        "upstream_wait",
-    )
-
-    def __init__(self, request_id: str, started: float) -> None:
-        self.request_id = request_id
-        self.started = started
-        self.status = 0
-        self.ttfb = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.provider: str | None = None
-        self.team: Any = None
-        self.upstream_status: int | None = None
-        self.upstream_wait: float | None = None
-        """Seconds from sending the upstream request to receiving its headers."""
-        self.truncated = False
-        self.metadata: str | None = None
-        self.error_shape: Any = "plain"
+UNEXPECTED = GatewayError("The gateway failed to handle this request.")
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -104,6 +72,8 @@ class RequestContext:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.body":
                 info.bytes_out += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    info.complete = True
             else:
                 info.status = message["status"]
                 info.ttfb = time.perf_counter()
@@ -112,18 +82,13 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except GatewayError as error:
+            await self._refuse(error, info, send_with_id)
+        except StoreUnavailableError:
+            await self._refuse(store_unavailable(), info, send_with_id)
         except Exception as exc:
             error_log.error("unhandled_error", request_id=info.request_id, exc_info=exc)
-            if info.status:
-                info.truncated = True
-            else:
-                await send_with_id({"type": "http.response.start", "status": 500, "headers": _JSON_HEADERS})
-                body = render(
-                    GatewayError("The gateway failed to handle this request."),
-                    info.error_shape,
-                    info.request_id,
-                )
-                await send_with_id({"type": "http.response.body", "body": body})
+            await self._refuse(UNEXPECTED, info, send_with_id)
         finally:
             end = time.perf_counter()
             team = info.team
@@ -155,6 +120,13 @@ class RequestContext:
                         "team_id": team.team_id if team is not None else None,
                         "key_id": team.key_id if team is not None else None,
                         "provider": info.provider,
-                        "truncated": info.truncated,
+                        "truncated": info.truncated or (info.status != 0 and not info.complete),
                     }
                 )
+
+    @staticmethod
+    async def _refuse(error: GatewayError, info: RequestInfo, send: Send) -> None:
+        if info.status:  # too late to answer: the response stays cut short (truncated)
+            error_log.warning("error_after_response_started", request_id=info.request_id, error=error.message)
+            return
+        await send_error(send, error, info.error_shape, info.request_id)

@@ -25,8 +25,8 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.context import SCOPE_KEY, RequestInfo
-from service.store import Team
+from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.store import Team
 
 log = structlog.get_logger("gateway.metadata")
 
@@ -102,7 +102,8 @@ class Metadata:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
-        team: Team = info.team
+        team = info.team
+        assert team is not None  # Auth comes first
         client = None
         for name, value in scope["headers"]:
             if name == b"cf-aig-metadata":

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from providers.base import Provider
-from service.errors import BadRequest
+from service.core.errors import BadRequest
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from config import Settings
-from service.errors import Shape
+from service.core.errors import Shape
 
 StreamFormat = Literal["openai-sse", "anthropic-sse", "google-sse", "cohere-sse", "workers-ai-sse"]
 

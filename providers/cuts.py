@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from contextvars import ContextVar
 
-from service.errors import Shape, UpstreamTruncated, render
+from service.core.errors import Shape, UpstreamTruncated, render
 
 _BLANK_LINE_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 

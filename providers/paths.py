@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from service.errors import BadRequest
+from service.core.errors import BadRequest
 
 _FORBIDDEN_DECODED = ("/", "\\", "\x00")
 

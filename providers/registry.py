@@ -16,7 +16,7 @@ from typing import Any, get_args
 import providers
 from config import SettingsError
 from providers.base import Provider, StreamFormat
-from service.errors import Shape
+from service.core.errors import Shape
 
 CATALOG = Path(__file__).with_name("catalog.toml")
 MACHINERY = frozenset(

@@ -22,7 +22,6 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from config import Settings
-from middleware.context import SCOPE_KEY, RequestInfo
 from providers import headers as header_policy
 from providers.base import Provider
 from providers.cache_scope import SKIP_CACHE, team_cache_key
@@ -31,7 +30,7 @@ from providers.headers import HeaderPolicy, without_credentials
 from providers.registry import credential_headers
 from providers.upstream import Upstream
 from providers.watch import NOT_READING, Exchange
-from service.errors import (
+from service.core.errors import (
     BadRequest,
     GatewayError,
     PayloadTooLarge,
@@ -39,8 +38,8 @@ from service.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from service.metrics import Metrics
-from service.respond import send_error
+from service.core.metrics import Metrics
+from service.core.request import SCOPE_KEY, RequestInfo
 
 log = structlog.get_logger("gateway.relay")
 
@@ -93,16 +92,11 @@ class Relay:
         upstream = self.upstream
         if upstream is None:
             assert self.unavailable is not None
-            await send_error(send, self.unavailable, info.error_shape, info.request_id)
-            return
+            raise self.unavailable
         query = scope["query_string"]
         if query:
             query = without_credentials(query)
-        try:
-            url = self._url(upstream, scope[REST_KEY], query)
-        except BadRequest as error:
-            await send_error(send, error, info.error_shape, info.request_id)
-            return
+        url = self._url(upstream, scope[REST_KEY], query)
 
         outgoing = self.policy.up(scope["headers"])
         headers = outgoing.headers
@@ -111,8 +105,7 @@ class Relay:
             headers.append(("cf-aig-metadata", info.metadata or ""))
         declared_length = outgoing.declared_length
         if declared_length is not None and (not declared_length.isdigit() or int(declared_length) > self.max_body):
-            await send_error(send, self._too_large(), info.error_shape, info.request_id)
-            return
+            raise self._too_large()
 
         exchange = Exchange(receive)
         try:
@@ -127,15 +120,14 @@ class Relay:
                     body = b"".join([chunk async for chunk in self._stream_body(body, receive, exchange, info)])
                 except ClientGone:
                     if exchange.too_large:
-                        await send_error(send, self._too_large(), info.error_shape, info.request_id)
+                        raise self._too_large() from None
                     return
                 more = False
             if info.bytes_in > self.max_body:
-                await send_error(send, self._too_large(), info.error_shape, info.request_id)
-                return
+                raise self._too_large()
             if self.scope_cache:
                 if outgoing.wants_cache:
-                    team_id = info.team.team_id
+                    team_id = info.team.team_id if info.team is not None else ""
                     headers.append(
                         ("cf-aig-cache-key", team_cache_key(team_id, scope, outgoing.cache_key, body, query))
                     )
@@ -159,8 +151,7 @@ class Relay:
             # body, which _exchange handles: one warning line, never a traceback
             log.warning("request_cut_by_shutdown", request_id=info.request_id)
             if info.status == 0:
-                closing = ServiceUnavailable("The gateway is shutting down; try again.")
-                await send_error(send, closing, info.error_shape, info.request_id)
+                raise ServiceUnavailable("The gateway is shutting down; try again.") from None
             else:
                 info.truncated = True
                 ENDED_ON_PURPOSE.set(True)
@@ -229,8 +220,7 @@ class Relay:
         finally:
             exchange.waiting_headers = False
         if error is not None:
-            await send_error(send, error, info.error_shape, info.request_id)
-            return
+            raise error
 
         headers_at = time.perf_counter()
         info.upstream_wait = wait = headers_at - sent_at

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from config import Settings
+from config import Settings, SettingsError
 from config.settings import env_name, http_url
 from providers.base import Provider
+from providers.registry import load_registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +57,26 @@ def resolve(provider: Provider, settings: Settings) -> Upstream | str:
     if not key:
         return f"{provider.title} has no upstream: set AI_GATEWAY_URL (Cloudflare AI Gateway) or {key_name} (direct)."
     return Upstream(provider, base, False, tuple(key_header))
+
+
+def enabled_upstreams(settings: Settings) -> tuple[dict[str, tuple[Provider, Upstream | str]], dict[str, Provider]]:
+    """Each enabled provider with its upstream (or the 503 message), and the whole registry (to tell
+    'not enabled' from 'unknown'). Raises ``SettingsError`` for an unknown slug in ``PROVIDERS``, a
+    bad ``PROVIDERS_FILE`` or a malformed ``{SLUG}_BASE_URL``: this is the catalogue's whole check,
+    with nothing built."""
+    registry = load_registry(settings.providers_file)
+    if settings.providers is not None:
+        unknown = [slug for slug in settings.providers if slug not in registry]
+        if unknown:
+            raise SettingsError(
+                f"PROVIDERS names unknown providers: {', '.join(unknown)} (known: {', '.join(sorted(registry))})"
+            )
+    enabled = settings.providers if settings.providers is not None else tuple(registry)
+    return {slug: (registry[slug], resolve(registry[slug], settings)) for slug in enabled}, registry
+
+
+def mode(upstream: Upstream | str) -> str:
+    """``gateway``, ``direct`` or ``unavailable``: how a provider is served, for logs and checks."""
+    if isinstance(upstream, str):
+        return "unavailable"
+    return "gateway" if upstream.via_gateway else "direct"

@@ -31,10 +31,12 @@ import orjson
 import structlog
 
 from config import Settings, SettingsError
-from service.errors import BadRequest
-from service.store import StoreUnavailableError, TokenRecord, store_for
-from service.store.migrations import latest_version
-from service.teams import TeamDirectory
+from providers.upstream import enabled_upstreams
+from providers.upstream import mode as upstream_mode
+from service.core.errors import BadRequest
+from service.core.store import StoreUnavailableError, TokenRecord, store_for
+from service.core.store.migrations import latest_version
+from service.core.teams import TeamDirectory
 from service.tokens import (
     MAX_NAME,
     MAX_PAGE,
@@ -196,13 +198,9 @@ async def reach_gateway(settings: Settings) -> tuple[bool, str]:
 
 
 def check_command(args: argparse.Namespace, settings: Settings) -> int:
-    from providers.mount import mount_providers  # the providers need the settings first
-
-    mounts, _ = mount_providers(settings)
+    upstreams, _ = enabled_upstreams(settings)
     rows: list[dict[str, Any]] = [{"check": "settings", "ok": True, "detail": "valid"}]
-    modes = {
-        slug: ("gateway" if m.via_gateway else "direct") if m.available else "unavailable" for slug, m in mounts.items()
-    }
+    modes = {slug: upstream_mode(upstream) for slug, (_, upstream) in upstreams.items()}
     rows.append(
         {
             "check": "providers",
@@ -281,9 +279,7 @@ def sqlite_verdict(path: Path) -> tuple[bool, str]:
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from providers.mount import mount_providers
-
-    mount_providers(settings)  # fail here, once, rather than in every worker
+    enabled_upstreams(settings)  # fail here, once, rather than in every worker
     try:
         port = args.port or int(os.environ.get("PORT", "8787"))
         workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "1"))

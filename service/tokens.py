@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PayloadTooLarge
-from service.store import StoreUnavailableError, Team, TokenRecord
-from service.teams import TeamDirectory
+from service.core.errors import AuthenticationFailed, BadRequest, Forbidden, NotFound, PayloadTooLarge
+from service.core.store import StoreUnavailableError, Team, TokenRecord
+from service.core.teams import TeamDirectory
 
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_PAGE = 50

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from config import Settings, SettingsError
-from middleware.auth import UnknownKeyGuard
-from service import keys
+from middleware.key_guard import UnknownKeyGuard
+from service.core import keys
 from tests.conftest import GatewayProcess
 from tests.postgres import TcpProxy
 

@@ -6,7 +6,7 @@ import pytest
 
 from providers.paths import safe_rest
 from providers.registry import load_registry
-from service.errors import BadRequest
+from service.core.errors import BadRequest
 
 
 @pytest.mark.parametrize(

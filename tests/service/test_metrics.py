@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.metrics as metrics_module
-from service.metrics import BUCKETS, OVERHEAD_BUCKETS, Metrics, remove_if_last
+import service.core.metrics as metrics_module
+from service.core.metrics import BUCKETS, OVERHEAD_BUCKETS, Metrics, remove_if_last
 from tests.conftest import ADMIN_KEY, GatewayProcess, free_port
 from tests.support import wait_until
 

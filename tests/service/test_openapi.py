@@ -14,7 +14,8 @@ import pytest
 from starlette.routing import Route
 
 from config import Settings
-from service.app import OPENAPI, create_app
+from service.app import create_app
+from service.status import OPENAPI
 from tests.conftest import ADMIN_KEY, GatewayProcess
 from tests.postgres import TcpProxy
 

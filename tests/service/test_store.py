@@ -11,11 +11,11 @@ import aiosqlite
 import asyncpg
 import pytest
 
-from service import keys
-from service.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
-from service.store.migrations import CREATE_TABLE, migrations
-from service.store.postgres import PostgresStore
-from service.teams import UNKNOWN, TeamDirectory
+from service.core import keys
+from service.core.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
+from service.core.store.migrations import CREATE_TABLE, migrations
+from service.core.store.postgres import PostgresStore
+from service.core.teams import UNKNOWN, TeamDirectory
 
 KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
 

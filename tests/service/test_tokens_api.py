@@ -18,6 +18,14 @@ TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
+def error_of(response: httpx.Response) -> str:
+    """The token API's error message; every error names its request id, the same as the header's."""
+    body = response.json()
+    assert set(body) == {"error", "requestId"} and body["requestId"] == response.headers["x-gateway-request-id"]
+    message: str = body["error"]
+    return message
+
+
 def test_create_returns_key_team_name_and_time(gateway: GatewayProcess) -> None:
     response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_123", "name": "Acme Corp"}, headers=ADMIN)
     assert response.status_code == 201
@@ -153,19 +161,19 @@ def test_show_refresh_and_revoke(gateway: GatewayProcess) -> None:
     assert httpx.delete(f"{gateway.url}/tokens/{new['apiKey']}", headers=ADMIN).status_code == 404
     missing = httpx.get(f"{gateway.url}/tokens/{new['apiKey']}")
     assert missing.status_code == 404
-    assert missing.json() == {"error": "Token not found"}
+    assert error_of(missing) == "Token not found"
 
 
 @pytest.mark.parametrize("key", [f"sk_{'0' * 64}", "sk_short", "not-a-key", f"SK_{'A' * 64}", "%00"])
 def test_unknown_or_malformed_keys_are_404(gateway: GatewayProcess, key: str) -> None:
-    assert httpx.get(f"{gateway.url}/tokens/{key}").json() == {"error": "Token not found"}
+    assert error_of(httpx.get(f"{gateway.url}/tokens/{key}")) == "Token not found"
     assert httpx.post(f"{gateway.url}/tokens/{key}/refresh").status_code == 404
     assert httpx.delete(f"{gateway.url}/tokens/{key}", headers=ADMIN).status_code == 404
 
 
 def test_unknown_routes_and_methods_are_json(gateway: GatewayProcess) -> None:
     response = httpx.get(f"{gateway.url}/nope")
-    assert response.status_code == 404 and response.json() == {"error": "Not found"}
+    assert response.status_code == 404 and error_of(response) == "Not found"
     response = httpx.put(f"{gateway.url}/tokens")
     assert response.status_code == 405 and "error" in response.json()
 
@@ -263,7 +271,7 @@ def test_a_key_rotated_by_whoever_leaked_it_can_be_found_and_revoked_by_key_id(
     assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {stolen}"}).status_code == 401
     assert httpx.get(f"{gw.url}/tokens/{stolen}").status_code == 404
     for missing in (key_id, "key_0000000000000000", "key_nothex", owner_key):
-        assert httpx.delete(f"{gw.url}/keys/{missing}", headers=ADMIN).json() == {"error": "Key not found"}
+        assert error_of(httpx.delete(f"{gw.url}/keys/{missing}", headers=ADMIN)) == "Key not found"
         assert httpx.get(f"{gw.url}/keys/{missing}", headers=ADMIN).status_code == 404
 
 
@@ -366,4 +374,4 @@ async def test_an_unexpected_failure_is_a_json_500_with_the_request_id(tmp_path:
         response = await client.get("/broken", headers={"x-request-id": "req-broken-1"})
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/json"
-    assert "req-broken-1" in response.json()["error"] and "nobody expected" not in response.text
+    assert response.json()["requestId"] == "req-broken-1" and "nobody expected" not in response.text

@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from service.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
-from service.store.migrations import CREATE_TABLE, migrations
+from service.core.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
+from service.core.store.migrations import CREATE_TABLE, migrations
 
 log = structlog.get_logger("gateway.store")
 

@@ -14,15 +14,19 @@ Hierarchy::
     ├── UpstreamTimeout          504 no upstream response headers in time
     └── UpstreamTruncated        502 the upstream's stream ended early (sent as the stream's last event)
 
-``render(error, shape, request_id)`` turns one into the JSON body a client of that shape expects, so
+Hops raise them before the response has started; one boundary (``middleware.context``) answers with
+``send_error``, and the token API's handlers with ``error_response``: both through ``render(error,
+shape, request_id)``, the one renderer, which gives the JSON body a client of that shape expects, so
 the OpenAI and Anthropic SDKs raise their usual exceptions (``AuthenticationError`` for 401, …).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import orjson
+from starlette.types import Send
 
 Shape = Literal["openai", "anthropic", "cloudflare", "google", "cohere", "plain"]
 
@@ -33,9 +37,11 @@ class GatewayError(Exception):
     anthropic_type = "api_error"
     code: str | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = tuple(headers)
+        """Response headers the error brings (``retry-after``)."""
 
 
 class BadRequest(GatewayError):
@@ -108,6 +114,14 @@ class UpstreamTruncated(GatewayError):
     code = "upstream_truncated"
 
 
+STORE_UNAVAILABLE = "The key store is unavailable; try again shortly."
+
+
+def store_unavailable() -> ServiceUnavailable:
+    """What a client is told while the key store cannot be reached (the message lives here only)."""
+    return ServiceUnavailable(STORE_UNAVAILABLE)
+
+
 _GOOGLE_STATUS = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -150,6 +164,21 @@ def render(error: GatewayError, shape: Shape, request_id: str | None = None) -> 
             "result": None,
             "messages": [],
         }
-    else:
-        body = {"error": message}
+    else:  # the gateway's own API: the message as it is, the request id beside it
+        body = {"error": error.message} if request_id is None else {"error": error.message, "requestId": request_id}
     return orjson.dumps(body)
+
+
+def error_head(error: GatewayError, body: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *error.headers,
+    ]
+
+
+async def send_error(send: Send, error: GatewayError, shape: Shape, request_id: str) -> None:
+    """The whole error response on a raw ASGI ``send`` (the response must not have started)."""
+    body = render(error, shape, request_id)
+    await send({"type": "http.response.start", "status": error.status, "headers": error_head(error, body)})
+    await send({"type": "http.response.body", "body": body})

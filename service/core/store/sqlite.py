@@ -15,8 +15,8 @@ from typing import Any
 
 import aiosqlite
 
-from service.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
-from service.store.migrations import CREATE_TABLE, migrations
+from service.core.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
+from service.core.store.migrations import CREATE_TABLE, migrations
 
 RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
 

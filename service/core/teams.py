@@ -24,9 +24,9 @@ from typing import Final
 
 import structlog
 
-from service import keys
-from service.store import StoreUnavailableError, Team, TokenRecord, TokenStore
-from service.store.base import utc_timestamp
+from service.core import keys
+from service.core.store import StoreUnavailableError, Team, TokenRecord, TokenStore
+from service.core.store.base import utc_timestamp
 
 log = structlog.get_logger("gateway.teams")
 

@@ -1,0 +1,51 @@
+"""What one request learns on its way through the gateway, shared by every layer through ``scope``."""
+
+from __future__ import annotations
+
+from service.core.errors import Shape
+from service.core.store import Team
+
+SCOPE_KEY = "gateway"
+"""``scope[SCOPE_KEY]`` holds the request's ``RequestInfo`` (set by ``RequestContext``)."""
+
+
+class RequestInfo:
+    """What one request has learned on its way through the gateway."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "complete",
+        "error_shape",
+        "metadata",
+        "provider",
+        "request_id",
+        "started",
+        "status",
+        "team",
+        "truncated",
+        "ttfb",
+        "upstream_status",
+        "upstream_wait",
+    )
+
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.status = 0
+        self.ttfb = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.provider: str | None = None
+        self.team: Team | None = None
+        self.upstream_status: int | None = None
+        self.upstream_wait: float | None = None
+        """Seconds from sending the upstream request to receiving its headers."""
+        self.truncated = False
+        """Set by a hop that ended a response on purpose before its end (a cut stream's error event
+        ends it cleanly); a response that started and never sent its last part is truncated too."""
+        self.complete = False
+        """The last part of the response body was sent."""
+        self.metadata: str | None = None
+        self.error_shape: Shape = "plain"
+        """How this request's errors look: its provider's shape once the mount knows it."""

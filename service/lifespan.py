@@ -1,0 +1,116 @@
+"""What a worker opens at start and closes at stop: the store and its key cache, the one aiohttp
+session, metrics (and their own port), the unknown-key guard; handed to every request through
+lifespan state (``scope["state"]``)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import structlog
+from starlette.applications import Starlette
+
+from config import Settings
+from middleware.key_guard import UnknownKeyGuard
+from service.core.metrics import Metrics
+from service.core.store import StoreUnavailableError, store_for
+from service.core.teams import TeamDirectory
+
+log = structlog.get_logger("gateway")
+
+GC_YOUNG_THRESHOLD = 20_000
+STARTUP_FAILURE = 3  # uvicorn's supervisor stops instead of restarting a worker that exits with it
+
+
+def http_session(settings: Settings) -> aiohttp.ClientSession:
+    """The worker's one upstream session: no decompression, no cookies, no proxy from the environment."""
+    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # the relay's own deadline covers connecting and waiting for headers (504), never the stream
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        trust_env=False,
+    )
+
+
+def tune_gc() -> None:
+    """Move start-up objects out of the collector's sight and collect the young generation less often.
+
+    Requests allocate many short-lived objects; the default threshold (700) runs a young collection
+    several times per request, and full collections walk every module object, which shows up as
+    tail latency under load.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 50)
+
+
+def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        log.info("gateway_starting", **settings.public_view(), upstreams=app.state.upstreams)
+        if not settings.ai_gateway_url:
+            log.warning(
+                "ai_gateway_url_unset",
+                message="AI_GATEWAY_URL is not set: providers with a key go direct, the others answer 503",
+            )
+        store = store_for(settings)
+        try:
+            await store.open()
+        except StoreUnavailableError as exc:
+            # one line and a start-up failure code, rather than the lifespan's traceback; uvicorn's
+            # supervisor stops instead of restarting workers that exit with it
+            log.error("store_unavailable_at_start", error=str(exc))
+            sys.stdout.flush()
+            os._exit(STARTUP_FAILURE)
+        teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
+        await teams.start()
+        session = http_session(settings)
+        metrics.degraded_probe = lambda: teams.degraded
+        await metrics.start()
+        metrics_server = await serve_metrics(metrics, settings.metrics_port) if settings.metrics_port else None
+        tune_gc()
+        try:
+            guard = UnknownKeyGuard(settings.unknown_key_limit, settings.trusted_proxies)
+            yield {"http": session, "teams": teams, "store": store, "metrics": metrics, "guard": guard}
+        finally:
+            if metrics_server is not None:
+                await metrics_server.cleanup()
+            await teams.stop()
+            await session.close()
+            await store.close()
+            await metrics.stop()
+            log.info("gateway_stopped")
+
+    return lifespan
+
+
+async def serve_metrics(metrics: Metrics, port: int) -> Any:
+    """/metrics on a port of its own. With several workers the first to bind it serves it (each
+    reports every worker's figures); the others find the port taken and leave it to that one."""
+    from aiohttp import web  # only with METRICS_PORT: aiohttp's server costs ~2 MiB of RSS
+
+    async def handle(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "0.0.0.0", port).start()
+    except OSError:
+        await runner.cleanup()
+        log.info("metrics_port_served_by_another_worker", port=port)
+        return None
+    log.info("metrics_port", port=port)
+    return runner
