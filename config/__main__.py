@@ -1,8 +1,10 @@
 """``python -m config``: validate the settings and exit 3 with one line naming a malformed variable.
 
-The Procfile runs it before uvicorn so that a bad setting stops a multi-worker start with a
-failing exit code in the parent process, not only in its workers.
+A check of the settings alone, for a release step or a shell; the server runner
+(``python -m service.server``, which the Procfile runs) makes the same check before it binds its port.
 """
+
+from __future__ import annotations
 
 import sys
 

@@ -23,8 +23,8 @@ import pytest
 from config.settings import Settings, SettingsError
 from service.mock_upstream import MockUpstream
 from service.server import KEEP_ALIVE_SECONDS, PROTOCOL, uvicorn_config
-from tests.conftest import BIN, ROOT, GatewayProcess, free_port, gateway_env, start_gateway
 from tests.config.test_settings import procfile_command
+from tests.conftest import BIN, ROOT, GatewayProcess, free_port, gateway_env, start_gateway
 
 LINE = 16 * 1024  # the defaults
 HEAD = 64 * 1024
