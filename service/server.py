@@ -119,7 +119,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.line_bytes = 0
         self.head_begun = False
-        self.heads_started = 0  # requests whose head reading began, to tell a chunk that spans two
+        self.requests_read = 0  # to tell when one chunk ended a request and began the next
         self.head_timer: asyncio.TimerHandle | None = None
 
     # -- connections ------------------------------------------------------------------------
@@ -188,12 +188,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self.data_received(rest)
                 return
             self.head_bytes += len(data)
-            heads_started = self.heads_started
+            requests_read = self.requests_read
             if not self.feed(data):
                 return
             if self.awaiting_head:
                 # the unfinished line is the chunk's tail, unless the chunk also ended a request
-                self.line_bytes = run if heads_started == self.heads_started else 0
+                self.line_bytes = run if requests_read == self.requests_read else 0
             return
         self.feed(data)
 
@@ -240,7 +240,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.awaiting_head = True
         self.head_bytes = self.line_bytes = 0
         self.head_begun = False
-        self.heads_started += 1
+        self.requests_read += 1
         super().on_message_complete()
 
     # -- the request head: time ---------------------------------------------------------------
@@ -303,21 +303,19 @@ class CannotListen(Exception):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound as uvicorn binds it (SO_REUSEADDR, inheritable by workers)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    """The listening socket, bound as uvicorn binds it (SO_REUSEADDR, inheritable by the workers) and
+    listening at once, so that the port is held from here on; connections wait in the backlog until
+    the app has started."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise CannotListen(f"port {port} is already in use (on {host})") from None
-        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise CannotListen(f"{host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
 
