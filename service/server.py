@@ -32,7 +32,7 @@ import os
 import resource
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import httptools
@@ -74,11 +74,13 @@ class Limits:
 
 
 class _State:
-    """Per worker process: the limits (read once from the settings) and whether the cap is biting."""
+    """Per worker process: the limits (read once from the settings), whether the cap is biting, and
+    the loop whose sweep closes connections past their head deadline."""
 
     limits: Limits | None = None
     refusing = False
     refused = 0
+    swept_loop: asyncio.AbstractEventLoop | None = None
 
 
 def limits() -> Limits:
@@ -120,7 +122,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.line_bytes = 0
         self.head_begun = False
         self.requests_read = 0  # to tell when one chunk ended a request and began the next
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_deadline = 0.0  # loop time by which the head must be complete; 0: none running
 
     # -- connections ------------------------------------------------------------------------
 
@@ -129,7 +131,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.refuse(transport)
             return
         super().connection_made(transport)
-        self.arm_head_timer()
+        if _State.swept_loop is not self.loop:
+            _State.swept_loop = self.loop
+            sweep_heads(self.loop, self.connections, min(1.0, self.limits.header_read_timeout / 4))
+        self.arm_head_deadline()
 
     def refuse(self, transport: asyncio.Transport) -> None:
         self.refused_connection = True
@@ -148,7 +153,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refused_connection:
             return
-        self.cancel_head_timer()
+        self.clear_head_deadline()
         super().connection_lost(exc)
         # a little below the cap before saying so, so that a load hovering at it logs a pair of lines
         # now and then rather than one per connection
@@ -160,13 +165,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # -- the request head: size ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.refused_connection:
-            return
+        # (a refused connection is closed at once: it receives nothing)
         self._unset_keepalive_if_required()
         if self.awaiting_head:
             if not self.head_begun:
                 self.head_begun = True
-                self.arm_head_timer()
+                self.arm_head_deadline()
             limits = self.limits
             newline = data.rfind(b"\n")
             # the CR ending a line is not part of its content
@@ -216,25 +220,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         return True
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
+        self.url += url
         if len(self.url) > self.limits.max_header_line_bytes:
             raise HeadTooLarge(f"the URL is over {self.limits.max_header_line_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's on_header, inlined (it runs for every header of every request), after the check
         if len(name) + 2 + len(value) > self.limits.max_header_line_bytes:
             raise HeadTooLarge(f"a header line is over {self.limits.max_header_line_bytes} bytes")
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.awaiting_head = False
-        self.cancel_head_timer()
+        self.clear_head_deadline()
         super().on_headers_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if not self.head_begun:  # a request pipelined behind the previous one's body
             self.head_begun = True
-            self.arm_head_timer()
+            self.arm_head_deadline()
 
     def on_message_complete(self) -> None:
         self.awaiting_head = True
@@ -248,24 +256,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def response_in_flight(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 
-    def arm_head_timer(self) -> None:
+    def arm_head_deadline(self) -> None:
         """Start the head's deadline, unless it runs already or a response is being sent (then it
-        starts when that response is complete, should part of a next head have come meanwhile)."""
-        if self.head_timer is None and not self.response_in_flight():
-            self.head_timer = self.loop.call_later(self.limits.header_read_timeout, self.head_timed_out)
+        starts when that response is complete, should part of a next head have come meanwhile).
+        A deadline, not a timer per request: one sweep per worker closes the late (``sweep_heads``)."""
+        if not self.head_deadline and not (self.cycle is not None and not self.cycle.response_complete):
+            self.head_deadline = self.loop.time() + self.limits.header_read_timeout
 
-    def cancel_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+    def clear_head_deadline(self) -> None:
+        self.head_deadline = 0.0
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.awaiting_head and self.head_begun and not self.transport.is_closing():
-            self.arm_head_timer()
+            self.arm_head_deadline()
 
     def head_timed_out(self) -> None:
-        self.head_timer = None
+        self.head_deadline = 0.0
         if self.transport.is_closing():
             return
         if self.head_begun and not self.response_in_flight():
@@ -289,10 +296,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.answer_and_close(400, INVALID_REQUEST)
 
     def answer_and_close(self, status: int, message: str) -> None:
-        self.cancel_head_timer()
+        self.clear_head_deadline()
         if not self.response_in_flight():  # never write into the middle of another response
             self.transport.write(_response(status, message, self.server_state.default_headers))
         self.transport.close()
+
+
+def sweep_heads(loop: asyncio.AbstractEventLoop, connections: Collection[object], interval: float) -> None:
+    """Close the connections past their head deadline, now and every ``interval`` seconds: a late
+    head is closed between the deadline and ``interval`` after it."""
+    now = loop.time()
+    for connection in list(connections):
+        if isinstance(connection, GatewayHttpProtocol) and 0 < connection.head_deadline <= now:
+            connection.head_timed_out()
+    loop.call_later(interval, sweep_heads, loop, connections, interval)
 
 
 # -- the runner ---------------------------------------------------------------------------------
