@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml
 
 run: install
 	mkdir -p data
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/uvicorn --factory service.app:create_app --host 127.0.0.1 --port $(PORT) \
-		--loop uvloop --http httptools --no-access-log --no-server-header \
-		--timeout-graceful-shutdown $${SHUTDOWN_GRACE_SECONDS:-30}
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m service.server --host 127.0.0.1 --port $(PORT)
 
 # Offline: a mock Cloudflare AI Gateway, the gateway, a key, the real SDKs and curl through it.
 demo: install

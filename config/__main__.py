@@ -3,7 +3,12 @@ with one line naming a malformed variable.
 
 This entry point is the one place in ``config`` that reaches up (to ``providers``, for the
 catalogue): the import contract in pyproject.toml names it as the exception.
+
+A check of the settings alone, for a release step or a shell; the server runner
+(``python -m service.server``, which the Procfile runs) makes the same check before it binds its port.
 """
+
+from __future__ import annotations
 
 import sys
 

@@ -59,6 +59,19 @@ class Settings:
     (``None``: streams may idle as long as the upstream keeps the connection)."""
     cf_aig_allowed_headers: tuple[str, ...] = ()
     """``CF_AIG_ALLOWED_HEADERS``: ``cf-aig-*`` headers teams may set beyond the built-in list."""
+    host: str = "127.0.0.1"
+    """``HOST``: the address the server listens on (the Procfile passes 0.0.0.0)."""
+    port: int = 8787
+    web_concurrency: int = 1
+    """``WEB_CONCURRENCY``: worker processes."""
+    max_header_bytes: int = 64 * 1024
+    """``MAX_HEADER_BYTES``: request line and headers together; more → 431."""
+    max_header_line_bytes: int = 16 * 1024
+    """``MAX_HEADER_LINE_BYTES``: one header line, or the request line's URL; more → 431."""
+    header_read_timeout_seconds: float = 10.0
+    """``HEADER_READ_TIMEOUT_SECONDS``: time for a whole request head to arrive."""
+    max_connections: int = 10_000
+    """``MAX_CONNECTIONS``: open client connections per worker; more are refused."""
     cf_account_id: str | None = None
     self_service_rotation: bool = True
     """``SELF_SERVICE_ROTATION``: a key alone may rotate itself (the original Worker); ``False``
@@ -88,6 +101,7 @@ class Settings:
             return raw or None
 
         database_url = get("DATABASE_URL") or "sqlite:///data/gateway.db"
+        max_header_bytes, max_header_line_bytes = _header_limits(get("MAX_HEADER_BYTES"), get("MAX_HEADER_LINE_BYTES"))
         return cls(
             ai_gateway_url=_gateway_url(get("AI_GATEWAY_URL")),
             ai_gateway_id=get("AI_GATEWAY_ID"),
@@ -117,8 +131,17 @@ class Settings:
             stream_idle_timeout_seconds=_seconds("STREAM_IDLE_TIMEOUT_SECONDS", get("STREAM_IDLE_TIMEOUT_SECONDS")),
             cf_aig_allowed_headers=_cf_aig_headers(get("CF_AIG_ALLOWED_HEADERS")),
             self_service_rotation=_boolean("SELF_SERVICE_ROTATION", get("SELF_SERVICE_ROTATION"), True),
-            unknown_key_limit=_whole_number("UNKNOWN_KEY_LIMIT", get("UNKNOWN_KEY_LIMIT"), 30),
+            unknown_key_limit=_count("UNKNOWN_KEY_LIMIT", get("UNKNOWN_KEY_LIMIT"), 30),
             trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
+            host=get("HOST") or "127.0.0.1",
+            port=_listen_port("PORT", get("PORT"), 8787),
+            web_concurrency=_whole_number("WEB_CONCURRENCY", get("WEB_CONCURRENCY"), 1, "processes"),
+            max_header_bytes=max_header_bytes,
+            max_header_line_bytes=max_header_line_bytes,
+            header_read_timeout_seconds=_positive_float(
+                "HEADER_READ_TIMEOUT_SECONDS", get("HEADER_READ_TIMEOUT_SECONDS"), 10.0
+            ),
+            max_connections=_whole_number("MAX_CONNECTIONS", get("MAX_CONNECTIONS"), 10_000, "connections"),
             provider_env=_provider_env(values),
         )
 
@@ -183,7 +206,7 @@ def _origins(raw: str | None) -> tuple[str, ...]:
 def _port(name: str, raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
         raise SettingsError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
     return int(raw)
 
@@ -289,7 +312,7 @@ def _positive_float(name: str, raw: str | None, default: float) -> float:
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = float(raw) if raw.isascii() else float("nan")  # float() reads '٣' too
     except ValueError:
         value = float("nan")
     if not value > 0 or value == float("inf"):
@@ -300,13 +323,40 @@ def _positive_float(name: str, raw: str | None, default: float) -> float:
 def _positive_int(name: str, raw: str | None, default: int, unit: str = "bytes") -> int:
     if raw is None:
         return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        value = 0
+    digits = raw.replace("_", "")
+    value = int(digits) if digits.isascii() and digits.isdigit() else 0
     if value <= 0:
         raise SettingsError(f"{name} must be a positive whole number of {unit}, got {raw!r}")
     return value
+
+
+def _whole_number(name: str, raw: str | None, default: int, unit: str, minimum: int = 1) -> int:
+    """A whole number written in ASCII digits only (``str.isdigit`` alone accepts '²' and '٣')."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:
+        raise SettingsError(f"{name} must be a whole number of {unit} from {minimum}, got {raw!r}")
+    return int(raw)
+
+
+def _listen_port(name: str, raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
+        raise SettingsError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
+    return int(raw)
+
+
+MIN_HEADER_BYTES = 1024
+
+
+def _header_limits(total_raw: str | None, line_raw: str | None) -> tuple[int, int]:
+    total = _whole_number("MAX_HEADER_BYTES", total_raw, 64 * 1024, "bytes", MIN_HEADER_BYTES)
+    # unset, the line limit follows a smaller total down; set, it must fit inside the total
+    line = _whole_number("MAX_HEADER_LINE_BYTES", line_raw, min(16 * 1024, total), "bytes", MIN_HEADER_BYTES)
+    if line > total:
+        raise SettingsError(f"MAX_HEADER_LINE_BYTES ({line}) must not exceed MAX_HEADER_BYTES ({total})")
+    return total, line
 
 
 def _log_level(raw: str | None) -> str:
@@ -325,7 +375,7 @@ def _boolean(name: str, raw: str | None, default: bool) -> bool:
     return value == "true"
 
 
-def _whole_number(name: str, raw: str | None, default: int) -> int:
+def _count(name: str, raw: str | None, default: int) -> int:
     """A whole number of ASCII digits, 0 included."""
     if raw is None:
         return default

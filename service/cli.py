@@ -10,7 +10,8 @@
 Key commands work on the database directly (no HTTP call, no admin key), so the first key needs
 nothing running. Team ids and names are checked as the token API checks them. Tables for people
 (non-printable characters escaped), ``--json`` for scripts. Exit codes: 0 done, 1 no such key,
-2 usage, 3 configuration error, 4 store or Cloudflare AI Gateway unreachable or refusing.
+2 usage, 3 configuration error, 4 store or Cloudflare AI Gateway unreachable or refusing, 5 the
+address to listen on is in use (``serve``).
 Errors are one line on stderr.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -277,30 +277,12 @@ def sqlite_verdict(path: Path) -> tuple[bool, str]:
 
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from service.server import ADDRESS_IN_USE, CannotListen, serve
 
-    enabled_upstreams(settings)  # fail here, once, rather than in every worker
-    try:
-        port = args.port or int(os.environ.get("PORT", "8787"))
-        workers = args.workers or int(os.environ.get("WEB_CONCURRENCY", "1"))
-    except ValueError:
-        raise CommandFailed("PORT and WEB_CONCURRENCY must be whole numbers", CONFIGURATION) from None
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        backlog=2048,
-        timeout_keep_alive=75,
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-    )
-    return OK
+    try:  # the Procfile's runner: one server configuration however the gateway is started
+        return serve(settings, host=args.host, port=args.port, workers=args.workers)
+    except CannotListen as exc:
+        raise CommandFailed(f"cannot listen: {exc}", ADDRESS_IN_USE) from None
 
 
 def mock_upstream_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -330,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway (as the Procfile does)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: $PORT or 8787")
     serve.add_argument("--workers", type=int, default=None, help="default: $WEB_CONCURRENCY or 1")
     serve.set_defaults(run=serve_command)

@@ -1,6 +1,7 @@
 """Shared fixtures: a real mock Cloudflare AI Gateway and real gateway processes.
 
-The gateway runs as a uvicorn subprocess (the Procfile's server, loop and parser) on a free port,
+The gateway runs as a subprocess of the Procfile's runner (``python -m service.server``: its uvicorn
+options, protocol class and limits) on a free port,
 its JSON log captured to a file so tests can read what it printed.
 """
 
@@ -103,6 +104,11 @@ SETTINGS = (
     "CF_ACCOUNT_ID",
     "WEB_CONCURRENCY",
     "PORT",
+    "HOST",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_LINE_BYTES",
+    "HEADER_READ_TIMEOUT_SECONDS",
+    "MAX_CONNECTIONS",
     "PROMETHEUS_MULTIPROC_DIR",
     "SELF_SERVICE_ROTATION",
     "UNKNOWN_KEY_LIMIT",
@@ -133,24 +139,9 @@ def gateway_env(upstream_url: str | None, tmp: Path, **overrides: str) -> dict[s
 def start_gateway(env: dict[str, str], tmp: Path, *, workers: int = 1, port: int | None = None) -> GatewayProcess:
     port = port or free_port()
     log_path = tmp / f"gateway-{port}.log"
-    command = [
-        str(BIN / "uvicorn"),
-        "--factory",
-        "service.app:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--no-server-header",
-        "--no-proxy-headers",  # as the Procfile: X-Forwarded-For is the gateway's own business (TRUSTED_PROXIES)
-    ]
+    # the Procfile's runner: the same protocol class, limits and uvicorn options as production
+    command = [str(BIN / "python"), "-m", "service.server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", str(workers)]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     gateway = GatewayProcess(f"http://127.0.0.1:{port}", process, log_path, env, env.get("ADMIN_API_KEY"))

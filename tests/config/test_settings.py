@@ -114,3 +114,12 @@ def test_malformed_setting_stops_the_procfile_command_with_one_line(tmp_path: Pa
     errors = [line for line in result.stderr.decode().splitlines() if "UPSTREAM_TIMEOUT_SECONDS" in line]
     assert errors and "Traceback" not in result.stderr.decode()
     assert errors[0].startswith("configuration error: UPSTREAM_TIMEOUT_SECONDS")
+
+
+@pytest.mark.parametrize(
+    "name", ["MAX_REQUEST_BYTES", "UPSTREAM_TIMEOUT_SECONDS", "METRICS_PORT", "DATABASE_POOL_SIZE", "UNKNOWN_KEY_LIMIT"]
+)
+@pytest.mark.parametrize("raw", ["²", "٣", "\uff11\uff10"])  # superscript, Arabic-Indic, fullwidth
+def test_numbers_are_ascii_digits_only(name: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: raw}, env_file=None)

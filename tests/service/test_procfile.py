@@ -1,9 +1,11 @@
-"""The Procfile's web command, run as a PaaS runs it: several workers on $PORT."""
+"""The Procfile's web command, run as a PaaS runs it: several workers on $PORT, each with the gateway's
+HTTP protocol class and the limits of the settings."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ def test_procfile_serves_with_two_workers_and_revocation_reaches_every_worker(
         "AI_GATEWAY_TOKEN": GATEWAY_TOKEN,
         "ADMIN_API_KEY": ADMIN_KEY,
         "DATABASE_URL": f"sqlite:///{tmp_path}/gateway.db",
+        "MAX_HEADER_LINE_BYTES": "4096",
     }
     log = (tmp_path / "out.log").open("wb")
     process = subprocess.Popen(
@@ -69,6 +72,16 @@ def test_procfile_serves_with_two_workers_and_revocation_reaches_every_worker(
         assert statuses(first) == {401}
         assert statuses(second) == {401}
         assert statuses(rotated) == {200}
+
+        # every worker speaks through the gateway's protocol class, with the limit set in the environment
+        for _ in range(8):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431 ") and b"application/json" in answer
+        assert httpx.get(f"{url}/healthz", headers={"x-big": "a" * 4000}).status_code == 200
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(20)
