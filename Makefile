@@ -21,10 +21,11 @@ run: install
 
 # Offline: a mock Cloudflare AI Gateway, the gateway, a key, the real SDKs and curl through it.
 demo: install
-	$(BIN)/python -m service.demo
+	$(BIN)/python examples/demo.py
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/ruff format --check .
 
 typecheck: install

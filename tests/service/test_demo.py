@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import BIN
+from tests.conftest import BIN, ROOT
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(BIN / "python"), "-m", "service.demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [str(BIN / "python"), str(ROOT / "examples" / "demo.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
