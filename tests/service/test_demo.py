@@ -10,7 +10,11 @@ from tests.conftest import BIN, ROOT
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(BIN / "python"), str(ROOT / "examples" / "demo.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [str(BIN / "python"), str(ROOT / "examples" / "demo.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
