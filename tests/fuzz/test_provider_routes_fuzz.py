@@ -105,7 +105,7 @@ def gateway_shape(shape: str, body: Any) -> bool:
     return isinstance(body.get("error"), str)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     provider=st.sampled_from(sorted(PROVIDERS)),
     segments=st.lists(SEGMENT, max_size=5),

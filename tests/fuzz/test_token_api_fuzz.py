@@ -38,7 +38,9 @@ def fuzzed_gateway(upstream: object, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @SCHEMA.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomized: the same examples every run, so CI never fails on a new draw (raise max_examples, or
+# drop derandomize, to explore further by hand)
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_token_api_answers_every_input_as_documented(case: schemathesis.Case, fuzzed_gateway: GatewayProcess) -> None:
     # positive_data_acceptance is left out: opaque values (keys, key ids, cursors) can match the
     # schema and still name nothing (404, 400), and team names must be printable, which JSON Schema

@@ -100,6 +100,7 @@ def test_every_documented_response_is_produced(
     check(httpx.delete(f"{url}/teams/team_doc_3/keys"), "/teams/{teamId}/keys", "DELETE", produced)
     check(httpx.delete(f"{url}/teams/team_doc_3/keys", headers=ADMIN), "/teams/{teamId}/keys", "DELETE", produced)
     check(httpx.delete(f"{url}/teams/%1B/keys", headers=ADMIN), "/teams/{teamId}/keys", "DELETE", produced)
+    check(httpx.delete(f"{url}/teams/a%0Ab/keys", headers=ADMIN), "/teams/{teamId}/keys", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}"), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
