@@ -1,0 +1,294 @@
+"""``GatewayHttpProtocol`` is uvicorn's httptools protocol with the limits it lacks, enforced before the
+app sees anything:
+
+- the request head (request line and headers) is capped at ``MAX_HEADER_BYTES`` in all and
+  ``MAX_HEADER_LINE_BYTES`` per line (the URL counts as a line): over either → 431, then close.
+  httptools concatenates a header's pieces as they arrive, so the bytes are counted in
+  ``data_received`` before they reach the parser, not after;
+- the whole head must arrive within ``HEADER_READ_TIMEOUT_SECONDS`` of the connection opening or,
+  on a kept-alive connection, of the next request's first byte (idle keep-alive connections keep
+  uvicorn's keep-alive timeout); late → 408 if some of it came, a plain close if none did;
+- at most ``MAX_CONNECTIONS`` open connections per worker: past that a new connection is answered
+  503 and closed at once, with one warning when the cap starts biting and one line when it stops;
+- requests the parser rejects get a JSON 400 instead of uvicorn's plain-text one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import httptools
+import orjson
+import structlog
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from config import Settings
+
+log = structlog.get_logger("gateway.server")
+
+INVALID_REQUEST = "Invalid HTTP request."
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int
+    max_header_line_bytes: int
+    header_read_timeout: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.max_header_bytes,
+            settings.max_header_line_bytes,
+            settings.header_read_timeout_seconds,
+            settings.max_connections,
+        )
+
+
+class _State:
+    """Per worker process: the limits (read once from the settings), whether the cap is biting, and
+    the loop whose sweep closes connections past their head deadline."""
+
+    limits: Limits | None = None
+    refusing = False
+    refused = 0
+    swept_loop: asyncio.AbstractEventLoop | None = None
+
+
+def limits() -> Limits:
+    if _State.limits is None:
+        # a worker process: the settings were validated by the runner before it started
+        _State.limits = Limits.from_settings(Settings.from_env())
+    return _State.limits
+
+
+class HeadTooLarge(Exception):
+    """The request head is over a limit; the message says which (never the header's content)."""
+
+
+def _response(status: int, message: str, default_headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    body = orjson.dumps({"error": message})
+    head = [STATUS_LINE[status]]
+    for name, value in default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+    return b"".join(head) + body
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with limits on the request head and on connections (module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, object],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits()
+        self.refused_connection = False
+        # the head being read: bytes so far, bytes of its current (unfinished) line, its deadline
+        self.awaiting_head = True
+        self.head_bytes = 0
+        self.line_bytes = 0
+        self.head_begun = False
+        self.requests_read = 0  # to tell when one chunk ended a request and began the next
+        self.head_deadline = 0.0  # loop time by which the head must be complete; 0: none running
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            self.refuse(transport)
+            return
+        super().connection_made(transport)
+        if _State.swept_loop is not self.loop:
+            _State.swept_loop = self.loop
+            sweep_heads(self.loop, self.connections, min(1.0, self.limits.header_read_timeout / 4))
+        self.arm_head_deadline()
+
+    def refuse(self, transport: asyncio.Transport) -> None:
+        self.refused_connection = True
+        self.transport = transport
+        _State.refused += 1
+        if not _State.refusing:
+            _State.refusing = True
+            log.warning(
+                "connection_limit_reached",
+                max_connections=self.limits.max_connections,
+                message="new connections are refused with 503 until some close (MAX_CONNECTIONS, per worker)",
+            )
+        transport.write(_response(503, "Too many connections; try again shortly.", self.server_state.default_headers))
+        transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused_connection:
+            return
+        self.clear_head_deadline()
+        super().connection_lost(exc)
+        # a little below the cap before saying so, so that a load hovering at it logs a pair of lines
+        # now and then rather than one per connection
+        if _State.refusing and len(self.connections) < self.limits.max_connections * 9 // 10:
+            log.info("connection_limit_cleared", refused=_State.refused, open=len(self.connections))
+            _State.refusing = False
+            _State.refused = 0
+
+    # -- the request head: size ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # (a refused connection is closed at once: it receives nothing)
+        self._unset_keepalive_if_required()
+        if self.awaiting_head:
+            if not self.head_begun:
+                self.head_begun = True
+                self.arm_head_deadline()
+            limits = self.limits
+            newline = data.rfind(b"\n")
+            # the CR ending a line is not part of its content
+            run = self.line_bytes + len(data) if newline < 0 else len(data) - newline - 1
+            if newline < 0 and run > limits.max_header_line_bytes + 1:
+                # no line ended in this chunk, so all of it belongs to the head's current line
+                self.reject_head(f"a header line is over {limits.max_header_line_bytes} bytes")
+                return
+            room = limits.max_header_bytes - self.head_bytes
+            if len(data) > room:
+                # feed what fits: if the head ends within it the rest is body (or the next request)
+                head, rest = data[:room], data[room:]
+                self.head_bytes += len(head)
+                if not self.feed(head):
+                    return
+                if self.awaiting_head:
+                    self.reject_head(f"the request head is over {limits.max_header_bytes} bytes")
+                    return
+                self.data_received(rest)
+                return
+            self.head_bytes += len(data)
+            requests_read = self.requests_read
+            if not self.feed(data):
+                return
+            if self.awaiting_head:
+                # the unfinished line is the chunk's tail, unless the chunk also ended a request
+                self.line_bytes = run if requests_read == self.requests_read else 0
+            return
+        self.feed(data)
+
+    def feed(self, data: bytes) -> bool:
+        """Parse ``data``; ``False`` when the connection was answered and closed."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, HeadTooLarge):
+                self.reject_head(str(exc.__context__))
+            else:
+                self.send_400_response(INVALID_REQUEST)
+            return False
+        return True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_header_line_bytes:
+            raise HeadTooLarge(f"the URL is over {self.limits.max_header_line_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # uvicorn's on_header, inlined (it runs for every header of every request), after the check
+        if len(name) + 2 + len(value) > self.limits.max_header_line_bytes:
+            raise HeadTooLarge(f"a header line is over {self.limits.max_header_line_bytes} bytes")
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.awaiting_head = False
+        self.clear_head_deadline()
+        super().on_headers_complete()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self.head_begun:  # a request pipelined behind the previous one's body
+            self.head_begun = True
+            self.arm_head_deadline()
+
+    def on_message_complete(self) -> None:
+        self.awaiting_head = True
+        self.head_bytes = self.line_bytes = 0
+        self.head_begun = False
+        self.requests_read += 1
+        super().on_message_complete()
+
+    # -- the request head: time ---------------------------------------------------------------
+
+    def response_in_flight(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def arm_head_deadline(self) -> None:
+        """Start the head's deadline, unless it runs already or a response is being sent (then it
+        starts when that response is complete, should part of a next head have come meanwhile).
+        A deadline, not a timer per request: one sweep per worker closes the late (``sweep_heads``)."""
+        if not self.head_deadline and not (self.cycle is not None and not self.cycle.response_complete):
+            self.head_deadline = self.loop.time() + self.limits.header_read_timeout
+
+    def clear_head_deadline(self) -> None:
+        self.head_deadline = 0.0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.awaiting_head and self.head_begun and not self.transport.is_closing():
+            self.arm_head_deadline()
+
+    def head_timed_out(self) -> None:
+        self.head_deadline = 0.0
+        if self.transport.is_closing():
+            return
+        if self.head_begun and not self.response_in_flight():
+            log.info("request_head_timeout", client=self.client_host(), timeout=self.limits.header_read_timeout)
+            self.answer_and_close(408, "The request head did not arrive in time.")
+        else:
+            self.transport.close()
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def client_host(self) -> str | None:
+        return self.client[0] if self.client else None
+
+    def reject_head(self, reason: str) -> None:
+        log.info("request_head_too_large", client=self.client_host(), reason=reason)
+        self.answer_and_close(431, "Request header fields too large: " + reason + ".")
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn logs each of these as a warning with no detail; one info line, like an access line
+        log.info("request_invalid", client=self.client_host())
+        self.answer_and_close(400, INVALID_REQUEST)
+
+    def answer_and_close(self, status: int, message: str) -> None:
+        self.clear_head_deadline()
+        if not self.response_in_flight():  # never write into the middle of another response
+            self.transport.write(_response(status, message, self.server_state.default_headers))
+        self.transport.close()
+
+
+def sweep_heads(loop: asyncio.AbstractEventLoop, connections: Collection[object], interval: float) -> None:
+    """Close the connections past their head deadline, now and every ``interval`` seconds: a late
+    head is closed between the deadline and ``interval`` after it."""
+    now = loop.time()
+    for connection in list(connections):
+        if isinstance(connection, GatewayHttpProtocol) and 0 < connection.head_deadline <= now:
+            connection.head_timed_out()
+    loop.call_later(interval, sweep_heads, loop, connections, interval)
+
+
+def configure(limits: Limits) -> None:
+    """This process's limits (the runner's; a worker process reads them from its settings)."""
+    _State.limits = limits
