@@ -46,6 +46,8 @@ class Settings:
     """``PROVIDERS``: the slugs to mount; ``None`` mounts every registered provider."""
     providers_file: Path | None = None
     """``PROVIDERS_FILE``: a TOML file of extra providers, read beside the built-in catalogue."""
+    prices_file: Path | None = None
+    """``PRICES_FILE``: a TOML file of model prices adding to or overriding the shipped table."""
     cache_scope: str = "team"
     metrics_port: int | None = None
     """``METRICS_PORT``: serve /metrics on this port only, not on the public one."""
@@ -120,6 +122,7 @@ class Settings:
             log_level=_log_level(get("LOG_LEVEL")),
             providers=_providers(get("PROVIDERS")),
             providers_file=Path(raw_file) if (raw_file := get("PROVIDERS_FILE")) else None,
+            prices_file=Path(raw_prices) if (raw_prices := get("PRICES_FILE")) else None,
             cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
             cf_account_id=get("CF_ACCOUNT_ID"),
             metrics_port=_port("METRICS_PORT", get("METRICS_PORT")),
