@@ -20,7 +20,20 @@ from service.core.errors import Shape
 
 CATALOG = Path(__file__).with_name("catalog.toml")
 MACHINERY = frozenset(
-    {"base", "cache_scope", "cuts", "headers", "mount", "paths", "registry", "relay", "upstream", "watch"}
+    {
+        "base",
+        "cache_scope",
+        "cuts",
+        "headers",
+        "mount",
+        "paths",
+        "prices",
+        "registry",
+        "relay",
+        "upstream",
+        "usage",
+        "watch",
+    }
 )
 RESERVED = frozenset({"tokens", "healthz", "readyz", "metrics", "openapi.json"})
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
