@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 from pathlib import Path
 
 import aiosqlite
 import asyncpg
 import pytest
+from yarl import URL
 
 from service import keys
 from service.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
+from service.store.base import MAX_MESSAGE, unavailable_on
 from service.store.migrations import CREATE_TABLE, migrations
 from service.store.postgres import PostgresStore
 from service.teams import UNKNOWN, TeamDirectory
+from tests.postgres import PG_ROOT
 
 KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
 
@@ -372,3 +376,27 @@ async def test_a_flood_of_unknown_keys_never_evicts_known_ones(location: str) ->
     cached = [directory.peek(keys.digest(guess)) for guess in unknown]
     assert cached[-10:] == [UNKNOWN] * 10 and cached[:40] == [None] * 40  # only the newest misses are kept
     await store.close()
+
+
+def test_driver_errors_become_short_store_errors_without_secrets() -> None:
+    mapping = unavailable_on(sqlite3.Error, OSError, hide=["s3cret-password", None, ""])
+    with pytest.raises(StoreUnavailableError) as raised, mapping("cannot open"):
+        raise sqlite3.OperationalError("no s3cret-password here")
+    assert str(raised.value) == "cannot open: OperationalError: no *** here"
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    with pytest.raises(StoreUnavailableError) as raised, mapping:
+        raise ConnectionRefusedError("x" * 10_000)
+    assert str(raised.value).startswith("ConnectionRefusedError: xxx") and len(str(raised.value)) == MAX_MESSAGE
+    with pytest.raises(KeyError), mapping:  # not a database error: untouched
+        raise KeyError("digest")
+    with mapping:  # no error, nothing to map
+        pass
+
+
+async def test_a_postgres_error_names_the_failure_never_the_password(pg_dsn: str) -> None:
+    dsn = str(URL(PG_ROOT).with_password("pa55-never-logged").with_path("/no_such_database"))
+    with pytest.raises(StoreUnavailableError) as raised:
+        await open_store(dsn)
+    message = str(raised.value)
+    assert message.startswith("cannot open the PostgreSQL store: ") and "no_such_database" in message
+    assert "pa55-never-logged" not in message and dsn not in message
