@@ -181,10 +181,13 @@ class SQLiteStore:
         return [(TokenRecord(*row[:6]), row[6]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
+        """A write like the others (under the write lock, in a transaction of its own), so that it
+        never lands inside, or rolls back with, a key write; it leaves the change counter alone."""
         with unavailable:
-            await self.db.executemany(
-                "UPDATE tokens SET last_used_at = ? WHERE digest = ?", [(at, digest) for digest, at in used.items()]
-            )
+            async with self._transaction() as db:
+                await db.executemany(
+                    "UPDATE tokens SET last_used_at = ? WHERE digest = ?", [(at, digest) for digest, at in used.items()]
+                )
 
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
         """SQLite has no notifications: the change marker alone keeps caches fresh."""

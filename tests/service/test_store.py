@@ -378,6 +378,43 @@ async def test_a_flood_of_unknown_keys_never_evicts_known_ones(location: str) ->
     await store.close()
 
 
+async def test_last_use_lands_however_the_writes_around_it_end(location: str) -> None:
+    """``touch`` interleaved with writes that commit and writes that fail (and roll back): every
+    write that should land lands, and every ``last_used_at`` lands, whatever the writes beside it do."""
+    store = await open_store(location)
+    try:
+        existing = [(f"{n:064x}", Team(f"team_{n}", "n", "c", f"key_{n:016x}")) for n in range(10)]
+        for digest, team in existing:
+            await store.create(digest, team, "sk_xxxxx")
+
+        async def duplicate(n: int) -> str:
+            digest, team = existing[n]
+            try:
+                await store.create(digest, team, "sk_xxxxx")  # the digest and id are taken: rolled back
+            except StoreUnavailableError:
+                return "refused"
+            return "stored twice"
+
+        async def create(n: int) -> str:
+            await store.create(f"{100 + n:064x}", Team(f"team_{n}", "n", "c", f"key_{100 + n:016x}"), "sk_yyyyy")
+            return "created"
+
+        async def touch(n: int) -> str:
+            await store.touch({existing[n][0]: f"2026-01-01T00:00:{n:02d}.000Z"})
+            return "touched"
+
+        outcomes = await asyncio.gather(
+            *(operation(n) for n in range(10) for operation in (duplicate, touch, create)), return_exceptions=True
+        )
+        assert outcomes == ["refused", "touched", "created"] * 10
+        for n in range(10):
+            assert await store.get(f"{100 + n:064x}") == Team(f"team_{n}", "n", "c", f"key_{100 + n:016x}")
+        last_used = {record.key_id: record.last_used_at for record, _ in await store.list(100)}
+        assert [last_used[team.key_id] for _, team in existing] == [f"2026-01-01T00:00:{n:02d}.000Z" for n in range(10)]
+    finally:
+        await store.close()
+
+
 def test_driver_errors_become_short_store_errors_without_secrets() -> None:
     mapping = unavailable_on(sqlite3.Error, OSError, hide=["s3cret-password", None, ""])
     with pytest.raises(StoreUnavailableError) as raised, mapping("cannot open"):
