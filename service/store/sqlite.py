@@ -1,8 +1,14 @@
 """The embedded store: one SQLite file through aiosqlite, in WAL mode.
 
-Several workers may share the file: each opens its own connection, and every key write bumps
+Several workers may share the file: each opens its own connections, and every key write bumps
 ``gateway_state.version`` in its transaction: the cheap change counter their caches poll (writes of
 ``last_used_at`` leave it alone, so they do not empty every cache).
+
+Two connections per store, because aiosqlite runs the statements of one connection in order on one
+thread: a write waiting for another process's lock (up to the busy timeout) would hold up every read
+queued behind it. Reads (``get``, ``find``, ``list``, ``change_marker``, ``ping``) go to a reading
+connection, which in WAL mode never waits for a writer; writes (``last_used_at`` included) go to the
+writing connection, one transaction at a time under ``_writing``.
 """
 
 from __future__ import annotations
@@ -47,14 +53,23 @@ class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._writing = asyncio.Lock()
-        """Held for each write transaction: one at a time on the connection."""
+        """Held for each write transaction: one at a time on the writing connection."""
 
     @property
     def db(self) -> aiosqlite.Connection:
+        """The writing connection."""
         if self._db is None:
             raise StoreUnavailableError("store is not open")
         return self._db
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The reading connection: statements that never wait for a writer (WAL)."""
+        if self._reader is None:
+            raise StoreUnavailableError("store is not open")
+        return self._reader
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
@@ -75,18 +90,22 @@ class SQLiteStore:
                 await self._db.execute("PRAGMA synchronous=NORMAL")
                 async with self._transaction() as db:  # one writer: concurrent starters wait, then find it done
                     await migrate(_Migrating(db))
+                self._reader = await self._connect()
+                await self._reader.execute("PRAGMA query_only=ON")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        reader, self._reader = self._reader, None
+        db, self._db = self._db, None
+        for connection in (reader, db):
+            if connection is not None:
+                await connection.close()
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``: it waits for other
+        """A write transaction on the writing connection (``BEGIN IMMEDIATE``: it waits for other
         processes' writers up to the busy timeout), alone on it: committed when the block ends,
         rolled back when it raises."""
         db = self.db
@@ -119,12 +138,12 @@ class SQLiteStore:
 
     async def _read_one(self, query: str, params: tuple[object, ...] = ()) -> Any:
         with unavailable:
-            async with self.db.execute(query, params) as cur:
+            async with self.reader.execute(query, params) as cur:
                 return await cur.fetchone()
 
     async def _read_all(self, query: str, params: tuple[object, ...]) -> list[Any]:
         with unavailable:
-            async with self.db.execute(query, params) as cur:
+            async with self.reader.execute(query, params) as cur:
                 return list(await cur.fetchall())
 
     async def ping(self) -> None:

@@ -437,3 +437,34 @@ async def test_a_postgres_error_names_the_failure_never_the_password(pg_dsn: str
     message = str(raised.value)
     assert message.startswith("cannot open the PostgreSQL store: ") and "no_such_database" in message
     assert "pa55-never-logged" not in message and dsn not in message
+
+
+async def test_a_sqlite_write_waiting_for_the_lock_holds_up_no_read(tmp_path: Path) -> None:
+    """Another process holds the write lock: a write waits for it, reads are answered meanwhile."""
+    store = SQLiteStore(tmp_path / "g.db")
+    await store.open()
+    known = Team("team_1", "n", "c", "key_aaaaaaaaaaaaaaaa")
+    await store.create("a" * 64, known, "sk_aaaaa")
+    other = sqlite3.connect(tmp_path / "g.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        marker = await store.change_marker()
+        writing = asyncio.create_task(store.create("b" * 64, Team("team_2", "n", "c", "key_bbbbbbbbbbbbbbbb"), "sk_b"))
+        for _ in range(1000):  # until the write has its turn on the writing connection (then it waits)
+            if store._writing.locked():
+                break
+            await asyncio.sleep(0)
+        assert store._writing.locked()
+        assert await store.get("a" * 64) == known
+        assert await store.find("key_aaaaaaaaaaaaaaaa") is not None
+        assert [record.team_id for record, _ in await store.list(10)] == ["team_1"]
+        assert await store.change_marker() == marker
+        await store.ping()
+        assert not writing.done()  # all of that was answered while the write still waited
+        other.execute("ROLLBACK")
+        await writing
+        assert await store.get("b" * 64) == Team("team_2", "n", "c", "key_bbbbbbbbbbbbbbbb")
+        assert await store.change_marker() != marker
+    finally:
+        other.close()
+        await store.close()
