@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 from pathlib import Path
 
 import aiosqlite
 import asyncpg
 import pytest
+from yarl import URL
 
 from service.core import keys
 from service.core.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
+from service.core.store.base import MAX_MESSAGE, unavailable_on
 from service.core.store.migrations import CREATE_TABLE, migrations
 from service.core.store.postgres import PostgresStore
 from service.core.teams import UNKNOWN, TeamDirectory
+from tests.postgres import PG_ROOT
 
 KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
 
@@ -372,3 +376,95 @@ async def test_a_flood_of_unknown_keys_never_evicts_known_ones(location: str) ->
     cached = [directory.peek(keys.digest(guess)) for guess in unknown]
     assert cached[-10:] == [UNKNOWN] * 10 and cached[:40] == [None] * 40  # only the newest misses are kept
     await store.close()
+
+
+async def test_last_use_lands_however_the_writes_around_it_end(location: str) -> None:
+    """``touch`` interleaved with writes that commit and writes that fail (and roll back): every
+    write that should land lands, and every ``last_used_at`` lands, whatever the writes beside it do."""
+    store = await open_store(location)
+    try:
+        existing = [(f"{n:064x}", Team(f"team_{n}", "n", "c", f"key_{n:016x}")) for n in range(10)]
+        for digest, team in existing:
+            await store.create(digest, team, "sk_xxxxx")
+
+        async def duplicate(n: int) -> str:
+            digest, team = existing[n]
+            try:
+                await store.create(digest, team, "sk_xxxxx")  # the digest and id are taken: rolled back
+            except StoreUnavailableError:
+                return "refused"
+            return "stored twice"
+
+        async def create(n: int) -> str:
+            await store.create(f"{100 + n:064x}", Team(f"team_{n}", "n", "c", f"key_{100 + n:016x}"), "sk_yyyyy")
+            return "created"
+
+        async def touch(n: int) -> str:
+            await store.touch({existing[n][0]: f"2026-01-01T00:00:{n:02d}.000Z"})
+            return "touched"
+
+        outcomes = await asyncio.gather(
+            *(operation(n) for n in range(10) for operation in (duplicate, touch, create)), return_exceptions=True
+        )
+        assert outcomes == ["refused", "touched", "created"] * 10
+        for n in range(10):
+            assert await store.get(f"{100 + n:064x}") == Team(f"team_{n}", "n", "c", f"key_{100 + n:016x}")
+        last_used = {record.key_id: record.last_used_at for record, _ in await store.list(100)}
+        assert [last_used[team.key_id] for _, team in existing] == [f"2026-01-01T00:00:{n:02d}.000Z" for n in range(10)]
+    finally:
+        await store.close()
+
+
+def test_driver_errors_become_short_store_errors_without_secrets() -> None:
+    mapping = unavailable_on(sqlite3.Error, OSError, hide=["s3cret-password", None, ""])
+    with pytest.raises(StoreUnavailableError) as raised, mapping("cannot open"):
+        raise sqlite3.OperationalError("no s3cret-password here")
+    assert str(raised.value) == "cannot open: OperationalError: no *** here"
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    with pytest.raises(StoreUnavailableError) as raised, mapping:
+        raise ConnectionRefusedError("x" * 10_000)
+    assert str(raised.value).startswith("ConnectionRefusedError: xxx") and len(str(raised.value)) == MAX_MESSAGE
+    with pytest.raises(KeyError), mapping:  # not a database error: untouched
+        raise KeyError("digest")
+    with mapping:  # no error, nothing to map
+        pass
+
+
+async def test_a_postgres_error_names_the_failure_never_the_password(pg_dsn: str) -> None:
+    dsn = str(URL(PG_ROOT).with_password("pa55-never-logged").with_path("/no_such_database"))
+    with pytest.raises(StoreUnavailableError) as raised:
+        await open_store(dsn)
+    message = str(raised.value)
+    assert message.startswith("cannot open the PostgreSQL store: ") and "no_such_database" in message
+    assert "pa55-never-logged" not in message and dsn not in message
+
+
+async def test_a_sqlite_write_waiting_for_the_lock_holds_up_no_read(tmp_path: Path) -> None:
+    """Another process holds the write lock: a write waits for it, reads are answered meanwhile."""
+    store = SQLiteStore(tmp_path / "g.db")
+    await store.open()
+    known = Team("team_1", "n", "c", "key_aaaaaaaaaaaaaaaa")
+    await store.create("a" * 64, known, "sk_aaaaa")
+    other = sqlite3.connect(tmp_path / "g.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        marker = await store.change_marker()
+        writing = asyncio.create_task(store.create("b" * 64, Team("team_2", "n", "c", "key_bbbbbbbbbbbbbbbb"), "sk_b"))
+        for _ in range(1000):  # until the write has its turn on the writing connection (then it waits)
+            if store._writing.locked():
+                break
+            await asyncio.sleep(0)
+        assert store._writing.locked()
+        assert await store.get("a" * 64) == known
+        assert await store.find("key_aaaaaaaaaaaaaaaa") is not None
+        assert [record.team_id for record, _ in await store.list(10)] == ["team_1"]
+        assert await store.change_marker() == marker
+        await store.ping()
+        assert not writing.done()  # all of that was answered while the write still waited
+        other.execute("ROLLBACK")
+        await writing
+        assert await store.get("b" * 64) == Team("team_2", "n", "c", "key_bbbbbbbbbbbbbbbb")
+        assert await store.change_marker() != marker
+    finally:
+        other.close()
+        await store.close()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Protocol
 
 
@@ -16,6 +17,49 @@ def utc_timestamp() -> str:
 
 class StoreUnavailableError(Exception):
     """The database could not be reached or answered with an error."""
+
+
+MAX_MESSAGE = 300
+"""Characters of the driver's message kept in a ``StoreUnavailableError``: enough to diagnose."""
+
+
+class unavailable_on:  # lower case, as contextlib.suppress: used like a function
+    """Turn a database driver's errors into ``StoreUnavailableError`` in one place, for a whole
+    block (``with`` works around ``await`` too): ``with unavailable_on(sqlite3.Error): ...``.
+
+    The message is ``[context: ]ErrorType: driver message``, cut short, with every string of
+    ``hide`` (a password, a DSN) replaced by ``***``: the message is logged and must never carry a
+    secret. Other exceptions (cancellation included) pass through untouched. An instance holds no
+    state of its own, so a store keeps one and uses it from any number of tasks at once.
+    """
+
+    __slots__ = ("context", "errors", "hide")
+
+    def __init__(self, *errors: type[BaseException], context: str = "", hide: Iterable[str | None] = ()) -> None:
+        self.errors = errors
+        self.context = context
+        self.hide = tuple(sorted((secret for secret in hide if secret), key=len, reverse=True))
+
+    def __call__(self, context: str) -> unavailable_on:
+        """The same mapping with a context for its messages (``"cannot open the store"``)."""
+        return unavailable_on(*self.errors, context=context, hide=self.hide)
+
+    def message(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        for secret in self.hide:
+            text = text.replace(secret, "***")
+        if len(text) > MAX_MESSAGE:
+            text = text[: MAX_MESSAGE - 1] + "…"
+        return f"{self.context}: {text}" if self.context else text
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc is not None and isinstance(exc, self.errors):
+            raise StoreUnavailableError(self.message(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)

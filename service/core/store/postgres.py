@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import structlog
 
-from service.core.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
-from service.core.store.migrations import CREATE_TABLE, migrations
+from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
+from service.core.store.migrations import Dialect, ParamStyle, migrate
 
 log = structlog.get_logger("gateway.store")
 
@@ -29,6 +30,36 @@ RECONNECT_SECONDS = 1.0
 RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
 
 
+def secrets_in(dsn: str) -> list[str]:
+    """What of a DSN must never reach a message: the DSN itself and its password (in the user
+    part or the query, as written and decoded)."""
+    found = [dsn]
+    try:
+        parts = urlsplit(dsn)
+        passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+    except ValueError:
+        return found
+    for password in passwords:
+        found.extend((password, unquote(password)))
+    return [secret for secret in found if secret]
+
+
+class _Migrating:
+    """A connection in the migration transaction, as the migration runner sees it."""
+
+    dialect: Dialect = "postgresql"
+    paramstyle: ParamStyle = "numeric"
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def execute(self, statement: str, params: tuple[object, ...] = ()) -> None:
+        await self.conn.execute(statement, *params)
+
+    async def applied_versions(self) -> set[int]:
+        return {int(row["version"]) for row in await self.conn.fetch("SELECT version FROM schema_migrations")}
+
+
 class PostgresStore:
     def __init__(self, dsn: str, pool_size: int = 10, timeout: float = 5.0) -> None:
         self.dsn = dsn
@@ -36,6 +67,8 @@ class PostgresStore:
         self.timeout = timeout
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._unavailable = unavailable_on(*DB_ERRORS, hide=secrets_in(dsn))
+        """Every driver error a store method meets becomes ``StoreUnavailableError``, without the DSN."""
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -45,34 +78,23 @@ class PostgresStore:
 
     async def open(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                timeout=self.timeout,
-                command_timeout=self.timeout,
-            )
-            await self._migrate()
-        except DB_ERRORS as exc:
+            with self._unavailable("cannot open the PostgreSQL store"):
+                self._pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=self.timeout,
+                    command_timeout=self.timeout,
+                )
+                await self._migrate()
+        except BaseException:
             await self.close()
-            raise StoreUnavailableError(f"cannot open the PostgreSQL store: {type(exc).__name__}: {exc}") from exc
+            raise
 
     async def _migrate(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(CREATE_TABLE)
-            applied = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-            for migration in migrations("postgresql"):
-                if migration.version in applied:
-                    continue
-                for statement in migration.statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-                    migration.version,
-                    migration.name,
-                    utc_timestamp(),
-                )
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)  # one replica at a time
+            for migration in await migrate(_Migrating(conn)):
                 log.info("migration_applied", version=migration.version, name=migration.name)
 
     async def close(self) -> None:
@@ -87,10 +109,12 @@ class PostgresStore:
                 await asyncio.wait_for(pool.close(), self.timeout)
 
     async def _fetchrow(self, query: str, *args: Any) -> Any:
-        try:
+        with self._unavailable:
             return await self.pool.fetchrow(query, *args, timeout=self.timeout)
-        except DB_ERRORS as exc:
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        with self._unavailable:
+            return list(await self.pool.fetch(query, *args, timeout=self.timeout))
 
     async def _write(self, query: str, *args: Any, notify: str | None) -> Any:
         """Run a write returning at most one row; when it changed one, bump the change counter and
@@ -101,7 +125,7 @@ class PostgresStore:
     async def _write_all(self, query: str, *args: Any, notify: str | None) -> list[Any]:
         """Run a write returning the rows it changed; if any, bump the change counter and notify
         once: ``notify``, else the one row's digest (first column), else ``''`` (anything changed)."""
-        try:
+        with self._unavailable:
             async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 rows = list(await conn.fetch(query, *args))
                 if rows:
@@ -110,8 +134,6 @@ class PostgresStore:
                     await conn.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notify)
                 return rows
-        except DB_ERRORS as exc:
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         await self._fetchrow("SELECT 1")
@@ -176,19 +198,14 @@ class PostgresStore:
         where = " WHERE " + " AND ".join(conditions) if conditions else ""
         order = f" ORDER BY created_at, digest LIMIT ${len(args)}"
         query = "SELECT " + RECORD_COLUMNS + " FROM tokens" + where + order  # noqa: S608 (constants and $n only)
-        try:
-            rows = await self.pool.fetch(query, *args)
-        except DB_ERRORS as exc:
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        rows = await self._fetch(query, *args)
         return [(TokenRecord(*row[:6]), row[6]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
-        try:
+        with self._unavailable:
             await self.pool.executemany(
                 "UPDATE tokens SET last_used_at = $1 WHERE digest = $2", [(at, digest) for digest, at in used.items()]
             )
-        except DB_ERRORS as exc:
-            raise StoreUnavailableError(f"{type(exc).__name__}: {exc}") from exc
 
     async def change_marker(self) -> int:
         row = await self._fetchrow("SELECT version FROM gateway_state WHERE id = 1")

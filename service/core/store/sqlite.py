@@ -1,84 +1,124 @@
 """The embedded store: one SQLite file through aiosqlite, in WAL mode.
 
-Several workers may share the file: each opens its own connection, and every key write bumps
+Several workers may share the file: each opens its own connections, and every key write bumps
 ``gateway_state.version`` in its transaction: the cheap change counter their caches poll (writes of
 ``last_used_at`` leave it alone, so they do not empty every cache).
+
+Two connections per store, because aiosqlite runs the statements of one connection in order on one
+thread: a write waiting for another process's lock (up to the busy timeout) would hold up every read
+queued behind it. Reads (``get``, ``find``, ``list``, ``change_marker``, ``ping``) go to a reading
+connection, which in WAL mode never waits for a writer; writes (``last_used_at`` included) go to the
+writing connection, one transaction at a time under ``_writing``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from service.core.store.base import StoreUnavailableError, Team, TokenRecord, utc_timestamp
-from service.core.store.migrations import CREATE_TABLE, migrations
+from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
+from service.core.store.migrations import Dialect, ParamStyle, migrate
 
 RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
+BUSY_TIMEOUT_SECONDS = 10.0
+unavailable = unavailable_on(sqlite3.Error)
+"""Every SQLite error a store method meets becomes ``StoreUnavailableError``."""
+
+
+class _Migrating:
+    """The writing connection, as the migration runner sees it."""
+
+    dialect: Dialect = "sqlite"
+    paramstyle: ParamStyle = "qmark"
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def execute(self, statement: str, params: tuple[object, ...] = ()) -> None:
+        async with self.db.execute(statement, params):
+            pass
+
+    async def applied_versions(self) -> set[int]:
+        async with self.db.execute("SELECT version FROM schema_migrations") as cur:
+            return {int(row[0]) for row in await cur.fetchall()}
 
 
 class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._writing = asyncio.Lock()
+        """Held for each write transaction: one at a time on the writing connection."""
 
     @property
     def db(self) -> aiosqlite.Connection:
+        """The writing connection."""
         if self._db is None:
             raise StoreUnavailableError("store is not open")
         return self._db
 
-    async def open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, timeout=10.0, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailableError(f"cannot open SQLite database at {self.path}: {exc}") from exc
-        self._db = db
-        try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=10000")
-            await self._migrate(db)
-        except sqlite3.Error as exc:
-            await self.close()
-            raise StoreUnavailableError(f"cannot prepare SQLite database at {self.path}: {exc}") from exc
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The reading connection: statements that never wait for a writer (WAL)."""
+        if self._reader is None:
+            raise StoreUnavailableError("store is not open")
+        return self._reader
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        await db.execute("BEGIN IMMEDIATE")  # one writer: concurrent starters wait, then find it done
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
-            await db.execute(CREATE_TABLE)
-            async with db.execute("SELECT version FROM schema_migrations") as cur:
-                applied = {row[0] for row in await cur.fetchall()}
-            for migration in migrations("sqlite"):
-                if migration.version in applied:
-                    continue
-                for statement in migration.statements:
-                    await db.execute(statement)
-                await db.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.name, utc_timestamp()),
-                )
-            await db.execute("COMMIT")
+            await db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
         except BaseException:
-            await db.execute("ROLLBACK")
+            await db.close()
+            raise
+        return db
+
+    async def open(self) -> None:
+        with unavailable_on(OSError, sqlite3.Error, context=f"cannot open SQLite database at {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = await self._connect()
+        try:
+            with unavailable(f"cannot prepare SQLite database at {self.path}"):
+                await self._db.execute("PRAGMA journal_mode=WAL")
+                await self._db.execute("PRAGMA synchronous=NORMAL")
+                async with self._transaction() as db:  # one writer: concurrent starters wait, then find it done
+                    await migrate(_Migrating(db))
+                self._reader = await self._connect()
+                await self._reader.execute("PRAGMA query_only=ON")
+        except BaseException:
+            await self.close()
             raise
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        reader, self._reader = self._reader, None
+        db, self._db = self._db, None
+        for connection in (reader, db):
+            if connection is not None:
+                await connection.close()
 
-    async def ping(self) -> None:
-        try:
-            await self.db.execute("SELECT 1")
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction on the writing connection (``BEGIN IMMEDIATE``: it waits for other
+        processes' writers up to the busy timeout), alone on it: committed when the block ends,
+        rolled back when it raises."""
+        db = self.db
+        async with self._writing:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite rolls back by itself after some errors
+                    with contextlib.suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                raise
 
     async def _write(self, query: str, params: tuple[object, ...]) -> Any:
         """Run a key write returning at most one row; when it changed one, bump the change counter
@@ -88,25 +128,26 @@ class SQLiteStore:
 
     async def _write_all(self, query: str, params: tuple[object, ...]) -> list[Any]:
         """Run a key write returning the rows it changed; bump the change counter if there are any."""
-        db = self.db
-        async with self._writing:  # one transaction at a time on this connection
-            return await self._write_locked(db, query, params)
-
-    async def _write_locked(self, db: aiosqlite.Connection, query: str, params: tuple[object, ...]) -> list[Any]:
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+        with unavailable:
+            async with self._transaction() as db:
                 async with db.execute(query, params) as cur:
                     rows = list(await cur.fetchall())
                 if rows:
                     await db.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
         return rows
+
+    async def _read_one(self, query: str, params: tuple[object, ...] = ()) -> Any:
+        with unavailable:
+            async with self.reader.execute(query, params) as cur:
+                return await cur.fetchone()
+
+    async def _read_all(self, query: str, params: tuple[object, ...]) -> list[Any]:
+        with unavailable:
+            async with self.reader.execute(query, params) as cur:
+                return list(await cur.fetchall())
+
+    async def ping(self) -> None:
+        await self._read_one("SELECT 1")
 
     async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         await self._write(
@@ -116,13 +157,7 @@ class SQLiteStore:
         )
 
     async def get(self, digest: str) -> Team | None:
-        try:
-            async with self.db.execute(
-                "SELECT team_id, name, created_at, key_id FROM tokens WHERE digest = ?", (digest,)
-            ) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        row = await self._read_one("SELECT team_id, name, created_at, key_id FROM tokens WHERE digest = ?", (digest,))
         return Team(row[0], row[1], row[2], row[3]) if row else None
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
@@ -136,12 +171,8 @@ class SQLiteStore:
         return await self._write("DELETE FROM tokens WHERE digest = ? RETURNING 1", (digest,)) is not None
 
     async def find(self, key_id: str) -> TokenRecord | None:
-        try:
-            query = "SELECT " + RECORD_COLUMNS + " FROM tokens WHERE key_id = ?"  # noqa: S608 (constants only)
-            async with self.db.execute(query, (key_id,)) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        query = "SELECT " + RECORD_COLUMNS + " FROM tokens WHERE key_id = ?"  # noqa: S608 (constants only)
+        row = await self._read_one(query, (key_id,))
         return TokenRecord(*row[:6]) if row else None
 
     async def delete_id(self, key_id: str) -> str | None:
@@ -165,28 +196,21 @@ class SQLiteStore:
             params.extend(after)
         where = " WHERE " + " AND ".join(conditions) if conditions else ""
         query = "SELECT " + RECORD_COLUMNS + " FROM tokens" + where + " ORDER BY created_at, digest LIMIT ?"  # noqa: S608
-        try:
-            async with self.db.execute(query, (*params, limit)) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        rows = await self._read_all(query, (*params, limit))
         return [(TokenRecord(*row[:6]), row[6]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
-        try:
-            await self.db.executemany(
-                "UPDATE tokens SET last_used_at = ? WHERE digest = ?", [(at, digest) for digest, at in used.items()]
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        """A write like the others (under the write lock, in a transaction of its own), so that it
+        never lands inside, or rolls back with, a key write; it leaves the change counter alone."""
+        with unavailable:
+            async with self._transaction() as db:
+                await db.executemany(
+                    "UPDATE tokens SET last_used_at = ? WHERE digest = ?", [(at, digest) for digest, at in used.items()]
+                )
 
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
         """SQLite has no notifications: the change marker alone keeps caches fresh."""
 
     async def change_marker(self) -> int:
-        try:
-            async with self.db.execute("SELECT version FROM gateway_state WHERE id = 1") as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        row = await self._read_one("SELECT version FROM gateway_state WHERE id = 1")
         return int(row[0]) if row else 0
