@@ -1,0 +1,126 @@
+"""The usage ledger: one row per proxied request, written in batches off the request path.
+
+The request path only appends a ``LedgerRow`` to a bounded in-memory queue (``record``: a list
+append, never an await, never a block). A task writes what is queued at least every
+``flush_seconds`` in one store transaction per batch. When the queue is full the row is dropped and
+counted (``dropped``, a metric and a warning line per burst), so a slow or unreachable database
+never slows a request. ``stop()`` (a clean shutdown, SIGTERM) writes everything still queued.
+A batch the store refuses is kept and tried again (it counts against the queue's bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from service.core.store.base import StoreUnavailableError
+
+log = structlog.get_logger("gateway.ledger")
+
+MAX_QUEUE = 50_000
+FLUSH_SECONDS = 0.5
+BATCH = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    request_id: str
+    """The gateway's own id for the request (unique; ``x-gateway-request-id``)."""
+    client_request_id: str | None
+    """The client's ``x-request-id``, when it sent one: recorded beside, never the row's identity."""
+    at: str
+    """When the request arrived: ``2026-11-30T14:02:11.482Z`` (UTC)."""
+    team_id: str
+    key_id: str
+    provider: str
+    model: str | None
+    status: int
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_read_tokens: int | None
+    cache_write_tokens: int | None
+    reasoning_tokens: int | None
+    cost_micro_usd: int | None
+    """Exact, in millionths of a dollar; ``None`` when the model has no price (never 0 for that)."""
+    duration_ms: float
+    ttfb_ms: float | None
+    complete: bool
+    """The response reached its end (``False``: cut short; what was known is recorded)."""
+
+
+class UsageStore(Protocol):
+    async def record_usage(self, rows: Sequence[LedgerRow]) -> None: ...
+
+
+class Ledger:
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        max_queue: int = MAX_QUEUE,
+        flush_seconds: float = FLUSH_SECONDS,
+        batch: int = BATCH,
+    ) -> None:
+        self.store = store
+        self.max_queue = max_queue
+        self.flush_seconds = flush_seconds
+        self.batch = batch
+        self.queue: list[LedgerRow] = []
+        self.dropped = 0
+        self.written = 0
+        self._dropping = False
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def record(self, row: LedgerRow) -> None:
+        """Queue a row; never waits. A full queue drops it (counted, logged once per burst)."""
+        if len(self.queue) >= self.max_queue:
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("usage_rows_dropped", reason="queue full", max_queue=self.max_queue)
+            return
+        self.queue.append(row)
+        if len(self.queue) >= self.batch:
+            self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-ledger")
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything queued, a batch at a time; stop at the first batch the store refuses."""
+        while self.queue:
+            rows = self.queue[: self.batch]
+            try:
+                await self.store.record_usage(rows)
+            except StoreUnavailableError as exc:
+                log.warning("usage_write_failed", rows=len(rows), error=str(exc))
+                return
+            del self.queue[: len(rows)]
+            self.written += len(rows)
+            if self._dropping and len(self.queue) < self.max_queue // 2:
+                log.info("usage_rows_dropped_total", dropped=self.dropped)
+                self._dropping = False
+
+    async def stop(self) -> None:
+        """Stop the writer and write what is still queued (a clean shutdown loses no row)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+        if self.queue:
+            log.error("usage_rows_lost_at_stop", rows=len(self.queue))
