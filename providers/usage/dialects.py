@@ -76,8 +76,9 @@ def _model(usage: Usage, value: Any) -> None:
 def openai_usage(usage: Usage, data: Any) -> None:
     """Chat completions / completions / embeddings (``prompt_tokens``…) and the Responses API
     (``input_tokens``…) name the same figures differently; both shapes are read. DeepSeek's
-    ``prompt_cache_hit_tokens`` stands for ``cached_tokens``; Perplexity puts ``reasoning_tokens``
-    at the top of ``usage``. ``prompt_tokens`` includes the cached tokens for all of them."""
+    ``prompt_cache_hit_tokens`` stands for ``cached_tokens``. Perplexity puts ``reasoning_tokens``
+    at the top of ``usage``, counted beside ``completion_tokens`` rather than inside it, so they are
+    added to ``output_tokens`` there. ``prompt_tokens`` includes the cached tokens for all of them."""
     if not isinstance(data, dict):
         return
     prompt = count(data.get("prompt_tokens"))
@@ -94,6 +95,8 @@ def openai_usage(usage: Usage, data: Any) -> None:
     reasoning = count(_obj(out_details, "reasoning_tokens"))
     if reasoning is None:
         reasoning = count(data.get("reasoning_tokens"))
+        if reasoning is not None and completion is not None:
+            completion += reasoning  # beside completion_tokens, not part of it (Perplexity bills both)
     _set(usage, input_tokens=prompt, output_tokens=completion, cache_read=cached, reasoning=reasoning)
 
 

@@ -17,7 +17,9 @@ class Usage:
       ``input_tokens`` counts only the uncached part, it is ``input_tokens +
       cache_creation_input_tokens + cache_read_input_tokens``.
     - ``output_tokens``: every generated token, *including* reasoning tokens. OpenAI reports it so;
-      for Google it is ``candidatesTokenCount + thoughtsTokenCount``. Embeddings: ``0``.
+      for Google it is ``candidatesTokenCount + thoughtsTokenCount``, for Perplexity
+      ``completion_tokens + reasoning_tokens``. Other OpenAI-compatible providers: their
+      ``completion_tokens`` as reported. Embeddings: ``0``.
     - ``cache_read_tokens`` / ``cache_write_tokens``: the cached parts of ``input_tokens``
       (OpenAI ``cached_tokens``, DeepSeek ``prompt_cache_hit_tokens``, Anthropic
       ``cache_read_input_tokens`` / ``cache_creation_input_tokens``, Google
