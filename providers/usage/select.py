@@ -11,6 +11,7 @@ from providers.usage.readers import BodyReader, StreamReader
 
 _OPENAI_EMBEDDINGS = dataclasses.replace(OPENAI, embeddings=True)
 _COHERE_EMBED = dataclasses.replace(COHERE, embeddings=True)
+_FORMATS = frozenset({"openai-sse", "anthropic-sse", "google-sse", "cohere-sse", "workers-ai-sse"})
 
 
 def _route(path: str) -> str:
@@ -27,6 +28,8 @@ def dialect_for(stream_format: str, path: str) -> Dialect | None:
     native models are ``@cf/…``/``@hf/…``), Anthropic's and Cohere's ``…/chat/completions``,
     Google's ``…/openai/…``.
     """
+    if stream_format not in _FORMATS:
+        return None
     route = _route(path)
     if stream_format == "workers-ai-sse":
         native = route.startswith("@") or "/@" in route
