@@ -27,7 +27,7 @@ _BOUNDARIES = (b"\n\n", b"\n\r\n", b"\r\r")
 """A blank line ends an SSE event; lines end with LF, CRLF or CR. Each pattern is at most 3 bytes."""
 
 
-def _last_boundary(buf: bytearray, start: int) -> int:
+def _last_boundary(buf: bytes | bytearray, start: int) -> int:
     """The index just past the last event boundary at or after ``start``, or -1."""
     end = -1
     for pattern in _BOUNDARIES:
@@ -105,10 +105,21 @@ class StreamReader:
     ``response.completed`` event repeats the whole output and can be megabytes).
     """
 
-    __slots__ = ("_buf", "_dialect", "_failed", "_max_event", "_model_tries", "_oversized", "_pending", "_usage")
+    __slots__ = (
+        "_buf",
+        "_dialect",
+        "_failed",
+        "_keys",
+        "_max_event",
+        "_model_tries",
+        "_oversized",
+        "_pending",
+        "_usage",
+    )
 
     def __init__(self, dialect: Dialect, max_event: int = MAX_EVENT) -> None:
         self._dialect = dialect
+        self._keys = tuple((key, key + b":{", key + b":null") for key in dialect.usage_keys)
         self._max_event = max_event
         self._usage = Usage()
         self._buf = bytearray()
@@ -152,30 +163,45 @@ class StreamReader:
 
     def _feed(self, chunk: bytes) -> None:
         buf = self._buf
-        start = max(0, len(buf) - 2)  # a boundary may begin in the carried bytes
-        buf += chunk
-        if self._oversized is not None:
-            end = _first_boundary(buf)
-            if end < 0:
-                keep = len(buf) - 2
-                if keep > 0:
-                    _keep_tail(self._oversized, buf, keep, WINDOW_TAIL)
-                    del buf[:keep]
-                return
-            _keep_tail(self._oversized, buf, end, WINDOW_TAIL)
-            del buf[:end]
-            self._close_oversized()
+        data: bytes | bytearray
+        if buf or self._oversized is not None:
+            start = max(0, len(buf) - 2)  # a boundary may begin in the carried bytes
+            buf += chunk
+            if self._oversized is not None:
+                end = _first_boundary(buf)
+                if end < 0:
+                    keep = len(buf) - 2
+                    if keep > 0:
+                        _keep_tail(self._oversized, buf, keep, WINDOW_TAIL)
+                        del buf[:keep]
+                    return
+                _keep_tail(self._oversized, buf, end, WINDOW_TAIL)
+                del buf[:end]
+                self._close_oversized()
+                start = 0
+            data = buf
+        else:  # nothing carried (chunks often hold whole events): work on the chunk, copy nothing
             start = 0
-        end = _last_boundary(buf, start)
+            data = chunk
+        if data.find(b"\r", start) < 0:
+            end = data.rfind(b"\n\n", start)
+            end = end + 2 if end >= 0 else -1
+        else:
+            end = _last_boundary(data, start)
         if end > 0:
-            if self._wanted(buf, end):
-                with memoryview(buf) as view:
-                    region = bytes(view[:end])
+            if self._wanted(data, end):
+                region = bytes(data[:end]) if end < len(data) or data is buf else chunk
                 if b"\r" in region:
                     region = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                 for event in region.split(b"\n\n"):
                     self._event(event)
-            del buf[:end]
+            if data is buf:
+                del buf[:end]
+            elif end < len(chunk):
+                with memoryview(chunk) as view:
+                    buf += view[end:]
+        elif data is chunk:
+            buf += chunk
         if len(buf) > self._max_event:
             self._oversized = bytearray()
             keep = len(buf) - 2
@@ -185,12 +211,18 @@ class StreamReader:
     def _wants_model(self) -> bool:
         return self._usage.model is None and self._dialect.model_key is not None and self._model_tries < MAX_MODEL_TRIES
 
-    def _wanted(self, buf: bytes | bytearray, end: int) -> bool:
-        dialect = self._dialect
-        for key in dialect.usage_keys:
-            if followed_by_object(buf, key, 0, end):
+    def _wanted(self, data: bytes | bytearray, end: int) -> bool:
+        """Whether ``data[:end]`` may hold usage (or the model, while it is unknown): C-speed
+        substring searches first; the careful look only when a key is there but the fast forms
+        (``"usage":{``, ``"usage":null``) do not settle it."""
+        for key, compact, null in self._keys:
+            if data.find(compact, 0, end) >= 0:
                 return True
-        return self._wants_model() and buf.find(dialect.model_key or b"", 0, end) >= 0
+            n = data.count(key, 0, end)
+            if n and n != data.count(null, 0, end) and followed_by_object(data, key, 0, end):
+                return True
+        model_key = self._dialect.model_key
+        return model_key is not None and self._wants_model() and data.find(model_key, 0, end) >= 0
 
     def _event(self, event: bytes) -> None:
         dialect = self._dialect
