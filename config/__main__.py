@@ -16,9 +16,11 @@ from config.settings import Settings, SettingsError
 
 try:
     settings = Settings.from_env()
+    from providers.prices import load_prices
     from providers.upstream import enabled_upstreams
 
     enabled_upstreams(settings)  # the registry, PROVIDERS and every {SLUG}_BASE_URL
+    load_prices(settings.prices_file)  # the price table and PRICES_FILE
 except SettingsError as exc:
     print(f"configuration error: {exc}", file=sys.stderr, flush=True)
     sys.exit(3)

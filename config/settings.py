@@ -47,6 +47,12 @@ class Settings:
     providers_file: Path | None = None
     """``PROVIDERS_FILE``: a TOML file of extra providers, read beside the built-in catalogue."""
     prices_file: Path | None = None
+    usage_metering: bool = True
+    """``USAGE_METERING``: read each response's usage on the side and record it (``false``: no
+    ledger rows, no token or cost figures; the bytes relayed are the same either way)."""
+    usage_stream_options: str = "inject"
+    """``USAGE_STREAM_OPTIONS``: ``inject`` asks OpenAI-format streams for their usage when the
+    client did not, and hides the extra chunk from it; ``off`` leaves such streams unmetered."""
     """``PRICES_FILE``: a TOML file of model prices adding to or overriding the shipped table."""
     cache_scope: str = "team"
     metrics_port: int | None = None
@@ -123,6 +129,8 @@ class Settings:
             providers=_providers(get("PROVIDERS")),
             providers_file=Path(raw_file) if (raw_file := get("PROVIDERS_FILE")) else None,
             prices_file=Path(raw_prices) if (raw_prices := get("PRICES_FILE")) else None,
+            usage_metering=_boolean("USAGE_METERING", get("USAGE_METERING"), True),
+            usage_stream_options=_choice("USAGE_STREAM_OPTIONS", get("USAGE_STREAM_OPTIONS"), ("inject", "off")),
             cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
             cf_account_id=get("CF_ACCOUNT_ID"),
             metrics_port=_port("METRICS_PORT", get("METRICS_PORT")),

@@ -21,9 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config.logging import AccessWriter, mask_keys
 from service.core.errors import GatewayError, send_error, store_unavailable
+from service.core.ledger import Ledger, LedgerRow
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
-from service.core.store import StoreUnavailableError
+from service.core.store import StoreUnavailableError, Team
 
 error_log = structlog.get_logger("gateway.error")
 
@@ -48,6 +49,37 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
     return 0
 
 
+def _usd(micro: int | None) -> float | None:
+    return None if micro is None else micro / 1_000_000
+
+
+def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: float | None, truncated: bool) -> LedgerRow:
+    return LedgerRow(
+        request_id=info.request_id,
+        client_request_id=info.client_request_id,
+        at=_utc_iso(info.wall_started),
+        team_id=team.team_id,
+        key_id=team.key_id,
+        provider=info.provider or "",
+        model=info.model,
+        status=info.status or 499,
+        input_tokens=info.input_tokens,
+        output_tokens=info.output_tokens,
+        cache_read_tokens=info.cache_read_tokens,
+        cache_write_tokens=info.cache_write_tokens,
+        reasoning_tokens=info.reasoning_tokens,
+        cost_micro_usd=info.cost_micro_usd,
+        duration_ms=duration_ms,
+        ttfb_ms=ttfb_ms,
+        complete=not truncated and info.status != 0,
+    )
+
+
+def _utc_iso(seconds: float) -> str:
+    whole = int(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1000):03d}Z"
+
+
 def _logged_path(path: str) -> str:
     """Paths are logged without query strings, and anything key-shaped in them (``/tokens/{key}``,
     ``/x/%20SK_…``, ``xsk_…``) only as its first 8 characters."""
@@ -66,6 +98,7 @@ class RequestContext:
             return
         started = time.perf_counter()
         info = RequestInfo(_request_id(scope["headers"]), started)
+        info.wall_started = time.time()
         scope[SCOPE_KEY] = info
         id_header = (b"x-gateway-request-id", info.request_id.encode())
 
@@ -104,6 +137,13 @@ class RequestContext:
             )
             if info.provider is None:
                 info.bytes_in = _declared_length(scope["headers"])
+            truncated = info.truncated or (info.status != 0 and not info.complete)
+            duration_ms = round((end - started) * 1000, 3)
+            ttfb_ms = round(ttfb * 1000, 3) if ttfb is not None else None
+            if team is not None and info.provider is not None:
+                ledger: Ledger | None = scope["state"].get("ledger")
+                if ledger is not None:
+                    ledger.record(_ledger_row(info, team, duration_ms, ttfb_ms, truncated))
             if self.write_access is not None:
                 self.write_access(
                     {
@@ -112,15 +152,19 @@ class RequestContext:
                         "method": scope["method"],
                         "path": _logged_path(scope["path"]),
                         "status": info.status or 499,
-                        "duration_ms": round((end - started) * 1000, 3),
-                        "ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
+                        "duration_ms": duration_ms,
+                        "ttfb_ms": ttfb_ms,
                         "upstream_status": info.upstream_status,
                         "bytes_in": info.bytes_in,
                         "bytes_out": info.bytes_out,
                         "team_id": team.team_id if team is not None else None,
                         "key_id": team.key_id if team is not None else None,
                         "provider": info.provider,
-                        "truncated": info.truncated or (info.status != 0 and not info.complete),
+                        "model": info.model,
+                        "input_tokens": info.input_tokens,
+                        "output_tokens": info.output_tokens,
+                        "cost_usd": _usd(info.cost_micro_usd),
+                        "truncated": truncated,
                     }
                 )
 

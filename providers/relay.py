@@ -23,12 +23,16 @@ from yarl import URL
 
 from config import Settings
 from providers import headers as header_policy
+from providers import stream_options
 from providers.base import Provider
 from providers.cache_scope import SKIP_CACHE, team_cache_key
 from providers.cuts import ENDED_ON_PURPOSE, error_event, quiet_cuts_on_uvicorn
 from providers.headers import HeaderPolicy, without_credentials
+from providers.metering import cost_micro_usd, request_model
+from providers.prices import PriceTable
 from providers.registry import credential_headers
 from providers.upstream import Upstream
+from providers.usage import Usage, UsageReader, usage_reader
 from providers.watch import NOT_READING, Exchange
 from service.core.errors import (
     BadRequest,
@@ -53,7 +57,9 @@ class ClientGone(Exception):
 
 
 class Relay:
-    def __init__(self, provider: Provider, upstream: Upstream | str, settings: Settings) -> None:
+    def __init__(
+        self, provider: Provider, upstream: Upstream | str, settings: Settings, prices: PriceTable | None = None
+    ) -> None:
         self.provider = provider
         self.upstream = upstream if isinstance(upstream, Upstream) else None
         self.unavailable = ServiceUnavailable(upstream) if isinstance(upstream, str) else None
@@ -67,6 +73,11 @@ class Relay:
             via_gateway=self.via_gateway,
             allowed_cf_aig=settings.cf_aig_allowed_headers,
             team_cache=self.scope_cache,
+        )
+        self.prices = prices
+        """The price table; ``None``: usage is not metered (``USAGE_METERING=off``)."""
+        self.inject_usage = (
+            prices is not None and settings.usage_stream_options == "inject" and provider.stream_format == "openai-sse"
         )
         self.timeout = settings.upstream_timeout_seconds
         self.idle_timeout = settings.stream_idle_timeout_seconds
@@ -115,7 +126,9 @@ class Relay:
             body = first.get("body", b"")
             more = first.get("more_body", False)
             info.bytes_in = len(body)
-            if more and outgoing.wants_cache and self.scope_cache:  # the cache key needs the whole body first
+            inject = self.inject_usage and stream_options.eligible(scope["method"], scope[REST_KEY])
+            # the cache key, and asking a stream for its usage, need the whole body first
+            if more and (inject or (outgoing.wants_cache and self.scope_cache)):
                 try:
                     body = b"".join([chunk async for chunk in self._stream_body(body, receive, exchange, info)])
                 except ClientGone:
@@ -125,6 +138,13 @@ class Relay:
                 more = False
             if info.bytes_in > self.max_body:
                 raise self._too_large()
+            hide_usage = False
+            if inject:
+                rewritten = stream_options.with_usage_requested(body)
+                if rewritten is not None:
+                    body, hide_usage = rewritten, True
+                    headers = [(k, v) for k, v in headers if k != "content-length"]
+                    headers.append(("content-length", str(len(body))))
             if self.scope_cache:
                 if outgoing.wants_cache:
                     team_id = info.team.team_id if info.team is not None else ""
@@ -139,7 +159,7 @@ class Relay:
             else:
                 data = body or None
                 exchange.body_done = True
-            await self._exchange(scope, url, headers, data, send, exchange, info)
+            await self._exchange(scope, url, headers, data, send, exchange, info, body, hide_usage)
         except ClientGone:
             return
         except asyncio.CancelledError:
@@ -191,6 +211,8 @@ class Relay:
         send: Send,
         exchange: Exchange,
         info: RequestInfo,
+        first_body: bytes,
+        hide_usage: bool = False,
     ) -> None:
         state = scope["state"]
         session: aiohttp.ClientSession = state["http"]
@@ -230,6 +252,16 @@ class Relay:
             metrics.streams.inc()
         down.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gateway * 1000, wait * 1000)))
         clean = False
+        reader: UsageReader | None = None
+        if self.prices is not None:
+            content_headers = response.headers
+            reader = usage_reader(
+                self.provider.stream_format,
+                scope[REST_KEY],
+                response.status,
+                content_headers.get("content-type"),
+                content_headers.get("content-encoding"),
+            )
         try:
             info.upstream_status = response.status
             await send({"type": "http.response.start", "status": response.status, "headers": down})
@@ -239,6 +271,7 @@ class Relay:
                 exchange.watch_idle(idle)
             clock = exchange.loop.time
             chunk = b""
+            hider = stream_options.UsageChunkHider() if hide_usage and stream else None
             try:
                 while True:
                     if idle is not None:
@@ -254,7 +287,10 @@ class Relay:
                     last = not chunk or content.at_eof()
                     if last:
                         exchange.finished = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                    sent = chunk if hider is None else hider(chunk, last)
+                    await send({"type": "http.response.body", "body": sent, "more_body": not last})
+                    if reader is not None:  # after the client has the chunk: metering never delays it
+                        reader.feed(chunk)
                     if last:
                         clean = True
                         return
@@ -276,6 +312,23 @@ class Relay:
                 response.release()
             else:
                 response.close()
+            if reader is not None:
+                self._meter(info, reader.result(), scope[REST_KEY], first_body)
+
+    def _meter(self, info: RequestInfo, usage: Usage, rest: str, first_body: bytes) -> None:
+        """What the response used and cost, onto the request's info (the ledger row and the access
+        line read it there): the model the upstream named, else the one the request named."""
+        assert self.prices is not None
+        info.metered = True
+        model = usage.model or request_model(self.provider.slug, rest, first_body)
+        info.model = model
+        info.input_tokens = usage.input_tokens
+        info.output_tokens = usage.output_tokens
+        info.cache_read_tokens = usage.cache_read_tokens
+        info.cache_write_tokens = usage.cache_write_tokens
+        info.reasoning_tokens = usage.reasoning_tokens
+        if usage.found:
+            info.cost_micro_usd = cost_micro_usd(self.prices, self.provider.slug, model, usage)
 
     async def _end_cut_short(self, send: Send, info: RequestInfo, stream: bool, previous: bytes) -> None:
         """End a response whose body was cut short: an event stream with the provider's error event

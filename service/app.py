@@ -33,6 +33,7 @@ from middleware.context import RequestContext
 from middleware.metadata import Metadata
 from providers.base import Provider
 from providers.mount import ProviderMount
+from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
 from service import status, tokens
@@ -110,9 +111,11 @@ class Gateway:
         await self.fallback(scope, receive, send)
 
 
-def provider_mount(provider: Provider, upstream: Upstream | str, settings: Settings) -> ProviderMount:
+def provider_mount(
+    provider: Provider, upstream: Upstream | str, settings: Settings, prices: PriceTable | None
+) -> ProviderMount:
     """One provider's request path: auth, then (through Cloudflare) metadata, then the relay."""
-    app: ASGIApp = Relay(provider, upstream, settings)
+    app: ASGIApp = Relay(provider, upstream, settings, prices)
     if isinstance(upstream, Upstream) and upstream.via_gateway:
         app = Metadata(app)  # cf-aig-metadata is for Cloudflare; direct, the access line has the team
     return ProviderMount(provider, upstream, Auth(app, key_headers=provider.team_key_headers))
@@ -138,6 +141,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     try:
         settings = settings or Settings.from_env()
         upstreams, registry = enabled_upstreams(settings)
+        prices = load_prices(settings.prices_file) if settings.usage_metering else None
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(STARTUP_FAILURE) from None
@@ -168,7 +172,9 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     starlette.state.settings = settings
     starlette.state.openapi = status.OPENAPI.read_bytes()
     starlette.state.upstreams = {slug: mode(upstream) for slug, (_, upstream) in upstreams.items()}
-    mounts = {slug: provider_mount(provider, upstream, settings) for slug, (provider, upstream) in upstreams.items()}
+    mounts = {
+        slug: provider_mount(provider, upstream, settings, prices) for slug, (provider, upstream) in upstreams.items()
+    }
     app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), starlette)
     if settings.cors_allow_origins:
         app = cors(app, settings.cors_allow_origins)

@@ -267,7 +267,10 @@ class MockUpstream:
         return response
 
     async def _openai_stream(self, request: web.Request, body: Any) -> web.StreamResponse:
-        return await self._stream_events(request, body, _openai_events(), {"x-request-id": "req_upstream_123"})
+        options = body.get("stream_options") if isinstance(body, dict) else None
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        events = _openai_events(include_usage)
+        return await self._stream_events(request, body, events, {"x-request-id": "req_upstream_123"})
 
     async def _anthropic_stream(self, request: web.Request, body: Any) -> web.StreamResponse:
         return await self._stream_events(request, body, _anthropic_events(), {"request-id": "req_upstream_123"})
@@ -324,8 +327,14 @@ async def _openai_completion(body: Any) -> web.Response:
     )
 
 
-def _openai_events() -> list[bytes]:
+MOCK_STREAM_USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+def _openai_events(include_usage: bool = False) -> list[bytes]:
+    """A chat completion stream as OpenAI sends it; with ``stream_options.include_usage`` every
+    chunk carries ``"usage": null`` and a last chunk with no choices carries the usage."""
     events = []
+    extra: dict[str, object] = {"usage": None} if include_usage else {}
     for index, word in enumerate(["Hello", " from", " the", " mock", " upstream"]):
         chunk = {
             "id": "chatcmpl-mock",
@@ -339,6 +348,7 @@ def _openai_events() -> list[bytes]:
                     "finish_reason": None,
                 }
             ],
+            **extra,
         }
         events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
     done = {
@@ -347,8 +357,20 @@ def _openai_events() -> list[bytes]:
         "created": 1700000000,
         "model": "gpt-4o-mini",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        **extra,
     }
-    events.append(b"data: " + orjson.dumps(done) + b"\n\ndata: [DONE]\n\n")
+    events.append(b"data: " + orjson.dumps(done) + b"\n\n")
+    if include_usage:
+        usage = {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-4o-mini",
+            "choices": [],
+            "usage": MOCK_STREAM_USAGE,
+        }
+        events.append(b"data: " + orjson.dumps(usage) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
     return events
 
 

@@ -97,9 +97,11 @@ def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> Co
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None, workers: int | None = None) -> int:
     """Validate, bind, run until stopped; the exit code. Raises ``SettingsError`` and ``CannotListen``."""
+    from providers.prices import load_prices
     from providers.upstream import enabled_upstreams
 
     enabled_upstreams(settings)  # the providers and their settings fail here, once, not in every worker
+    load_prices(settings.prices_file)
     host = host or settings.host
     port = port or settings.port
     workers = workers or settings.web_concurrency

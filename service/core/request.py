@@ -15,10 +15,19 @@ class RequestInfo:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "client_request_id",
         "complete",
+        "cost_micro_usd",
         "error_shape",
+        "input_tokens",
         "metadata",
+        "metered",
+        "model",
+        "output_tokens",
         "provider",
+        "reasoning_tokens",
         "request_id",
         "started",
         "status",
@@ -27,6 +36,7 @@ class RequestInfo:
         "ttfb",
         "upstream_status",
         "upstream_wait",
+        "wall_started",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -46,6 +56,19 @@ class RequestInfo:
         ends it cleanly); a response that started and never sent its last part is truncated too."""
         self.complete = False
         """The last part of the response body was sent."""
+        self.client_request_id: str | None = None
+        """The client's own ``x-request-id``, when it sent one (recorded beside ours)."""
+        self.metered = False
+        """The relay read this response's usage (the fields below are what it found)."""
+        self.model: str | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.cache_read_tokens: int | None = None
+        self.cache_write_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
+        self.cost_micro_usd: int | None = None
+        self.wall_started = 0.0
+        """Wall-clock time the request arrived (for the ledger; ``started`` is monotonic)."""
         self.metadata: str | None = None
         self.error_shape: Shape = "plain"
         """How this request's errors look: its provider's shape once the mount knows it."""

@@ -1,0 +1,74 @@
+"""Metering one proxied request: the model it names, and what its usage costs.
+
+The usage itself is read on the side of the response by ``providers.usage``; this module supplies
+what that cannot: the model the request named (the answer's own model wins when it has one) and the
+price. The request's model is found without copying or re-serialising its body: a bounded regular
+expression over the first body chunk the relay already holds, only when the upstream named none.
+"""
+
+from __future__ import annotations
+
+import re
+
+from providers.prices import PriceTable
+from providers.usage import Usage
+
+_BODY_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_GEMINI_MODEL = re.compile(r"models/([^/:?]{1,200})")
+BODY_LOOKED_AT = 64 * 1024
+
+
+def path_model(provider: str, rest: str) -> str | None:
+    """The model a provider's path names: Gemini ``models/{m}:…``, Workers AI ``@cf/…``, Azure's
+    deployment (``{resource}/{deployment}/…``)."""
+    if provider == "google-ai-studio":
+        found = _GEMINI_MODEL.search(rest)
+        return found.group(1) if found else None
+    if provider == "workers-ai" and rest.startswith(("@cf/", "@hf/")):
+        return rest.partition("?")[0]
+    if provider == "azure-openai":
+        _, _, tail = rest.partition("/")
+        tail = tail.removeprefix("openai/deployments/")
+        deployment = tail.partition("/")[0]
+        return deployment or None
+    return None
+
+
+def request_model(provider: str, rest: str, body: bytes) -> str | None:
+    """The model the request named: in its path for the providers that put it there, else the
+    body's ``model`` (looked for in the first ``BODY_LOOKED_AT`` bytes the relay received)."""
+    found = path_model(provider, rest)
+    if found is not None:
+        return found
+    if body:
+        match = _BODY_MODEL.search(body, 0, BODY_LOOKED_AT)
+        if match is not None:
+            return match.group(1).decode("utf-8", "replace")
+    return None
+
+
+def cost_micro_usd(prices: PriceTable, provider: str, model: str | None, usage: Usage) -> int | None:
+    """What ``usage`` costs, exactly, in micro-dollars; ``None`` when unpriced or not known.
+
+    ``Usage`` counts every prompt token in ``input_tokens`` and every generated one in
+    ``output_tokens`` for every provider; a price states how its provider counts (Anthropic's input
+    leaves cache tokens out, Google's output leaves thoughts out), so the counts are put back in the
+    provider's own terms first."""
+    if model is None or (usage.input_tokens is None and usage.output_tokens is None):
+        return None
+    price = prices.price(provider, model)
+    if price is None:
+        return None
+    cache_read = usage.cache_read_tokens or 0
+    cache_write = usage.cache_write_tokens or 0
+    reasoning = usage.reasoning_tokens or 0
+    input_tokens = usage.input_tokens or 0
+    output_tokens = usage.output_tokens or 0
+    if not price.input_includes_cache:
+        input_tokens = max(0, input_tokens - cache_read - cache_write)
+    if not price.output_includes_reasoning:
+        output_tokens = max(0, output_tokens - reasoning)
+    try:
+        return price.cost_micro_usd(input_tokens, output_tokens, cache_read, cache_write, reasoning)
+    except ValueError:  # counts the provider reported inconsistently: unknown, never a guess
+        return None

@@ -1,0 +1,89 @@
+"""Metering OpenAI-format streams whose client did not ask for usage, invisibly to that client.
+
+OpenAI-format streams carry usage only when the request sets ``stream_options.include_usage``. When
+a client streams without it (``USAGE_STREAM_OPTIONS=inject``), the gateway sets it on the request
+and takes the one extra event it causes, the last chunk with ``"choices": []`` and the usage, out
+of the stream again, so the client gets the stream the upstream would have sent it. The upstream
+then also writes ``"usage": null`` in the other chunks; those stay, as the upstream sent them. A
+client that asked for usage gets its request and its stream untouched.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+_USAGE_ONLY = b'"choices":[]'
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+
+def eligible(method: str, rest: str) -> bool:
+    """Chat completions requests, the one endpoint whose streams need the option."""
+    return method == "POST" and rest.partition("?")[0].rstrip("/").endswith("chat/completions")
+
+
+def with_usage_requested(body: bytes) -> bytes | None:
+    """The body with ``stream_options.include_usage`` set, or ``None`` when it is not a streamed
+    request, already asks for usage, or is not a JSON object (it then goes up unchanged)."""
+    if b'"stream"' not in body:
+        return None
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or value.get("stream") is not True:
+        return None
+    options = value.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict) or options.get("include_usage") is True:
+        return None
+    value["stream_options"] = {**options, "include_usage": True}
+    return orjson.dumps(value)
+
+
+def _last_event_end(data: bytes) -> int:
+    """Index just past the last complete event in ``data`` (0: none complete yet)."""
+    best = 0
+    for end in _EVENT_ENDS:
+        found = data.rfind(end)
+        if found >= 0:
+            best = max(best, found + len(end))
+    return best
+
+
+def _is_usage_only(event: bytes) -> bool:
+    return _USAGE_ONLY in event.replace(b" ", b"") and b'"usage"' in event
+
+
+class UsageChunkHider:
+    """Passes an injected stream on without its usage-only event.
+
+    Complete events go on as they come; a partial event at the end of a chunk waits for its end
+    (an event client dispatches only complete events, so nothing it could act on is delayed)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def __call__(self, chunk: bytes, last: bool) -> bytes:
+        data = self.pending + chunk if self.pending else chunk
+        end = len(data) if last else _last_event_end(data)
+        ready, self.pending = data[:end], data[end:]
+        if b'"choices"' not in ready or not _is_usage_only(ready):
+            return ready
+        kept = []
+        start = 0
+        while start < len(ready):
+            stop = self._next_end(ready, start)
+            event = ready[start:stop]
+            if not _is_usage_only(event):
+                kept.append(event)
+            start = stop
+        return b"".join(kept)
+
+    @staticmethod
+    def _next_end(data: bytes, start: int) -> int:
+        """Index just past the first event end at or after ``start`` (the data's end if none)."""
+        ends = [found + len(end) for end in _EVENT_ENDS if (found := data.find(end, start)) >= 0]
+        return min(ends) if ends else len(data)
