@@ -50,6 +50,7 @@ log = structlog.get_logger("gateway.relay")
 REST_KEY = "gateway.rest"
 MAX_CACHED_URLS = 1024
 MAX_CACHED_PATH = 512
+MAX_UNPRICED_LOGGED = 1000
 
 
 class ClientGone(Exception):
@@ -83,6 +84,8 @@ class Relay:
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.max_body = settings.max_request_bytes
         self._urls: dict[str, URL] = {}
+        self._unpriced: set[str | None] = set()
+        """Models already logged as having no price (once each, per worker)."""
         quiet_cuts_on_uvicorn()
 
     def _url(self, upstream: Upstream, rest: str, query: bytes) -> URL:
@@ -328,7 +331,10 @@ class Relay:
         info.cache_write_tokens = usage.cache_write_tokens
         info.reasoning_tokens = usage.reasoning_tokens
         if usage.found:
-            info.cost_micro_usd = cost_micro_usd(self.prices, self.provider.slug, model, usage)
+            info.cost_micro_usd = cost = cost_micro_usd(self.prices, self.provider.slug, model, usage)
+            if cost is None and model not in self._unpriced and len(self._unpriced) < MAX_UNPRICED_LOGGED:
+                self._unpriced.add(model)
+                log.warning("model_unpriced", provider=self.provider.slug, model=model, hint="add it with PRICES_FILE")
 
     async def _end_cut_short(self, send: Send, info: RequestInfo, stream: bool, previous: bytes) -> None:
         """End a response whose body was cut short: an event stream with the provider's error event

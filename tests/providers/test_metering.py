@@ -1,0 +1,116 @@
+"""Usage and cost read on the side of real responses, through the real SDKs: the client gets the same
+bytes as without metering, the access line the tokens and the exact cost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anthropic
+import httpx
+import openai
+
+from providers.prices import load_prices
+from service.mock_upstream import MOCK_STREAM_USAGE, MockUpstream, _openai_events
+from tests.conftest import GatewayProcess
+
+PRICES = load_prices()
+
+
+def cost_usd(provider: str, model: str, input_tokens: int, output_tokens: int) -> float:
+    micro = PRICES.cost_micro_usd(provider, model, input_tokens, output_tokens)
+    assert micro is not None
+    return micro / 1_000_000
+
+
+def test_a_plain_completion_is_metered_and_priced(gateway: GatewayProcess, team_key: str) -> None:
+    client = openai.OpenAI(api_key=team_key, base_url=f"{gateway.url}/openai/v1", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    completion = raw.parse()
+    assert completion.usage is not None
+    line = gateway.access_line(raw.headers["x-gateway-request-id"])
+    assert line["model"] == "gpt-4o-mini"
+    assert (line["input_tokens"], line["output_tokens"]) == (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+    )
+    assert line["cost_usd"] == cost_usd("openai", "gpt-4o-mini", 5, 6)
+
+
+def test_a_stream_whose_client_did_not_ask_for_usage_is_metered_and_unchanged(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    response = httpx.post(
+        f"{gateway.url}/openai/v1/chat/completions", json=body, headers={"authorization": f"Bearer {team_key}"}
+    )
+    assert upstream.last().json()["stream_options"] == {"include_usage": True}  # the gateway asked
+    sent = _openai_events(include_usage=True)
+    assert response.content == b"".join(event for event in sent if b'"choices":[]' not in event)
+    line = gateway.access_line(response.headers["x-gateway-request-id"])
+    assert (line["input_tokens"], line["output_tokens"]) == (
+        MOCK_STREAM_USAGE["prompt_tokens"],
+        MOCK_STREAM_USAGE["completion_tokens"],
+    )
+    client = openai.OpenAI(api_key=team_key, base_url=f"{gateway.url}/openai/v1", max_retries=0)
+    chunks = list(client.chat.completions.create(**body))  # type: ignore[call-overload]
+    assert chunks and all(chunk.choices and chunk.usage is None for chunk in chunks)
+
+
+def test_a_stream_whose_client_asked_for_usage_gets_it_as_sent(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    client = openai.OpenAI(api_key=team_key, base_url=f"{gateway.url}/openai/v1", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(raw.parse())
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == MOCK_STREAM_USAGE["prompt_tokens"]
+    assert upstream.last().json()["stream_options"] == {"include_usage": True}
+    line = gateway.access_line(raw.headers["x-gateway-request-id"])
+    assert line["output_tokens"] == MOCK_STREAM_USAGE["completion_tokens"]
+    assert line["cost_usd"] == cost_usd("openai", "gpt-4o-mini", 9, 5)
+
+
+def test_anthropic_streams_count_output_once(gateway: GatewayProcess, team_key: str) -> None:
+    client = anthropic.Anthropic(api_key=team_key, base_url=f"{gateway.url}/anthropic", max_retries=0)
+    with client.messages.with_streaming_response.create(
+        model="claude-mock-1", max_tokens=64, messages=[{"role": "user", "content": "hi"}], stream=True
+    ) as response:
+        request_id = response.headers["x-gateway-request-id"]
+        for _ in response.iter_lines():
+            pass
+    line = gateway.access_line(request_id)
+    # message_start says 5 in, 1 out; the last message_delta's cumulative 6 out wins, never 1 + 6
+    assert (line["input_tokens"], line["output_tokens"]) == (5, 6)
+    assert line["cost_usd"] is None  # claude-mock-1 has no price: null, never 0
+
+
+def test_injection_off_leaves_streams_untouched_and_unmetered(
+    make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream
+) -> None:
+    gw = make_gateway(USAGE_STREAM_OPTIONS="off")
+    key = gw.create_key()
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": []}
+    response = httpx.post(f"{gw.url}/openai/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+    assert "stream_options" not in upstream.last().json()
+    assert response.content == b"".join(_openai_events())
+    line = gw.access_line(response.headers["x-gateway-request-id"])
+    assert line["input_tokens"] is None and line["model"] == "gpt-4o-mini"  # the model the request named
+
+
+def test_metering_off_records_nothing(make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream) -> None:
+    gw = make_gateway(USAGE_METERING="false")
+    key = gw.create_key()
+    response = httpx.post(
+        f"{gw.url}/openai/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "stream": True, "messages": []},
+        headers={"authorization": f"Bearer {key}"},
+    )
+    assert "stream_options" not in upstream.last().json()
+    line = gw.access_line(response.headers["x-gateway-request-id"])
+    assert line["input_tokens"] is None and line["cost_usd"] is None
