@@ -50,6 +50,8 @@ class Settings:
     usage_metering: bool = True
     """``USAGE_METERING``: read each response's usage on the side and record it (``false``: no
     ledger rows, no token or cost figures; the bytes relayed are the same either way)."""
+    metrics_team_labels: bool = False
+    """``METRICS_TEAM_LABELS``: a ``team`` label on the token and cost metrics (one series per team)."""
     usage_stream_options: str = "inject"
     """``USAGE_STREAM_OPTIONS``: ``inject`` asks OpenAI-format streams for their usage when the
     client did not, and hides the extra chunk from it; ``off`` leaves such streams unmetered."""
@@ -130,6 +132,7 @@ class Settings:
             providers_file=Path(raw_file) if (raw_file := get("PROVIDERS_FILE")) else None,
             prices_file=Path(raw_prices) if (raw_prices := get("PRICES_FILE")) else None,
             usage_metering=_boolean("USAGE_METERING", get("USAGE_METERING"), True),
+            metrics_team_labels=_boolean("METRICS_TEAM_LABELS", get("METRICS_TEAM_LABELS"), False),
             usage_stream_options=_choice("USAGE_STREAM_OPTIONS", get("USAGE_STREAM_OPTIONS"), ("inject", "off")),
             cache_scope=_choice("CACHE_SCOPE", get("CACHE_SCOPE"), CACHE_SCOPES),
             cf_account_id=get("CF_ACCOUNT_ID"),

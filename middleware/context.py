@@ -140,6 +140,20 @@ class RequestContext:
             truncated = info.truncated or (info.status != 0 and not info.complete)
             duration_ms = round((end - started) * 1000, 3)
             ttfb_ms = round(ttfb * 1000, 3) if ttfb is not None else None
+            if info.metered and team is not None and info.provider is not None and info.model is not None:
+                self.metrics.usage(
+                    info.provider,
+                    info.model,
+                    team.team_id,
+                    (
+                        ("input", info.input_tokens),
+                        ("output", info.output_tokens),
+                        ("cache_read", info.cache_read_tokens),
+                        ("cache_write", info.cache_write_tokens),
+                        ("reasoning", info.reasoning_tokens),
+                    ),
+                    info.cost_micro_usd,
+                )
             if team is not None and info.provider is not None:
                 ledger: Ledger | None = scope["state"].get("ledger")
                 if ledger is not None:

@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         print(f"configuration error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(STARTUP_FAILURE) from None
     write_access = configure_logging(settings.log_level)
-    metrics = Metrics()
+    metrics = Metrics(team_labels=settings.metrics_team_labels)
     routes = [
         *tokens.routes,
         Route("/healthz", status.healthz),

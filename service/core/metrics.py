@@ -183,6 +183,9 @@ class Totals:
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
         self.upstream_errors: dict[tuple[str, str], int] = defaultdict(int)
         self.auth_cache: dict[str, int] = defaultdict(int)
+        self.tokens: dict[tuple[str, ...], int] = defaultdict(int)
+        self.cost: dict[tuple[str, ...], int] = defaultdict(int)
+        self.unpriced: dict[tuple[str, ...], int] = defaultdict(int)
         self.histograms: dict[str, dict[str, tuple[list[int], float]]] = {name: {} for name in HISTOGRAMS}
         self.streams = 0
         self.degraded = 0
@@ -194,6 +197,10 @@ class Totals:
             self.upstream_errors[(provider, kind)] += count
         for result, count in document.get("auth_cache", {}).items():
             self.auth_cache[result] += count
+        for name in ("tokens", "cost", "unpriced"):
+            mine = getattr(self, name)
+            for *labels, count in document.get(name, ()):
+                mine[tuple(labels)] += count
         for name, rows in document.get("histograms", {}).items():
             mine = self.histograms.get(name)
             if mine is None:
@@ -230,6 +237,7 @@ class Totals:
         for error_labels, count in self.upstream_errors.items():
             errors.add_metric(error_labels, count)
         yield errors
+        yield from self.usage_families()
         cache = CounterMetricFamily("gateway_auth_cache", "Key lookups by cache result", labels=["result"])
         for result, count in self.auth_cache.items():
             if count:
@@ -249,6 +257,38 @@ class Totals:
         streams = GaugeMetricFamily("gateway_streams_in_flight", "Event streams being relayed")
         streams.add_metric([], self.streams)
         yield streams
+
+    def usage_families(self) -> Iterator[Metric]:
+        """Tokens, cost and unpriced requests; with ``METRICS_TEAM_LABELS`` a ``team`` label too
+        (the last label of each tally, present only then)."""
+        teams = any(len(labels) == 4 for labels in self.tokens) or any(len(labels) == 3 for labels in self.cost)
+        extra = ["team"] if teams else []
+        tokens = CounterMetricFamily(
+            "gateway_tokens", "Tokens by provider, model and kind", labels=["provider", "model", "kind", *extra]
+        )
+        for labels, count in self.tokens.items():
+            tokens.add_metric(_fit(labels, 3 + len(extra)), count)
+        yield tokens
+        cost = CounterMetricFamily(
+            "gateway_cost_usd", "Cost of priced requests in USD", labels=["provider", "model", *extra]
+        )
+        for labels, micro in self.cost.items():
+            cost.add_metric(_fit(labels, 2 + len(extra)), micro / 1_000_000)
+        yield cost
+        unpriced = CounterMetricFamily(
+            "gateway_unpriced_requests",
+            "Metered requests whose model has no price",
+            labels=["provider", "model", *extra],
+        )
+        for labels, count in self.unpriced.items():
+            unpriced.add_metric(_fit(labels, 2 + len(extra)), count)
+        yield unpriced
+
+
+def _fit(labels: tuple[str, ...], size: int) -> list[str]:
+    """Label values padded (an empty team) or cut to the family's label count: workers started with
+    and without ``METRICS_TEAM_LABELS`` may share an operator's directory."""
+    return [*labels[:size], *[""] * (size - len(labels))]
 
 
 class GatewayCollector(Collector):
@@ -288,8 +328,9 @@ class Metrics:
     ``streams.dec()``, ``degraded_probe``, ``start()``, ``stop()`` and ``exposition()``.
     """
 
-    def __init__(self, directory: Path | None = None, *, pid: int | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, pid: int | None = None, team_labels: bool = False) -> None:
         self.directory = directory
+        self.team_labels = team_labels
         self.pid = pid
         self.file_name = ""  # set in start(): worker-<pid>-<start>.json
         self._owned = False  # whether stop() may remove the directory (never an operator's)
@@ -297,6 +338,9 @@ class Metrics:
         self._last_written: bytes | None = b""  # None after a failed write
         self._counts: dict[tuple[str, str, str], int] = defaultdict(int)
         self._errors: dict[tuple[str, str], int] = defaultdict(int)
+        self._tokens: dict[tuple[str, ...], int] = defaultdict(int)
+        self._cost: dict[tuple[str, ...], int] = defaultdict(int)
+        self._unpriced: dict[tuple[str, ...], int] = defaultdict(int)
         self._rows: dict[str, _Row] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -327,6 +371,19 @@ class Metrics:
     def upstream_error(self, provider: str, kind: str) -> None:
         self._errors[(provider, kind)] += 1
 
+    def usage(
+        self, provider: str, model: str, team: str, tokens: tuple[tuple[str, int | None], ...], cost: int | None
+    ) -> None:
+        """One metered response: its token counts by kind, and its cost (``None``: unpriced)."""
+        labels: tuple[str, ...] = (provider, model, team) if self.team_labels else (provider, model)
+        for kind, count in tokens:
+            if count:
+                self._tokens[(provider, model, kind, *labels[2:])] += count
+        if cost is None:
+            self._unpriced[labels] += 1
+        else:
+            self._cost[labels] += cost
+
     # -- publishing -----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -338,6 +395,9 @@ class Metrics:
             "requests": [[*labels, count] for labels, count in self._counts.items()],
             "upstream_errors": [[*labels, count] for labels, count in self._errors.items()],
             "auth_cache": {"hit": self.cache_hits, "miss": self.cache_misses},
+            "tokens": [[*labels, count] for labels, count in self._tokens.items()],
+            "cost": [[*labels, micro] for labels, micro in self._cost.items()],
+            "unpriced": [[*labels, count] for labels, count in self._unpriced.items()],
             "histograms": {
                 "duration": {p: (r.duration, r.duration_sum) for p, r in self._rows.items()},
                 "ttfb": {p: (r.ttfb, r.ttfb_sum) for p, r in self._rows.items()},

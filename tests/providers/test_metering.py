@@ -114,3 +114,28 @@ def test_metering_off_records_nothing(make_gateway: Callable[..., GatewayProcess
     assert "stream_options" not in upstream.last().json()
     line = gw.access_line(response.headers["x-gateway-request-id"])
     assert line["input_tokens"] is None and line["cost_usd"] is None
+
+
+def test_tokens_cost_and_unpriced_requests_in_metrics(
+    make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream
+) -> None:
+    from tests.conftest import ADMIN_KEY
+    from tests.support import wait_until
+
+    gw = make_gateway(METRICS_TEAM_LABELS="true")
+    key = gw.create_key("team_metered")
+    auth = {"authorization": f"Bearer {key}"}
+    httpx.post(f"{gw.url}/openai/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []}, headers=auth)
+    httpx.post(f"{gw.url}/openai/v1/chat/completions", json={"model": "mystery-model", "messages": []}, headers=auth)
+
+    def scrape() -> str:
+        return httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+
+    wait_until(lambda: "gateway_unpriced_requests_total" in scrape() and "mystery-model" in scrape(), 5)
+    text = scrape()
+    assert 'gateway_tokens_total{kind="input",model="gpt-4o-mini",provider="openai",team="team_metered"} 5.0' in text
+    assert 'gateway_tokens_total{kind="output",model="gpt-4o-mini",provider="openai",team="team_metered"} 6.0' in text
+    expected = cost_usd("openai", "gpt-4o-mini", 5, 6)
+    assert f'gateway_cost_usd_total{{model="gpt-4o-mini",provider="openai",team="team_metered"}} {expected}' in text
+    assert 'gateway_unpriced_requests_total{model="mystery-model",provider="openai",team="team_metered"} 1.0' in text
+    assert sum(1 for line in gw.log_lines() if line.get("event") == "model_unpriced") == 1
