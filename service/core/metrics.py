@@ -268,13 +268,11 @@ class Totals:
         )
         for labels, count in self.tokens.items():
             tokens.add_metric(_fit(labels, 3 + len(extra)), count)
-        yield tokens
         cost = CounterMetricFamily(
             "gateway_cost_usd", "Cost of priced requests in USD", labels=["provider", "model", *extra]
         )
         for labels, micro in self.cost.items():
             cost.add_metric(_fit(labels, 2 + len(extra)), micro / 1_000_000)
-        yield cost
         unpriced = CounterMetricFamily(
             "gateway_unpriced_requests",
             "Metered requests whose model has no price",
@@ -282,7 +280,7 @@ class Totals:
         )
         for labels, count in self.unpriced.items():
             unpriced.add_metric(_fit(labels, 2 + len(extra)), count)
-        yield unpriced
+        yield from (family for family in (tokens, cost, unpriced) if family.samples)  # none before metering
 
 
 def _fit(labels: tuple[str, ...], size: int) -> list[str]:
