@@ -11,7 +11,7 @@ subtracted over the measured window's duration::
 
     per request = (after - before - idle rate * window seconds) / requests
 
-Start-up and warm-up are excluded. Counts repeat to about 0.1% between runs, on a busy machine too.
+Start-up and warm-up are excluded. Counts repeat to about 0.3% between runs, on a busy machine too.
 ``python -m bench.instructions`` runs this step alone; ``make bench`` runs it after the load rounds.
 """
 
