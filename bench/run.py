@@ -132,16 +132,34 @@ class Server:
 
 
 class Bench:
-    def __init__(self, work: Path, duration: float, rounds: int, use_nginx: bool = True) -> None:
+    def __init__(
+        self,
+        work: Path,
+        duration: float,
+        rounds: int,
+        use_nginx: bool = True,
+        gateway_root: Path = ROOT,
+        baseline_root: Path | None = None,
+    ) -> None:
         self.work = work
+        self.gateway_root = gateway_root
+        self.baseline_root = baseline_root
+        """Another tree's gateway measured beside this one as ``gateway-base`` (before and after a change)."""
         self.use_nginx = use_nginx
         self.big_path = "/openai/big" if use_nginx else f"/openai/_mock/bytes?n={1024**3}"
         self.duration = duration
         self.rounds = rounds
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.callgrind: tuple[int, int, float] | None = None
+        """(warm-up requests, measured requests, idle seconds) for the instructions step, or None."""
 
     def spawn(
-        self, command: list[str] | str, core: int, env: dict[str, str] | None = None, log: str = "out"
+        self,
+        command: list[str] | str,
+        core: int,
+        env: dict[str, str] | None = None,
+        log: str = "out",
+        cwd: Path = ROOT,
     ) -> subprocess.Popen[bytes]:
         shell = isinstance(command, str)
         args: Any = f"exec taskset -c {core} {command}" if shell else ["taskset", "-c", str(core), *command]
@@ -152,21 +170,25 @@ class Bench:
                 env=env or os.environ.copy(),
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=cwd,
                 start_new_session=True,
             )
         self.procs.append(proc)
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.procs:
+        self.stop(self.procs)
+
+    def stop(self, procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
+        for proc in procs:
             try:
-                proc.wait(10)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     # -- servers ------------------------------------------------------------------------------
 
@@ -189,18 +211,19 @@ http {{
 """)
         return self.spawn(["nginx", "-c", str(conf), "-p", str(self.work)], core, log=name)
 
-    def start(self) -> tuple[Server, list[Server], int]:
+    def upstream(self) -> Server:
+        """The upstream (nginx serving the static completion and the 1 GiB file, streams proxied to
+        the bundled mock; the mock alone without nginx), as the ``direct`` contender."""
         mock_port, up_port = free_port(), free_port()
-        big = self.work / "big.bin"
-        with big.open("wb") as handle:
-            handle.truncate(1024**3)
         env = {**os.environ, "PORT": str(mock_port), "AI_GATEWAY_TOKEN": ""}
         mock_proc = self.spawn([str(BIN / "python"), "-m", "service.mock_upstream"], 1, env, log="mock")
         if not self.use_nginx:
             wait_port(mock_port)
             mock = f"http://127.0.0.1:{mock_port}"
-            direct = Server("direct", f"{mock}/openai/chat/completions", mock, mock_proc)
-            return direct, self._python_proxies(mock), mock_port
+            return Server("direct", f"{mock}/openai/chat/completions", mock, mock_proc)
+        big = self.work / "big.bin"
+        with big.open("wb") as handle:
+            handle.truncate(1024**3)
         upstream_proc = self.nginx(
             "upstream",
             f"""
@@ -216,13 +239,17 @@ http {{
         wait_port(up_port)
         wait_port(mock_port)
         upstream = f"http://127.0.0.1:{up_port}"
-        direct = Server("direct", f"{upstream}/openai/chat/completions", upstream, upstream_proc)
+        return Server("direct", f"{upstream}/openai/chat/completions", upstream, upstream_proc)
 
+    def start(self) -> tuple[Server, list[Server]]:
+        direct = self.upstream()
+        if not self.use_nginx:
+            return direct, self._python_proxies(direct.base)
         np_port = free_port()
         nginx_proc = self.nginx(
             "proxy",
             f"""
-  upstream up {{ server 127.0.0.1:{up_port}; keepalive 256; }}
+  upstream up {{ server {direct.base.removeprefix("http://")}; keepalive 256; }}
   server {{
     listen 127.0.0.1:{np_port} backlog=4096;
     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
@@ -237,52 +264,63 @@ http {{
             f"http://127.0.0.1:{np_port}",
             nginx_proc,
         )
-        return direct, [nginx, *self._python_proxies(upstream)], mock_port
+        return direct, [nginx, *self._python_proxies(direct.base)]
+
+    def bare(self, upstream: str, name: str = "bare", wrap: str = "", wait: float = 20) -> Server:
+        """bench/bare_relay.py through uvicorn; ``wrap`` is a command prefix (valgrind) for it."""
+        port = free_port()
+        command = [
+            *wrap.split(),
+            str(BIN / "python"),
+            "-m",
+            "uvicorn",
+            "bench.bare_relay:app",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        process = self.spawn(command, 0, {**os.environ, "UPSTREAM_URL": upstream}, log=name)
+        wait_port(port, wait)
+        base = f"http://127.0.0.1:{port}"
+        return Server(name, f"{base}/openai/chat/completions", base, process)
 
     def _python_proxies(self, upstream: str) -> list[Server]:
-        bare_port = free_port()
-        bare_proc = self.spawn(
-            [
-                str(BIN / "uvicorn"),
-                "bench.bare_relay:app",
-                "--port",
-                str(bare_port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            0,
-            {**os.environ, "UPSTREAM_URL": upstream},
-            log="bare",
-        )
-        wait_port(bare_port)
         servers = [
-            Server(
-                "bare",
-                f"http://127.0.0.1:{bare_port}/openai/chat/completions",
-                f"http://127.0.0.1:{bare_port}",
-                bare_proc,
-            ),
-            self._gateway("gateway", upstream, f"sqlite:///{self.work}/gateway.db"),
+            self.bare(upstream),
+            self.gateway("gateway", upstream, f"sqlite:///{self.work}/gateway.db", self.gateway_root),
         ]
+        if self.baseline_root is not None:
+            servers.append(
+                self.gateway("gateway-base", upstream, f"sqlite:///{self.work}/gateway-base.db", self.baseline_root)
+            )
         pg_url = _postgres_schema()
         if pg_url is None:
             print("PostgreSQL is not reachable: the gateway-pg row is left out", file=sys.stderr)
         else:
-            servers.append(self._gateway("gateway-pg", upstream, pg_url))
+            servers.append(self.gateway("gateway-pg", upstream, pg_url, self.gateway_root))
         return servers
 
-    def _gateway(self, name: str, upstream: str, database_url: str) -> Server:
-        """The Procfile's own command, pinned; its log goes to a file as a PaaS collects stdout."""
+    def gateway(
+        self, name: str, upstream: str, database_url: str, root: Path = ROOT, wrap: str = "", wait: float = 20
+    ) -> Server:
+        """The Procfile's own command (``root``'s Procfile, run from ``root`` with it first on the import
+        path), pinned; its log goes to a file as a PaaS collects stdout. ``wrap`` is a command prefix
+        (valgrind) for the process the line finally ``exec``s."""
         port = free_port()
-        procfile = (ROOT / "Procfile").read_text().split("web:", 1)[1].strip()
+        procfile = (root / "Procfile").read_text().split("web:", 1)[1].strip()
+        if wrap:
+            head, found, tail = procfile.rpartition("exec ")
+            procfile = f"{head}exec {wrap} {tail}" if found else f"{wrap} {procfile}"
         env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ['PATH']}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
             "PORT": str(port),
             "WEB_CONCURRENCY": "1",
             "AI_GATEWAY_URL": upstream,
@@ -291,10 +329,10 @@ http {{
             "DATABASE_URL": database_url,
             "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
         }
-        process = self.spawn(f"sh -c {_quote(procfile)}", 0, env, log=name)
-        wait_port(port)
+        process = self.spawn(f"sh -c {_quote(procfile)}", 0, env, log=name, cwd=root)
+        wait_port(port, wait)
         base = f"http://127.0.0.1:{port}"
-        return Server(name, f"{base}/openai/v1/chat/completions", base, process, key=_create_key(base))
+        return Server(name, f"{base}/openai/v1/chat/completions", base, process, key=_create_key(base, wait))
 
     # -- measurements -------------------------------------------------------------------------
 
@@ -419,7 +457,7 @@ http {{
         return peak - before
 
     def run(self) -> dict[str, Any]:
-        direct, proxies, _ = self.start()
+        direct, proxies = self.start()
         everyone = [direct, *proxies]
         for server in everyone:
             server.add("rss_idle_mib", rss_mib(server.process.pid))
@@ -439,7 +477,19 @@ http {{
         for server in proxies:
             server.add("rss_1gib_growth_mib", self.big_response(server))
             server.add("rss_100_streams_growth_mib", asyncio.run(self.slow_streams(server, 100)))
-        return report(direct, proxies)
+        result = report(direct, proxies)
+        if self.callgrind is not None:
+            from bench import instructions
+
+            print("instructions per request (callgrind)", file=sys.stderr, flush=True)
+            self.stop(
+                [p.process for p in proxies]
+            )  # idle, but their timers would share core 0 with the counted servers
+            counted = {"gateway": self.gateway_root}
+            if self.baseline_root is not None:
+                counted["gateway-base"] = self.baseline_root
+            result["instructions"] = instructions.run(self, direct.base, *self.callgrind, counted)
+        return result
 
 
 def _postgres_schema() -> str | None:
@@ -467,7 +517,7 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def _create_key(base: str) -> str:
+def _create_key(base: str, timeout: float = 20) -> str:
     import urllib.request
 
     request = urllib.request.Request(
@@ -476,7 +526,7 @@ def _create_key(base: str) -> str:
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         method="POST",
     )
-    with urllib.request.urlopen(request) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         key: str = json.load(response)["apiKey"]
         return key
 
@@ -500,6 +550,14 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
         "rps_32c": gw["rps_32c"] / bare["rps_32c"],
         "p99_32c": gw["p99_32c_ms"] / bare["p99_32c_ms"],
     }
+    if "gateway-base" in base:
+        old = base["gateway-base"]
+        out["ratios_gateway_base_vs_bare"] = {
+            "cpu_per_request": old["cpu_us_per_req"] / bare["cpu_us_per_req"],
+            "rps_32c": old["rps_32c"] / bare["rps_32c"],
+            "p99_32c": old["p99_32c_ms"] / bare["p99_32c_ms"],
+        }
+        out["ratio_gateway_vs_base_cpu_per_request"] = gw["cpu_us_per_req"] / old["cpu_us_per_req"]
     if "gateway-pg" in base:
         out["ratio_postgres_vs_sqlite_cpu_per_request"] = base["gateway-pg"]["cpu_us_per_req"] / gw["cpu_us_per_req"]
     return out
@@ -523,18 +581,35 @@ def print_table(result: dict[str, Any]) -> None:
     ]
     servers = result["servers"]
     names = list(servers)
-    print(f"{'':34}" + "".join(f"{n:>12}" for n in names))
+    counted = result.get("instructions")
+    if counted is not None:
+        for name in servers:
+            if name in counted:
+                servers[name]["k_instructions_per_req"] = counted[name]["instructions_per_request"] / 1000
+        rows.insert(5, ("instructions per request (k)", "k_instructions_per_req"))
+    print(f"{'':34}" + "".join(f"{n:>14}" for n in names))
     for label, key in rows:
         cells = []
         for name in names:
             value = servers[name].get(key)
-            cells.append(f"{value:>12.2f}" if isinstance(value, float | int) else f"{'—':>12}")
+            cells.append(f"{value:>14.2f}" if isinstance(value, float | int) else f"{'—':>14}")
         print(f"{label:34}" + "".join(cells))
     ratios = result["ratios_gateway_vs_bare"]
     print(
         f"\ngateway ÷ bare relay: CPU/request {ratios['cpu_per_request']:.3f}, "
         f"req/s {ratios['rps_32c']:.3f}, p99@32 {ratios['p99_32c']:.3f}"
     )
+    if "ratios_gateway_base_vs_bare" in result:
+        ratios = result["ratios_gateway_base_vs_bare"]
+        print(
+            f"gateway-base ÷ bare relay: CPU/request {ratios['cpu_per_request']:.3f}, "
+            f"req/s {ratios['rps_32c']:.3f}, p99@32 {ratios['p99_32c']:.3f}; "
+            f"gateway ÷ gateway-base, CPU/request {result['ratio_gateway_vs_base_cpu_per_request']:.3f}"
+        )
+    if counted is not None:
+        from bench.instructions import print_figures
+
+        print_figures(counted)
     if "ratio_postgres_vs_sqlite_cpu_per_request" in result:
         print(
             f"gateway on PostgreSQL ÷ on SQLite, CPU/request (cache hits): "
@@ -548,10 +623,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-nginx", action="store_true", help="use the in-process mock as the upstream")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--gateway-root",
+        type=Path,
+        default=ROOT,
+        help="the source tree the gateway runs from (its Procfile, first on the import path): an older "
+        "checkout, to measure it with this harness; the bare relay and the rest stay this tree's",
+    )
+    parser.add_argument(
+        "--baseline-root",
+        type=Path,
+        default=None,
+        help="another tree (e.g. `git worktree add /tmp/bench-base COMMIT`) whose gateway runs beside this one "
+        "as gateway-base, in the same interleaved rounds and the same instructions step",
+    )
+    parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind step")
+    from bench import instructions
+
+    instructions.add_arguments(parser)
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)")
+    count_instructions = not args.no_instructions
+    if count_instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("valgrind is not installed: the instructions row is left out", file=sys.stderr)
+        count_instructions = False
     use_nginx = shutil.which("nginx") is not None and not args.no_nginx
     if not use_nginx:
         print(
@@ -559,7 +656,10 @@ def main() -> None:
             file=sys.stderr,
         )
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as work:
-        bench = Bench(Path(work), args.duration, args.rounds, use_nginx)
+        baseline = args.baseline_root.resolve() if args.baseline_root else None
+        bench = Bench(Path(work), args.duration, args.rounds, use_nginx, args.gateway_root.resolve(), baseline)
+        if count_instructions:
+            bench.callgrind = (args.cg_warmup, args.cg_requests, args.cg_idle)
         try:
             result = bench.run()
         finally:
@@ -571,6 +671,9 @@ def main() -> None:
         "duration_s": args.duration,
         "rounds": args.rounds,
     }
+    result["gateway_root"] = str(args.gateway_root.resolve())
+    if baseline is not None:
+        result["baseline_root"] = str(baseline)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print_table(result)
