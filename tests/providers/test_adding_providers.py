@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import BIN, ROOT, gateway_env
+from tests.support import BIN, ROOT, gateway_env
 
 PROVIDERS_TOML = """
 [together]
