@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import ADMIN_KEY, GatewayProcess
+from tests.support import ADMIN_KEY, GatewayProcess, wait_until
 
 BEHAVIOURS = {
     "garbage": b"\x00\x01 this is not HTTP at all \xff\xfe\r\n\r\n",
@@ -121,6 +121,18 @@ def test_a_locked_database_delays_a_write_without_losing_it(
 ) -> None:
     gw = make_gateway()
     key = gw.create_key("team_locked")
+    assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    # that use is written (lastUsedAt) by the gateway's refresh task before the lock is taken: a
+    # last-use write waiting for the lock would hold up every read on the gateway's one SQLite
+    # connection, which is not what this test is about. The same refresh saw the key's creation and
+    # emptied the cache: the key is looked up once more, to be cached while the lock is held.
+    wait_until(
+        lambda: httpx.get(f"{gw.url}/tokens", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["tokens"][0][
+            "lastUsedAt"
+        ],
+        5,
+        "the key's last use recorded",
+    )
     assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
     database = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None, timeout=10)
     database.execute("BEGIN IMMEDIATE")  # another process holds the write lock
