@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from config import Settings, SettingsError
-from tests.conftest import BIN, ROOT, free_port
+from tests.support import BIN, free_port, procfile_command
 
 
 def test_defaults() -> None:
@@ -92,11 +92,6 @@ def test_public_view_masks_secrets() -> None:
     assert view["admin_api_key"] == "set" and view["ai_gateway_token"] == "set"
     assert view["provider_env"] == {"GROQ_API_KEY": "set", "GROQ_BASE_URL": "https://groq.example/v1"}
     assert "a-secret" not in str(view) and "t-secret" not in str(view) and "g-secret" not in str(view)
-
-
-def procfile_command() -> str:
-    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    return line.removeprefix("web:").strip()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -4,7 +4,6 @@ errors are JSON in the provider's shape, and the team key never reaches the upst
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import orjson
@@ -12,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import GatewayProcess
+from tests.support import GatewayProcess, raw_request
 
 PROVIDERS = {
     "openai": "openai",
@@ -55,40 +54,6 @@ BODY = st.one_of(
         max_leaves=20,
     ).map(orjson.dumps),
 )
-
-
-def raw_request(url: str, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """One request on a raw socket (no client library normalises the bytes); the whole response."""
-    host, port = url.removeprefix("http://").split(":")
-    head = [method.encode() + b" " + target + b" HTTP/1.1", b"host: " + host.encode(), b"connection: close"]
-    head += [name + b": " + value for name, value in headers]
-    head.append(b"content-length: " + str(len(body)).encode())
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = response.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    if headers.get("transfer-encoding") == "chunked":
-        decoded, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            decoded, rest = decoded + rest[:size], rest[size + 2 :]
-        body = decoded
-    return status, headers, body
 
 
 def gateway_shape(shape: str, body: Any) -> bool:
@@ -148,7 +113,8 @@ def test_provider_routes_withstand_arbitrary_input(
         value = b"session=" + team_key.encode() if leak == "cookie" else team_key.encode()
         credential.append((name, b"Bearer " + value if leak == "authorization" else value))
     before = len(upstream.received)
-    status, response_headers, response_body = parse(raw_request(gateway.url, method, target, credential + sent, body))
+    response = raw_request(gateway.url, method, target, credential + sent, body)
+    status, response_headers, response_body = response.status, response.headers, response.body
     relayed = "server-timing" in response_headers  # the upstream answered: its status is its own
     if not relayed:
         assert status != 500, response_body

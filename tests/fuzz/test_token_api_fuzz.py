@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import ADMIN_KEY, GatewayProcess, gateway_env, start_gateway
+from tests.support import ADMIN_KEY, GatewayProcess, gateway_env, start_gateway
 
 SCHEMA = schemathesis.openapi.from_path(str(Path(__file__).resolve().parents[2] / "service" / "openapi.json"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import ADMIN_KEY, GATEWAY_TOKEN, GatewayProcess
+from tests.support import ADMIN_KEY, GATEWAY_TOKEN, GatewayProcess
 
 FIELDS = {
     "request_id",

@@ -1,10 +1,14 @@
-"""Merging the client's cf-aig-metadata with the team's."""
+"""Merging the client's cf-aig-metadata with the team's, and the Metadata middleware in process."""
 
 from __future__ import annotations
 
 import orjson
+import structlog.testing
+from starlette.types import Message, Receive, Scope, Send
 
-from middleware.metadata import merge_metadata
+from middleware.metadata import Metadata, merge_metadata
+from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.store import Team
 
 
 def merged(client: bytes | None) -> tuple[dict[str, object], str | None]:
@@ -69,3 +73,84 @@ def test_long_values_long_keys_and_gateway_keys_are_dropped() -> None:
     gateway_key = "sk_" + "ab" * 32
     value, _ = merged(orjson.dumps({"long": "v" * 257, "k" * 65: 1, "leak": f"key {gateway_key}", "ok": "v" * 256}))
     assert value == {"team_id": "team_1", "team_name": "Acme", "request_id": "req-1", "ok": "v" * 256}
+
+
+# -- the Metadata middleware in process, with raw scope/receive/send ---------------------------
+
+
+class Reached:
+    """The rest of the chain: records the requests that got through."""
+
+    def __init__(self) -> None:
+        self.scopes: list[Scope] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scopes.append(scope)
+
+
+def metadata() -> Metadata:
+    return Metadata(Reached())
+
+
+async def through_metadata(middleware: Metadata, team: Team, request_id: str, *headers: tuple[bytes, bytes]) -> str:
+    """Run one request through ``middleware``; the header value it left for the relay."""
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        raise AssertionError(f"Metadata answered by itself: {message}")
+
+    info = RequestInfo(request_id, 0.0)
+    info.team = team
+    scope = {"type": "http", "method": "GET", "path": "/openai/v1/models", "headers": list(headers), SCOPE_KEY: info}
+    await middleware(scope, receive, send)
+    reached = middleware.app
+    assert isinstance(reached, Reached) and reached.scopes[-1] is scope  # passed on, whatever the client sent
+    assert info.metadata is not None
+    return info.metadata
+
+
+TEAM = Team("team_1", "Acme", "2025-01-09T12:00:00.000Z", "key_0123456789abcdef")
+
+
+async def test_the_header_value_built_for_a_team_names_it_and_the_request() -> None:
+    middleware = metadata()
+    first = await through_metadata(middleware, TEAM, "req-1")
+    assert list(orjson.loads(first).items()) == [("team_id", "team_1"), ("team_name", "Acme"), ("request_id", "req-1")]
+    second = await through_metadata(middleware, TEAM, "req-2")  # the team's part is reused: same shape
+    assert orjson.loads(second) == {"team_id": "team_1", "team_name": "Acme", "request_id": "req-2"}
+    # without client metadata the value is what merging nothing gives, byte for byte
+    assert first == merge_metadata("team_1", "Acme", "req-1", None)[0]
+
+
+async def test_team_names_reach_the_header_as_ascii_json() -> None:
+    team = Team("team_ü", 'Équipe "☃"\x7f', "c", "key_0123456789abcdef")
+    value = await through_metadata(metadata(), team, "req-1")
+    assert value.isascii() and "\x7f" not in value
+    assert orjson.loads(value) == {"team_id": "team_ü", "team_name": 'Équipe "☃"\x7f', "request_id": "req-1"}
+
+
+async def test_client_metadata_is_merged_after_ours() -> None:
+    value = await through_metadata(
+        metadata(), TEAM, "req-1", (b"cf-aig-metadata", b'{"user": "u", "team_id": "evil", "n": 2}')
+    )
+    assert list(orjson.loads(value).items()) == [
+        ("team_id", "team_1"),
+        ("team_name", "Acme"),
+        ("request_id", "req-1"),
+        ("user", "u"),
+        ("n", 2),
+    ]
+
+
+async def test_invalid_client_metadata_is_dropped_and_logged_not_refused() -> None:
+    with structlog.testing.capture_logs() as logs:
+        value = await through_metadata(metadata(), TEAM, "req-9", (b"cf-aig-metadata", b"[1]"))
+    assert orjson.loads(value) == {"team_id": "team_1", "team_name": "Acme", "request_id": "req-9"}
+    assert [(line["event"], line["request_id"], line["reason"]) for line in logs] == [
+        ("client_metadata_dropped", "req-9", "not a JSON object")
+    ]
+    with structlog.testing.capture_logs() as logs:
+        await through_metadata(metadata(), TEAM, "req-10", (b"cf-aig-metadata", b'{"user": "u"}'))
+    assert logs == []  # valid metadata: nothing to say

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import BIN, ROOT, gateway_env
+from tests.support import BIN, ROOT, free_port, gateway_env, launch
 
 PROVIDERS_TOML = """
 [together]
@@ -51,16 +51,40 @@ def test_a_provider_added_in_a_providers_file(make_gateway, upstream: MockUpstre
     assert sent.header("authorization") == "Bearer together-key"
 
 
-def test_a_provider_added_as_a_module(make_gateway, upstream: MockUpstream) -> None:  # type: ignore[no-untyped-def]
-    module = ROOT / "providers" / "acme_llm.py"  # removed below, and overwritten if a killed run left it
-    module.write_text(PROVIDER_MODULE)
+# The Procfile's runner, with a directory of the test's own on the provider discovery path
+# (``providers.__path__``, which the registry's module discovery iterates): the guide's new module is
+# found exactly as one in providers/ would be, and the source tree is left alone.
+RUNNER_WITH_EXTRA_PROVIDERS = """
+import sys
+
+import providers
+
+providers.__path__.append(sys.argv.pop(1))
+
+from service.server import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_provider_added_as_a_module(upstream: MockUpstream, tmp_path: Path) -> None:
+    shipped = sorted(path.name for path in (ROOT / "providers").iterdir())
+    extra = tmp_path / "more_providers"
+    extra.mkdir()
+    (extra / "acme_llm.py").write_text(PROVIDER_MODULE)
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER_WITH_EXTRA_PROVIDERS)
+    port = free_port()
+    command = [str(BIN / "python"), str(runner), str(extra), "--host", "127.0.0.1", "--port", str(port)]
+    gw = launch([*command, "--workers", "1"], gateway_env(upstream.url, tmp_path), tmp_path, port)
     try:
-        gw = make_gateway()
         key = gw.create_key()
         assert chat(f"{gw.url}/acme-llm/v1", key) == "Hello from the mock upstream"
         assert upstream.last().path == "/acme-llm/llm/chat/completions"
     finally:
-        module.unlink()
+        gw.stop()
+    assert sorted(path.name for path in (ROOT / "providers").iterdir()) == shipped  # nothing written there
+    assert not (ROOT / "providers" / "acme_llm.py").exists()
 
 
 def test_a_broken_providers_file_stops_start_up(tmp_path: Path) -> None:

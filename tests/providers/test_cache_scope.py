@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import GatewayProcess
+from tests.support import GatewayProcess
 
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "same question"}]}'
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import BIN, GATEWAY_TOKEN, GatewayProcess, gateway_env
+from tests.support import BIN, GATEWAY_TOKEN, GatewayProcess, gateway_env
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

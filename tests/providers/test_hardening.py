@@ -6,7 +6,7 @@ import httpx
 import orjson
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import ADMIN_KEY, GatewayProcess
+from tests.support import ADMIN_KEY, GatewayProcess, raw_request
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -73,17 +73,13 @@ def test_dropped_client_metadata_is_logged(gateway: GatewayProcess, team_key: st
 
 
 def test_path_errors_under_openai_compatible_prefixes_are_openai_shaped(gateway: GatewayProcess, team_key: str) -> None:
-    from tests.providers.test_relay import raw_request
-
-    status, body = raw_request(gateway.url, "GET /workers-ai/v1/%2e%2e/x HTTP/1.1", bearer(team_key))
-    assert status == 400 and orjson.loads(body)["error"]["type"] == "invalid_request_error"
-    status, body = raw_request(gateway.url, "GET /workers-ai/%2e%2e/x HTTP/1.1", bearer(team_key))
-    assert status == 400 and orjson.loads(body)["success"] is False
+    response = raw_request(gateway.url, "GET", "/workers-ai/v1/%2e%2e/x", bearer(team_key).items())
+    assert response.status == 400 and orjson.loads(response.body)["error"]["type"] == "invalid_request_error"
+    response = raw_request(gateway.url, "GET", "/workers-ai/%2e%2e/x", bearer(team_key).items())
+    assert response.status == 400 and orjson.loads(response.body)["success"] is False
 
 
 def test_keys_in_odd_token_paths_are_masked_in_logs(gateway: GatewayProcess, team_key: str) -> None:
-    from tests.providers.test_relay import raw_request
-
     for target in (f"//tokens/{team_key}", f"/tokens//{team_key}", f"/tokens/{team_key}/refresh/"):
-        raw_request(gateway.url, f"GET {target} HTTP/1.1", {})
+        raw_request(gateway.url, "GET", target)
     assert team_key not in gateway.log_text() and team_key[3:] not in gateway.log_text()

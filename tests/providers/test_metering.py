@@ -11,7 +11,7 @@ import openai
 
 from providers.prices import load_prices
 from service.mock_upstream import MOCK_STREAM_USAGE, MockUpstream, _openai_events
-from tests.conftest import GatewayProcess
+from tests.support import GatewayProcess
 
 PRICES = load_prices()
 
@@ -119,8 +119,7 @@ def test_metering_off_records_nothing(make_gateway: Callable[..., GatewayProcess
 def test_tokens_cost_and_unpriced_requests_in_metrics(
     make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream
 ) -> None:
-    from tests.conftest import ADMIN_KEY
-    from tests.support import wait_until
+    from tests.support import ADMIN_KEY, wait_until
 
     gw = make_gateway(METRICS_TEAM_LABELS="true")
     key = gw.create_key("team_metered")

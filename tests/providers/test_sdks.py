@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import GATEWAY_TOKEN, GatewayProcess
+from tests.support import GATEWAY_TOKEN, GatewayProcess
 
 
 def upstream_call(upstream: MockUpstream, path: str) -> object:

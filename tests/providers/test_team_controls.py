@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from service.mock_upstream import MockUpstream, Received
-from tests.conftest import BIN, GATEWAY_TOKEN, GatewayProcess, free_port, gateway_env
+from tests.support import BIN, GATEWAY_TOKEN, GatewayProcess, free_port, gateway_env
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 TEAM_CONTROLS = {

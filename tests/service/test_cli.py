@@ -6,14 +6,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import orjson
 
 from service.mock_upstream import MockUpstream
-from tests.conftest import BIN, GATEWAY_TOKEN, free_port, gateway_env, start_gateway
+from tests.support import BIN, GATEWAY_TOKEN, free_port, gateway_env, launch, start_gateway, wait_for_port
 
 
 def gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -107,23 +106,17 @@ def test_mock_upstream_command(tmp_path: Path) -> None:
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "gateway"), "mock-upstream", "--port", str(port), "--token", GATEWAY_TOKEN],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         env=dict(os.environ),
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                response = httpx.post(
-                    f"http://127.0.0.1:{port}/openai/chat/completions",
-                    json={"model": "m"},
-                    headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"},
-                )
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_for_port(port, 10)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/openai/chat/completions",
+            json={"model": "m"},
+            headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"},
+        )
         assert response.status_code == 200 and response.json()["object"] == "chat.completion"
         assert httpx.get(f"http://127.0.0.1:{port}/openai/models").status_code == 401
     finally:
@@ -134,23 +127,9 @@ def test_mock_upstream_command(tmp_path: Path) -> None:
 def test_serve_runs_the_gateway(tmp_path: Path, upstream: MockUpstream) -> None:
     port = free_port()
     env = gateway_env(upstream.url, tmp_path)
-    process = subprocess.Popen(
-        [str(BIN / "gateway"), "serve", "--port", str(port), "--workers", "1"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [str(BIN / "gateway"), "serve", "--port", str(port), "--workers", "1"]
+    process = launch(command, env, tmp_path, port, ready_path="/readyz").process
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.1)
         key = orjson.loads(gateway(env, "tokens", "create", "--team", "t", "--json").stdout)["apiKey"]
         models = httpx.get(f"http://127.0.0.1:{port}/openai/models", headers={"authorization": f"Bearer {key}"})
         assert models.status_code == 200

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from config import Settings, SettingsError
-from tests.conftest import GatewayProcess
+from tests.support import GatewayProcess
 
 APP = "https://app.example.com"
 PREFLIGHT = {

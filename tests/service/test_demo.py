@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import BIN, ROOT
+from tests.support import BIN, ROOT
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

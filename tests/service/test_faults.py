@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ADMIN_KEY, GatewayProcess
+from tests.support import ADMIN_KEY, GatewayProcess
 
 BEHAVIOURS = {
     "garbage": b"\x00\x01 this is not HTTP at all \xff\xfe\r\n\r\n",

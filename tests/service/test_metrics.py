@@ -18,8 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service.core.metrics as metrics_module
 from service.core.metrics import BUCKETS, OVERHEAD_BUCKETS, Metrics, remove_if_last
-from tests.conftest import ADMIN_KEY, GatewayProcess, free_port
-from tests.support import wait_until
+from tests.support import ADMIN_KEY, GatewayProcess, free_port, wait_until
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -8,8 +8,7 @@ from collections.abc import Callable
 import httpx
 import orjson
 
-from tests.conftest import BIN, GATEWAY_TOKEN, GatewayProcess, free_port
-from tests.support import wait_for_port
+from tests.support import BIN, GATEWAY_TOKEN, GatewayProcess, free_port, wait_for_port
 
 
 def test_the_mock_shows_what_it_received_and_never_the_team_key(

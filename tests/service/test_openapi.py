@@ -4,7 +4,6 @@ documented response produced (and shaped as documented)."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from starlette.routing import Route
 from config import Settings
 from service.app import create_app
 from service.status import OPENAPI
-from tests.conftest import ADMIN_KEY, GatewayProcess
 from tests.postgres import TcpProxy
+from tests.support import ADMIN_KEY, GatewayProcess, wait_until
 
 SPEC = json.loads(OPENAPI.read_text())
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -122,7 +121,7 @@ def test_every_documented_response_is_produced(
 
     outage = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"))
     pg_proxy.down()
-    time.sleep(0.5)
+    wait_until(lambda: httpx.get(f"{outage.url}/readyz").status_code == 503, 10, "the outage noticed")
     check(httpx.post(f"{outage.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
     check(httpx.get(f"{outage.url}/readyz"), "/readyz", "GET", produced)
     pg_proxy.up()

@@ -3,24 +3,23 @@ and the gateway recovers by itself when the database returns."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
-from tests.conftest import ADMIN_KEY, GatewayProcess
 from tests.postgres import TcpProxy
+from tests.support import ADMIN_KEY, BIN, GatewayProcess, free_port, gateway_env, wait_until
 
 
 def status(gateway: GatewayProcess, key: str) -> int:
     return httpx.get(f"{gateway.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code
 
 
-def wait_for(condition: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+def metrics_text(gateway: GatewayProcess) -> str:
+    return httpx.get(f"{gateway.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
 
 
 def test_outage_grace_503s_and_recovery(
@@ -33,7 +32,7 @@ def test_outage_grace_503s_and_recovery(
     assert status(gw, verified) == 200
 
     pg_proxy.down()
-    wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, 5)
+    wait_until(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, 5)
     outage_started = time.monotonic()
     assert status(gw, verified) == 200  # already verified: keeps working in the grace period
     unseen_response = httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {unseen}"})
@@ -42,40 +41,27 @@ def test_outage_grace_503s_and_recovery(
     token_api = httpx.post(f"{gw.url}/tokens", json={"teamId": "t"}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
     assert token_api.status_code == 503 and "error" in token_api.json()
     # the token API speaks for the store, not the cache
-    wait_for(lambda: httpx.get(f"{gw.url}/tokens/{verified}").status_code == 503, 2)
+    wait_until(lambda: httpx.get(f"{gw.url}/tokens/{verified}").status_code == 503, 2)
     assert httpx.post(f"{gw.url}/tokens/{verified}/refresh").status_code == 503
     ready = httpx.get(f"{gw.url}/readyz").json()
     assert ready["status"] == "unavailable" and ready["grace_seconds"] == 3
-    time.sleep(1.1)
-    assert (
-        "gateway_store_degraded 1.0"
-        in httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
-    )
+    wait_until(lambda: "gateway_store_degraded 1.0" in metrics_text(gw), 2)  # published once a second
+    assert "gateway_store_degraded 1.0" in metrics_text(gw)
 
-    wait_for(lambda: status(gw, verified) == 503, 6)  # the grace period is over
+    wait_until(lambda: status(gw, verified) == 503, 6)  # the grace period is over
     assert time.monotonic() - outage_started >= 2.5
     assert [line["event"] for line in gw.log_lines()].count("store_unavailable") == 1
 
     pg_proxy.up()
-    wait_for(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 10)
+    wait_until(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, 10)
     assert status(gw, verified) == 200 and status(gw, unseen) == 200
     assert gw.create_key("team_after")
-    wait_for(lambda: any(line["event"] == "store_recovered" for line in gw.log_lines()), 2)
-    wait_for(
-        lambda: (
-            "gateway_store_degraded 0.0"
-            in httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
-        ),
-        3,
-    )
+    wait_until(lambda: any(line["event"] == "store_recovered" for line in gw.log_lines()), 2)
+    wait_until(lambda: "gateway_store_degraded 0.0" in metrics_text(gw), 3)
     assert "Traceback" not in gw.log_text()
 
 
-def test_a_replica_without_its_database_stops_with_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import subprocess
-
-    from tests.conftest import BIN, free_port, gateway_env
-
+def test_a_replica_without_its_database_stops_with_one_line(tmp_path: Path) -> None:
     env = gateway_env(None, tmp_path, DATABASE_URL="postgresql://root@127.0.0.1:1/test")
     result = subprocess.run(
         [str(BIN / "uvicorn"), "--factory", "service.app:create_app", "--port", str(free_port())],

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import ADMIN_KEY, GatewayProcess
+from tests.support import ADMIN_KEY, GatewayProcess, wait_until
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -16,12 +15,9 @@ def status(gateway: GatewayProcess, key: str) -> int:
     return httpx.get(f"{gateway.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code
 
 
-def refused_within(gateway: GatewayProcess, key: str, seconds: float = 1.0) -> float:
-    started = time.monotonic()
-    while status(gateway, key) != 401:
-        assert time.monotonic() - started < seconds, f"still accepted after {seconds} s"
-        time.sleep(0.02)
-    return time.monotonic() - started
+def refused_within(gateway: GatewayProcess, key: str, seconds: float = 1.0) -> None:
+    """The revocation bound: another replica refuses the key within ``seconds`` (by NOTIFY)."""
+    wait_until(lambda: status(gateway, key) == 401, seconds, f"{gateway.url} refusing the key")
 
 
 def test_two_replicas_share_keys_and_revocations(make_gateway: Callable[..., GatewayProcess], pg_dsn: str) -> None:
@@ -50,5 +46,4 @@ def test_two_workers_on_postgres(make_gateway: Callable[..., GatewayProcess], pg
     # fresh connections spread over both workers; all of them know the key, then all refuse it
     assert {status(gw, key) for _ in range(30)} == {200}
     assert httpx.delete(f"{gw.url}/tokens/{key}", headers=ADMIN).status_code == 204
-    time.sleep(1.0)
-    assert {status(gw, key) for _ in range(30)} == {401}
+    wait_until(lambda: {status(gw, key) for _ in range(30)} == {401}, 10, "every worker refusing the key")

@@ -13,51 +13,50 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 
 from config.settings import Settings, SettingsError
 from service.mock_upstream import MockUpstream
 from service.server import KEEP_ALIVE_SECONDS, PROTOCOL, uvicorn_config
-from tests.config.test_settings import procfile_command
-from tests.conftest import BIN, ROOT, GatewayProcess, free_port, gateway_env, start_gateway
+from tests import support
+from tests.support import (
+    BIN,
+    ROOT,
+    GatewayProcess,
+    RawResponse,
+    answers,
+    free_port,
+    gateway_env,
+    launch,
+    parse_response,
+    procfile_command,
+    start_gateway,
+    wait_until,
+    with_bin_on_path,
+)
 
 LINE = 16 * 1024  # the defaults
 HEAD = 64 * 1024
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> object:
-        return orjson.loads(self.body)
-
-
 def connect(gw: GatewayProcess) -> socket.socket:
-    host, port = gw.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    return sock
+    return support.connect(gw.url)
 
 
-def read_answer(sock: socket.socket, timeout: float = 10.0) -> Answer:
-    """One response: its head, then a content-length body (every answer here has one)."""
+def read_answer(sock: socket.socket, timeout: float = 10.0) -> RawResponse:
+    """One response on a kept-alive connection: its head, then a content-length body (every answer
+    here has one)."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\r\n\r\n" not in data:
         data += receive(sock, deadline)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += receive(sock, deadline)
-    return Answer(int(status_line.split()[1]), headers, body)
+    answer = parse_response(data)
+    while len(answer.body) < int(answer.headers["content-length"]):
+        answer.body += receive(sock, deadline)
+    return answer
 
 
 def receive(sock: socket.socket, deadline: float) -> bytes:
@@ -97,11 +96,7 @@ def is_closed(sock: socket.socket) -> bool:
         return True
 
 
-def answer_of(raw: bytes) -> Answer:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    return Answer(int(status_line.split()[1]), headers, body)
+answer_of = parse_response
 
 
 def request(path: str, *headers: tuple[str, str], request_id: str | None = None) -> bytes:
@@ -112,7 +107,7 @@ def request(path: str, *headers: tuple[str, str], request_id: str | None = None)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def send_and_read(gw: GatewayProcess, data: bytes) -> tuple[Answer, socket.socket]:
+def send_and_read(gw: GatewayProcess, data: bytes) -> tuple[RawResponse, socket.socket]:
     sock = connect(gw)
     sock.sendall(data)
     return read_answer(sock), sock
@@ -293,15 +288,7 @@ def test_connections_past_the_cap_are_refused_with_one_warning(
     finally:
         for hog in hogs:
             hog.close()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if httpx.get(f"{gw.url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "no request served after the hogs closed"
-        time.sleep(0.05)
+    wait_until(lambda: answers(f"{gw.url}/healthz"), 10, "a request served after the hogs closed")
     events = [line["event"] for line in gw.log_lines()]
     assert events.count("connection_limit_reached") == 1
     warning = next(line for line in gw.log_lines() if line["event"] == "connection_limit_reached")
@@ -336,7 +323,7 @@ def test_requests_the_parser_rejects_get_a_json_400(gateway: GatewayProcess, pro
 
 
 def runner_env(tmp_path: Path, upstream: MockUpstream, **overrides: str) -> dict[str, str]:
-    return {**gateway_env(upstream.url, tmp_path, **overrides), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return with_bin_on_path(gateway_env(upstream.url, tmp_path, **overrides))
 
 
 @pytest.mark.parametrize("how", ["runner", "procfile", "gateway serve"])
@@ -416,27 +403,9 @@ def test_every_way_of_starting_shares_one_server_configuration(gateway: GatewayP
 
 def test_gateway_serve_runs_the_shared_runner(tmp_path: Path, upstream: MockUpstream) -> None:
     port = free_port()
-    log_path = tmp_path / "serve.log"
     env = runner_env(tmp_path, upstream, MAX_CONNECTIONS="7")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(BIN / "gateway"), "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    gw = GatewayProcess(f"http://127.0.0.1:{port}", process, log_path, env)
+    gw = launch([str(BIN / "gateway"), "serve", "--port", str(port)], env, tmp_path, port)  # ready on /healthz
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{gw.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, gw.log_text()
-            time.sleep(0.05)
         limits = next(line for line in gw.log_lines() if line["event"] == "server_limits")
         assert limits["keep_alive_seconds"] == 75 and limits["max_connections"] == 7
         answer, sock = send_and_read(gw, b"FOO / HTTP/1.1\r\n\r\n")

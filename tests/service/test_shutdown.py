@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -13,26 +10,23 @@ import orjson
 import pytest
 
 from service.mock_upstream import MockUpstream
-from tests.config.test_settings import procfile_command
-from tests.conftest import ADMIN_KEY, BIN, GatewayProcess, free_port, gateway_env, wait_healthy
+from tests.support import (
+    GatewayProcess,
+    free_port,
+    gateway_env,
+    launch,
+    port_open,
+    procfile_command,
+    wait_until,
+    with_bin_on_path,
+)
 
 
 def start(tmp_path: Path, upstream: MockUpstream, grace: str) -> GatewayProcess:
+    """A gateway run by the Procfile's command (``exec``: the signal reaches the runner itself)."""
     port = free_port()
-    env = {
-        **gateway_env(upstream.url, tmp_path),
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "PORT": str(port),
-        "SHUTDOWN_GRACE_SECONDS": grace,
-    }
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            ["sh", "-c", procfile_command()], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    gateway = GatewayProcess(f"http://127.0.0.1:{port}", process, log_path, env, ADMIN_KEY)
-    wait_healthy(gateway)
-    return gateway
+    env = with_bin_on_path(gateway_env(upstream.url, tmp_path, PORT=str(port), SHUTDOWN_GRACE_SECONDS=grace))
+    return launch(["sh", "-c", procfile_command()], env, tmp_path, port)
 
 
 @pytest.mark.parametrize(("grace", "completes"), [("10", True), ("1", False)])
@@ -48,8 +42,9 @@ def test_sigterm_lets_streams_finish_within_the_grace(
         lines = response.iter_lines()
         assert next(lines).startswith("data:")
         gw.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with pytest.raises(httpx.ConnectError):  # no new connections once shutdown started
+        # no new connections once shutdown started (refused from when the listener closes)
+        wait_until(lambda: not port_open(gw.port), 5, "the listening socket closing")
+        with pytest.raises(httpx.ConnectError):
             httpx.get(f"{gw.url}/healthz", timeout=2)
         rest = [line for line in lines if line.startswith("data:")]
         request_id = response.headers["x-gateway-request-id"]

@@ -20,6 +20,7 @@ from service.core.store.migrations import CREATE_TABLE, migrations
 from service.core.store.postgres import PostgresStore
 from service.core.teams import UNKNOWN, TeamDirectory
 from tests.postgres import PG_ROOT
+from tests.support import eventually
 
 KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
 
@@ -38,6 +39,30 @@ async def open_store(location: str | Path) -> TokenStore:
     store: TokenStore = PostgresStore(text) if text.startswith("postgresql://") else SQLiteStore(Path(text))
     await store.open()
     return store
+
+
+async def settle(directory: TeamDirectory, other: TokenStore) -> None:
+    """Return once ``directory`` has taken in every write made before the call, by another store.
+
+    A miss is cached for a fresh key, then that key is written through ``other``: the miss goes once
+    the directory has seen the write (a notification, or the change marker), and every earlier one
+    with it. Twice, so that a PostgreSQL listener's first "anything may have changed" is behind us
+    too. Afterwards only new writes change what the directory holds."""
+    rounds = 0
+    while rounds < 2:
+        probe = keys.new_key()
+        assert await directory.resolve(probe) is None
+        if directory.peek(keys.digest(probe)) is None:  # a refresh raced the lookup: go again
+            continue
+        await other.create(keys.digest(probe), Team("team_probe", "Probe", "c", keys.new_key_id()), probe[:8])
+        await eventually(lambda probe=probe: directory.peek(keys.digest(probe)) is None, 10, "the probe write seen")
+        rounds += 1
+
+
+async def cached(directory: TeamDirectory, key: str) -> Team | None:
+    """Look ``key`` up; what the directory then holds for it, without asking the store."""
+    await directory.resolve(key)
+    return directory.peek(keys.digest(key))
 
 
 async def test_store_round_trip(location: str) -> None:
@@ -117,16 +142,20 @@ async def test_directory_caches_hits_and_misses_and_sees_other_writers(location:
     other = TeamDirectory(theirs, refresh_seconds=0.05)
     await directory.start()
     key, team = await other.issue("team_1", "Acme")
-    await asyncio.sleep(0.1)  # the creation's own notification or counter change has been seen
+    await settle(directory, theirs)  # the creation's own notification or counter change has been seen
     assert await directory.resolve(key) == team
-    assert directory.peek(keys.digest(key)) == team  # now served from memory
+    # now served from memory (polled: on PostgreSQL a counter change can still clear the cache once)
+    await eventually(lambda: cached(directory, key), what="the key cached")
+    assert directory.peek(keys.digest(key)) == team
 
     unknown = keys.new_key()
     assert await directory.resolve(unknown) is None
+    await eventually(lambda: cached(directory, unknown), what="the miss cached")
     assert directory.peek(keys.digest(unknown)) is not None  # the miss is cached too
 
     assert await other.revoke(key) is True
-    await asyncio.sleep(0.3)  # a few refresh periods: the other process's write is seen
+    # the other process's write is seen within a few refresh periods
+    await eventually(lambda: directory.peek(keys.digest(key)) is None, 5, "the revocation seen")
     assert await directory.resolve(key) is None
     await directory.stop()
     await mine.close()
@@ -174,12 +203,12 @@ async def test_postgres_notifications_reach_other_processes_at_once(pg_dsn: str)
     other = TeamDirectory(theirs, refresh_seconds=60)
     await directory.start()
     key, team = await other.issue("team_1", "Acme")
+    await settle(directory, theirs)  # the creation's notification is behind us: it cannot drop the key later
     assert await directory.resolve(key) == team
+    assert directory.peek(keys.digest(key)) == team  # the cache holds the key…
     assert await other.revoke(key) is True
-    for _ in range(100):
-        if directory.peek(keys.digest(key)) is None:
-            break
-        await asyncio.sleep(0.01)
+    # …until the revocation's notification drops it, long before the 60 s poll would
+    await eventually(lambda: directory.peek(keys.digest(key)) is None, 5, "the revocation's notification")
     assert await directory.resolve(key) is None
     await directory.stop()
     await mine.close()
@@ -258,7 +287,7 @@ async def test_last_use_is_written_at_most_once_a_minute_per_key(tmp_path: Path)
     await directory.flush_use()
     first = [record.last_used_at for record, _ in await store.list(10)]
     assert first[0] is not None
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # time moves on (timestamps are in ms): a rewrite would show
     directory.used(digest)
     await directory.flush_use()
     assert [record.last_used_at for record, _ in await store.list(10)] == first  # not rewritten
@@ -347,17 +376,18 @@ async def test_revocations_by_id_and_team_reach_other_processes(location: str, s
     other = TeamDirectory(theirs, refresh_seconds=60)
     await directory.start()
     issued = [await other.issue("team_n", "N") for _ in range(3 if several else 1)]
+    await settle(directory, theirs)  # the creations are behind us: only the revocation can drop the keys now
     for key, team in issued:
         assert await directory.resolve(key) == team
+    digests = [keys.digest(key) for key, _ in issued]
+    assert [directory.peek(digest) for digest in digests] == [team for _, team in issued]  # cached
     if several:
         assert await other.revoke_team("team_n") == 3
     else:
         assert await other.revoke_id(issued[0][1].key_id) is True
-    digests = [keys.digest(key) for key, _ in issued]
-    for _ in range(200):
-        if all(directory.peek(digest) is None for digest in digests):
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: all(directory.peek(digest) is None for digest in digests), 5, "the revocation reaching the cache"
+    )
     assert all([await directory.resolve(key) is None for key, _ in issued])
     await directory.stop()
     await mine.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, GatewayProcess
+from tests.support import ADMIN_KEY, GatewayProcess, wait_until
 
 KEY_RE = re.compile(r"sk_[0-9a-f]{64}")
 KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
@@ -229,19 +229,18 @@ def test_listing_pages_and_never_shows_keys(make_gateway) -> None:  # type: igno
 
 
 def test_last_used_at_is_recorded_off_the_request_path(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    import time
-
     gw = make_gateway()
     key = gw.create_key("team_used")
     before = httpx.get(f"{gw.url}/tokens", headers=ADMIN).json()["tokens"][0]
     assert before["lastUsedAt"] is None
     assert httpx.get(f"{gw.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        after = httpx.get(f"{gw.url}/tokens", headers=ADMIN).json()["tokens"][0]
-        if after["lastUsedAt"]:
-            break
-        time.sleep(0.1)
+
+    def listed() -> dict[str, str]:
+        token: dict[str, str] = httpx.get(f"{gw.url}/tokens", headers=ADMIN).json()["tokens"][0]
+        return token
+
+    wait_until(lambda: listed()["lastUsedAt"], 3, "lastUsedAt recorded")
+    after = listed()
     assert TIME_RE.fullmatch(after["lastUsedAt"]) and after["lastUsedAt"] >= after["createdAt"]
 
 
@@ -295,8 +294,6 @@ def test_revoking_all_of_a_teams_keys(make_gateway) -> None:  # type: ignore[no-
 def test_revocations_by_key_id_and_team_reach_another_process(make_gateway) -> None:  # type: ignore[no-untyped-def]
     """Two gateways on one database: a revocation through one is refused by the other, which had
     the key cached (polling with a deadline; the bound itself is the store's change counter)."""
-    import time
-
     first, second = make_gateway(), make_gateway()
     by_id = httpx.post(f"{first.url}/tokens", json={"teamId": "team_x"}, headers=ADMIN).json()
     by_team = first.create_key("team_y")
@@ -305,13 +302,12 @@ def test_revocations_by_key_id_and_team_reach_another_process(make_gateway) -> N
     assert httpx.delete(f"{first.url}/keys/{by_id['keyId']}", headers=ADMIN).status_code == 204
     assert httpx.delete(f"{first.url}/teams/team_y/keys", headers=ADMIN).json() == {"revoked": 1}
     for key in (by_id["apiKey"], by_team):
-        deadline = time.monotonic() + 5
-        while True:
-            status = httpx.get(f"{second.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code
-            if status == 401 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert status == 401
+
+        def status(key: str = key) -> int:
+            return httpx.get(f"{second.url}/openai/models", headers={"authorization": f"Bearer {key}"}).status_code
+
+        wait_until(lambda status=status: status() == 401, 5, "the other gateway refusing the key")
+        assert status() == 401
 
 
 def test_self_service_rotation_can_require_the_admin(make_gateway) -> None:  # type: ignore[no-untyped-def]
