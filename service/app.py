@@ -35,7 +35,7 @@ from providers.base import Provider
 from providers.mount import ProviderMount
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
-from service import status, tokens
+from service import status, tokens, usage
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -145,6 +145,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     metrics = Metrics()
     routes = [
         *tokens.routes,
+        *usage.routes,
         Route("/healthz", status.healthz),
         Route("/readyz", status.readyz),
         Route("/openapi.json", status.openapi),
