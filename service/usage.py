@@ -105,7 +105,7 @@ def parse_group_by(raw: str | None, field: str = "groupBy") -> list[str]:
     """``groupBy``: comma-separated names from ``GROUPS``, each once; ``day`` when absent."""
     if raw is None:
         return list(DEFAULT_GROUPS)
-    names = [part.strip() for part in raw.split(",")]
+    names = [part.strip(" ") for part in raw.split(",")]
     allowed = ", ".join(GROUPS)
     if not all(names):
         raise BadRequest(f"'{field}' must list one or more of {allowed}, separated by commas.")
