@@ -91,6 +91,8 @@ class Settings:
     not-known-valid keys get 429; 0 disables."""
     trusted_proxies: tuple[str, ...] = ()
     """``TRUSTED_PROXIES``: IPs and CIDRs (normalised) whose ``X-Forwarded-For`` names the client."""
+    usage_retention_days: int = 90
+    """``USAGE_RETENTION_DAYS``: whole days of usage ledger rows kept (1 to 3650); the daily totals stay."""
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
     providers are mounted, since only then is it known which slugs exist)."""
@@ -147,6 +149,7 @@ class Settings:
             self_service_rotation=_boolean("SELF_SERVICE_ROTATION", get("SELF_SERVICE_ROTATION"), True),
             unknown_key_limit=_count("UNKNOWN_KEY_LIMIT", get("UNKNOWN_KEY_LIMIT"), 30),
             trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
+            usage_retention_days=_days("USAGE_RETENTION_DAYS", get("USAGE_RETENTION_DAYS"), 90, 3650),
             host=get("HOST") or "127.0.0.1",
             port=_listen_port("PORT", get("PORT"), 8787),
             web_concurrency=_whole_number("WEB_CONCURRENCY", get("WEB_CONCURRENCY"), 1, "processes"),
@@ -350,6 +353,15 @@ def _whole_number(name: str, raw: str | None, default: int, unit: str, minimum: 
         return default
     if not (raw.isascii() and raw.isdigit()) or int(raw) < minimum:
         raise SettingsError(f"{name} must be a whole number of {unit} from {minimum}, got {raw!r}")
+    return int(raw)
+
+
+def _days(name: str, raw: str | None, default: int, maximum: int) -> int:
+    """A whole number of days from 1 to ``maximum``, in ASCII digits only."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 1 <= int(raw) <= maximum:
+        raise SettingsError(f"{name} must be a whole number of days from 1 to {maximum}, got {raw!r}")
     return int(raw)
 
 

@@ -36,7 +36,7 @@ from providers.mount import ProviderMount
 from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
-from service import status, tokens
+from service import status, tokens, usage
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -149,6 +149,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     metrics = Metrics(team_labels=settings.metrics_team_labels)
     routes = [
         *tokens.routes,
+        *usage.routes,
         Route("/healthz", status.healthz),
         Route("/readyz", status.readyz),
         Route("/openapi.json", status.openapi),

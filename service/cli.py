@@ -4,6 +4,8 @@
     gateway tokens create --team T [--name N] | list [--limit N] [--team T] | show KEY | rotate KEY | revoke KEY
     gateway keys show KEYID | revoke KEYID
     gateway teams revoke-keys TEAMID
+    gateway usage [--team T] [--key KEYID] [--provider P] [--model M] [--since 7d|24h|2026-11-01]
+                  [--until …] [--by day,model] [--json|--csv]
     gateway check
     gateway mock-upstream [--port P] [--token T]
 
@@ -20,9 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,18 @@ from service.tokens import (
     record_json,
     team_json,
     whole_number,
+)
+from service.usage import (
+    FILTERS,
+    GROUP_FIELDS,
+    SUM_FIELDS,
+    build_report,
+    parse_group_by,
+    parse_time,
+    report_csv,
+    report_json,
+    time_range,
+    usd,
 )
 
 OK, NOT_FOUND, USAGE, CONFIGURATION, UNAVAILABLE = 0, 1, 2, 3, 4
@@ -175,6 +191,64 @@ def teams_command(args: argparse.Namespace, settings: Settings) -> int:
         return OK
 
     return asyncio.run(with_directory(settings, revoke_keys))
+
+
+_RELATIVE = re.compile(r"([0-9]{1,5})([dh])")
+USAGE_OPTIONS = {"teamId": "--team", "keyId": "--key", "provider": "--provider", "model": "--model"}
+
+
+def usage_time(raw: str, option: str, now: datetime) -> datetime:
+    """``7d`` or ``24h`` before ``now``, or a date or UTC time as ``GET /usage`` takes them."""
+    relative = _RELATIVE.fullmatch(raw)
+    if relative is None:
+        try:
+            return parse_time(raw, option)
+        except BadRequest:
+            raise BadRequest(f"{option} must be like 7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z") from None
+    amount = int(relative.group(1))
+    return now - (timedelta(days=amount) if relative.group(2) == "d" else timedelta(hours=amount))
+
+
+def usage_table(report: dict[str, Any]) -> str:
+    """A report for people: costs as $0.001234 or "unpriced", and a total line."""
+    fields = [GROUP_FIELDS[name] for name in report["groupBy"]]
+    columns = [*fields, *SUM_FIELDS, "cost", "unpricedRequests"]
+    shown = []
+    for row in [*report["rows"], {**report["totals"], **dict.fromkeys(fields[:1], "total")}]:
+        cost = row["costMicroUsd"]
+        shown.append({**row, "cost": "unpriced" if cost is None else f"${usd(cost)}"})
+    return table(shown, columns)
+
+
+def usage_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Usage and cost from the ledger, on the database directly (as ``GET /usage`` reports it)."""
+    now = datetime.now(UTC)
+    try:
+        start = None if args.since is None else usage_time(args.since, "--since", now)
+        end = None if args.until is None else usage_time(args.until, "--until", now)
+        start_text, end_text = time_range(start, end, now, names=("--since", "--until"))
+        group_by = parse_group_by(args.by, "--by")
+    except BadRequest as exc:
+        raise CommandFailed(exc.message, USAGE) from None
+    options = {"teamId": args.team, "keyId": args.key, "provider": args.provider, "model": args.model}
+    filters = {
+        FILTERS[name][0]: checked(value, USAGE_OPTIONS[name], FILTERS[name][1])
+        for name, value in options.items()
+        if value is not None
+    }
+
+    async def report(directory: TeamDirectory) -> int:
+        found = await build_report(directory.store, start_text, end_text, group_by, filters)
+        if args.csv:
+            sys.stdout.write(report_csv(found))
+        elif args.json:
+            print(report_json(found, orjson.OPT_INDENT_2).decode())
+        else:
+            print(f"usage from {start_text} to {end_text} (excluded)")
+            print(usage_table(found))
+        return OK
+
+    return asyncio.run(with_directory(settings, report))
 
 
 async def reach_gateway(settings: Settings) -> tuple[bool, str]:
@@ -348,6 +422,19 @@ def parser() -> argparse.ArgumentParser:
     for action in (revoke_keys, teams):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     teams.set_defaults(run=teams_command)
+
+    usage = commands.add_parser("usage", help="usage and cost from the ledger, grouped and filtered")
+    usage.add_argument("--team", help="only this team")
+    usage.add_argument("--key", metavar="KEYID", help="only this key (its id, key_…)")
+    usage.add_argument("--provider", help="only this provider (slug)")
+    usage.add_argument("--model", help="only this model")
+    usage.add_argument("--since", help="7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z (default: 30 days to today)")
+    usage.add_argument("--until", help="excluded, same forms (default: the end of today, UTC)")
+    usage.add_argument("--by", help="comma-separated: hour, day, team, key, provider, model (default: day)")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    output.add_argument("--csv", action="store_true", help="CSV, costs in dollars")
+    usage.set_defaults(run=usage_command)
 
     check = commands.add_parser("check", help="validate settings, reach the store and Cloudflare AI Gateway")
     check.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")

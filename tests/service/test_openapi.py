@@ -3,8 +3,10 @@ documented response produced (and shaped as documented)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,8 @@ from starlette.routing import Route
 
 from config import Settings
 from service.app import create_app
+from service.core.ledger import LedgerRow
+from service.core.store import SQLiteStore
 from service.status import OPENAPI
 from tests.postgres import TcpProxy
 from tests.support import ADMIN_KEY, GatewayProcess, wait_until
@@ -35,7 +39,12 @@ def documented() -> set[tuple[str, str, str]]:
 def test_every_route_of_the_app_is_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     app = create_app(Settings(database_path=tmp_path / "g.db"))
-    names = {"{api_key}": "{apiKey}", "{key_id}": "{keyId}", "{team_id:path}": "{teamId}"}
+    names = {
+        "{api_key}": "{apiKey}",
+        "{key_id}": "{keyId}",
+        "{team_id:path}": "{teamId}",
+        "{request_id}": "{requestId}",
+    }
 
     def documented_path(path: str) -> str:
         for name, shown in names.items():
@@ -58,12 +67,66 @@ def check(response: httpx.Response, path: str, method: str, produced: set[tuple[
     operation = SPEC["paths"][path][method.lower()]
     assert status in operation["responses"], f"{method} {path} answered an undocumented {status}"
     content = operation["responses"][status].get("content", {})
-    if "application/json" in content:
+    media_type = response.headers.get("content-type", "").split(";")[0]
+    if media_type == "text/csv":
+        assert "text/csv" in content, f"{method} {path} answered undocumented CSV"
+    elif "application/json" in content:
         schema = {**content["application/json"]["schema"], "components": SPEC["components"]}
         jsonschema.validate(response.json(), schema)
     elif not content:
         assert response.content == b""
     produced.add((path, method, status))
+
+
+def check_usage(gateway: GatewayProcess, produced: set[tuple[str, str, str]]) -> None:
+    """The usage routes, over ledger rows written through the store on the gateway's database."""
+    url = gateway.url
+    issued = httpx.post(f"{url}/tokens", json={"teamId": "team_doc_usage"}, headers=ADMIN).json()
+    row = LedgerRow(
+        request_id="req_doc_1",
+        client_request_id="client-doc",
+        at="2026-11-02T10:00:00.000Z",
+        team_id="team_doc_usage",
+        key_id=issued["keyId"],
+        provider="openai",
+        model="gpt-4o",
+        status=200,
+        input_tokens=1000,
+        output_tokens=300,
+        cache_read_tokens=None,
+        cache_write_tokens=None,
+        reasoning_tokens=None,
+        cost_micro_usd=5000,
+        duration_ms=810.5,
+        ttfb_ms=120.25,
+        complete=True,
+    )
+
+    async def record() -> None:
+        store = SQLiteStore(Path(gateway.env["DATABASE_URL"].removeprefix("sqlite:///")))
+        await store.open()
+        try:
+            await store.record_usage([row, replace(row, request_id="req_doc_2", model=None, cost_micro_usd=None)])
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+    window = {"from": "2026-11-01", "to": "2026-11-03T00:00:00Z"}
+    for query in ({**window, "groupBy": "hour,team,key,provider,model"}, {**window, "format": "csv"}, {}):
+        check(httpx.get(f"{url}/usage", params=query, headers=ADMIN), "/usage", "GET", produced)
+    check(httpx.get(f"{url}/usage", params={"groupBy": "week"}, headers=ADMIN), "/usage", "GET", produced)
+    check(httpx.get(f"{url}/usage"), "/usage", "GET", produced)
+    path = "/usage/requests/{requestId}"
+    check(httpx.get(f"{url}/usage/requests/req_doc_1", headers=ADMIN), path, "GET", produced)
+    check(httpx.get(f"{url}/usage/requests/req_doc_2", headers=ADMIN), path, "GET", produced)
+    check(httpx.get(f"{url}/usage/requests/req_doc_1"), path, "GET", produced)
+    check(httpx.get(f"{url}/usage/requests/req_nope", headers=ADMIN), path, "GET", produced)
+    path = "/tokens/{apiKey}/usage"
+    own = httpx.get(f"{url}/tokens/{issued['apiKey']}/usage", params=window)
+    assert own.json()["totals"]["requests"] == 2
+    check(own, path, "GET", produced)
+    check(httpx.get(f"{url}/tokens/{issued['apiKey']}/usage", params={"from": "2026-11-31"}), path, "GET", produced)
+    check(httpx.get(f"{url}/tokens/sk_nope/usage"), path, "GET", produced)
 
 
 def test_every_documented_response_is_produced(
@@ -103,6 +166,7 @@ def test_every_documented_response_is_produced(
     check(httpx.delete(f"{url}/tokens/{new_key}"), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
+    check_usage(gateway, produced)
     check(httpx.get(f"{url}/healthz"), "/healthz", "GET", produced)
     check(httpx.get(f"{url}/readyz"), "/readyz", "GET", produced)
     check(httpx.get(f"{url}/metrics"), "/metrics", "GET", produced)
@@ -114,6 +178,7 @@ def test_every_documented_response_is_produced(
     no_admin = make_gateway(ADMIN_API_KEY="", SELF_SERVICE_ROTATION="false")
     check(httpx.post(f"{no_admin.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
     check(httpx.get(f"{no_admin.url}/metrics"), "/metrics", "GET", produced)
+    check(httpx.get(f"{no_admin.url}/usage", headers=ADMIN), "/usage", "GET", produced)
     refresh = f"/tokens/sk_{'0' * 64}/refresh"
     check(httpx.post(no_admin.url + refresh), "/tokens/{apiKey}/refresh", "POST", produced)
     admin_rotation = make_gateway(SELF_SERVICE_ROTATION="false")
@@ -124,6 +189,7 @@ def test_every_documented_response_is_produced(
     wait_until(lambda: httpx.get(f"{outage.url}/readyz").status_code == 503, 10, "the outage noticed")
     check(httpx.post(f"{outage.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)
     check(httpx.get(f"{outage.url}/readyz"), "/readyz", "GET", produced)
+    check(httpx.get(f"{outage.url}/usage", headers=ADMIN), "/usage", "GET", produced)
     pg_proxy.up()
 
     assert produced == documented()

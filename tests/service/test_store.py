@@ -4,8 +4,11 @@ cache in front of them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
@@ -14,8 +17,9 @@ import pytest
 from yarl import URL
 
 from service.core import keys
+from service.core.ledger import Ledger, LedgerRow
 from service.core.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
-from service.core.store.base import MAX_MESSAGE, unavailable_on
+from service.core.store.base import MAX_MESSAGE, prune_old_usage, retention_start, unavailable_on
 from service.core.store.migrations import CREATE_TABLE, migrations
 from service.core.store.postgres import PostgresStore
 from service.core.teams import UNKNOWN, TeamDirectory
@@ -115,7 +119,13 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
             rows = await cur.fetchall()
         async with probe.db.execute("SELECT count(*) FROM gateway_state") as cur:
             state = (await cur.fetchone())[0]  # type: ignore[index]
-    assert [tuple(row) for row in rows] == [(1, "tokens"), (2, "change_counter"), (3, "listing"), (4, "key_ids")]
+    assert [tuple(row) for row in rows] == [
+        (1, "tokens"),
+        (2, "change_counter"),
+        (3, "listing"),
+        (4, "key_ids"),
+        (5, "usage_ledger"),
+    ]
     assert state == 1
     await probe.close()
 
@@ -498,3 +508,259 @@ async def test_a_sqlite_write_waiting_for_the_lock_holds_up_no_read(tmp_path: Pa
     finally:
         other.close()
         await store.close()
+
+
+def usage(n: int, at: str = "2026-11-02T10:15:00.000Z", **fields: object) -> LedgerRow:
+    """A ledger row for request ``n``: priced, every count known, unless ``fields`` say otherwise."""
+    row = LedgerRow(
+        request_id=f"req_{n:08d}",
+        client_request_id=None,
+        at=at,
+        team_id="team_1",
+        key_id="key_aaaaaaaaaaaaaaaa",
+        provider="openai",
+        model="gpt-4o",
+        status=200,
+        input_tokens=100 + n,
+        output_tokens=20 + n,
+        cache_read_tokens=n,
+        cache_write_tokens=0,
+        reasoning_tokens=None,
+        cost_micro_usd=1_000 + n,
+        duration_ms=12.5,
+        ttfb_ms=3.25,
+        complete=True,
+    )
+    return dataclasses.replace(row, **fields)  # type: ignore[arg-type]
+
+
+SUMS = {
+    "inputTokens": "input_tokens",
+    "outputTokens": "output_tokens",
+    "cacheReadTokens": "cache_read_tokens",
+    "cacheWriteTokens": "cache_write_tokens",
+    "reasoningTokens": "reasoning_tokens",
+}
+GROUP_OF = {
+    "hour": lambda row: row.at[:13] + ":00:00Z",
+    "day": lambda row: row.at[:10],
+    "team": lambda row: row.team_id,
+    "key": lambda row: row.key_id,
+    "provider": lambda row: row.provider,
+    "model": lambda row: row.model,
+}
+FIELD = {"hour": "hour", "day": "day", "team": "teamId", "key": "keyId", "provider": "provider", "model": "model"}
+
+
+def expected_report(
+    rows: Sequence[LedgerRow], start: str, end: str, group_by: Sequence[str], filters: dict[str, str] | None = None
+) -> list[dict[str, object]]:
+    """The report worked out in Python from the rows themselves."""
+    groups: dict[tuple[object, ...], list[LedgerRow]] = {}
+    for row in rows:
+        if start <= row.at < end and all(getattr(row, name) == value for name, value in (filters or {}).items()):
+            groups.setdefault(tuple(GROUP_OF[name](row) for name in group_by), []).append(row)
+    report = []
+    for key in sorted(groups, key=lambda k: tuple("" if v is None else str(v) for v in k)):
+        members = groups[key]
+        priced = [row.cost_micro_usd for row in members if row.cost_micro_usd is not None]
+        entry: dict[str, object] = {FIELD[name]: value for name, value in zip(group_by, key, strict=True)}
+        entry["requests"] = len(members)
+        for field, column in SUMS.items():
+            entry[field] = sum(getattr(row, column) or 0 for row in members)
+        entry["costMicroUsd"] = sum(priced) if priced else None
+        entry["unpricedRequests"] = len(members) - len(priced)
+        report.append(entry)
+    return report
+
+
+def mixed_rows() -> list[LedgerRow]:
+    """Rows over three days and several hours, two teams, three keys, three providers, four models
+    (one missing), some unpriced, some without counts."""
+    rows = []
+    teams = [("team_1", "key_aaaaaaaaaaaaaaaa"), ("team_1", "key_bbbbbbbbbbbbbbbb"), ("team_2", "key_cccccccccccccccc")]
+    models = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"), ("acme", None)]
+    for n in range(60):
+        team_id, key_id = teams[n % 3]
+        provider, model = models[n % 4]
+        at = f"2026-11-0{1 + n % 3}T{(n * 7) % 24:02d}:{n % 60:02d}:00.{n:03d}Z"
+        cost = None if model is None or n % 5 == 0 else 1_000 * n + 7
+        counts = {"input_tokens": None, "output_tokens": None} if n % 11 == 0 else {}
+        rows.append(
+            usage(n, at, team_id=team_id, key_id=key_id, provider=provider, model=model, cost_micro_usd=cost, **counts)
+        )
+    return rows
+
+
+async def test_usage_rows_are_recorded_whole_and_read_back(location: str) -> None:
+    store = await open_store(location)
+    row = usage(1, client_request_id="client-42", reasoning_tokens=7, ttfb_ms=None, complete=False, status=502)
+    unpriced = usage(2, model=None, cost_micro_usd=None, input_tokens=None, output_tokens=None)
+    await store.record_usage([row, unpriced])
+    assert await store.usage_request(row.request_id) == row
+    assert await store.usage_request(unpriced.request_id) == unpriced
+    assert await store.usage_request("req_unknown") is None
+    await store.record_usage([])  # nothing to do, no error
+    await store.close()
+
+
+async def test_a_request_recorded_twice_counts_once(location: str) -> None:
+    store = await open_store(location)
+    a, b, c, d = (usage(n) for n in range(4))
+    await store.record_usage([a, b])
+    await store.record_usage([b, c])  # a batch written again after its commit went unacknowledged
+    await store.record_usage([d, dataclasses.replace(d, cost_micro_usd=10**9), d])  # one id twice in a batch
+    expected = expected_report([a, b, c, d], "2026-11-02", "2026-11-03", ["day"])
+    assert expected[0]["requests"] == 4
+    assert await store.usage_report("2026-11-02", "2026-11-03", ["day"], {}) == expected  # the daily totals
+    ledger = await store.usage_report("2026-11-02T00:00:00.000Z", "2026-11-02T23:00:00.000Z", ["day"], {})
+    assert ledger == expected  # the ledger rows
+    assert await store.usage_request(d.request_id) == d  # the first of the batch's twins
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "group_by",
+    [
+        [],
+        ["day"],
+        ["hour"],
+        ["team"],
+        ["key"],
+        ["provider"],
+        ["model"],
+        ["day", "model"],
+        ["model", "day"],
+        ["team", "provider", "model"],
+        ["hour", "key"],
+        ["day", "team", "key", "provider", "model"],
+    ],
+)
+async def test_reports_group_by_each_field_and_their_combinations(location: str, group_by: list[str]) -> None:
+    store = await open_store(location)
+    rows = mixed_rows()
+    for first in range(0, len(rows), 7):
+        await store.record_usage(rows[first : first + 7])
+    # whole days (the daily totals, unless by hour), then times inside them (the ledger)
+    for start, end in (("2026-11-01", "2026-11-04"), ("2026-11-01T05:00:00.000Z", "2026-11-03T17:30:00.000Z")):
+        bounds = (start if "T" in start else start + "T00:00:00.000Z", end if "T" in end else end + "T00:00:00.000Z")
+        assert await store.usage_report(start, end, group_by, {}) == expected_report(rows, *bounds, group_by)
+    await store.close()
+
+
+async def test_reports_filter_on_team_key_provider_and_model(location: str) -> None:
+    store = await open_store(location)
+    rows = mixed_rows()
+    await store.record_usage(rows)
+    cases: list[dict[str, str]] = [
+        {"team_id": "team_2"},
+        {"key_id": "key_bbbbbbbbbbbbbbbb"},
+        {"provider": "openai"},
+        {"model": "gpt-4o-mini"},
+        {"team_id": "team_1", "provider": "anthropic"},
+        {"team_id": "team_1", "key_id": "key_cccccccccccccccc"},  # another team's key: nothing
+        {"model": "no-such-model"},
+    ]
+    for filters in cases:
+        for start in ("2026-11-01", "2026-11-01T00:00:00.001Z"):
+            for group_by in (["day", "model"], ["team"], []):
+                report = await store.usage_report(start, "2026-11-04", group_by, filters)
+                assert report == expected_report(rows, start, "2026-11-04", group_by, filters), (filters, group_by)
+    await store.close()
+
+
+async def test_unpriced_requests_give_no_cost_and_are_counted(location: str) -> None:
+    store = await open_store(location)
+    await store.record_usage(
+        [
+            usage(1, model="free-model", cost_micro_usd=None),
+            usage(2, model="free-model", cost_micro_usd=None),
+            usage(3, model="gpt-4o", cost_micro_usd=1_234),
+            usage(4, model="gpt-4o", cost_micro_usd=None),
+            usage(5, model="gpt-4o", cost_micro_usd=0),  # priced, and free: 0, not unpriced
+        ]
+    )
+    for start in ("2026-11-02", "2026-11-02T00:00:00.000Z", "2026-11-02T10:00:00.000Z"):
+        report = await store.usage_report(start, "2026-11-03", ["model"], {})
+        by_model = {row["model"]: (row["costMicroUsd"], row["unpricedRequests"], row["requests"]) for row in report}
+        assert by_model == {"free-model": (None, 2, 2), "gpt-4o": (1_234, 1, 3)}
+    await store.close()
+
+
+async def test_sums_of_many_rows_are_exact(location: str) -> None:
+    store = await open_store(location)
+    rows = [
+        usage(n, f"2026-11-02T{n % 24:02d}:00:00.000Z", cost_micro_usd=987_654_321_001 + n, input_tokens=3_000_000_000)
+        for n in range(2_400)
+    ]
+    await store.record_usage(rows)  # more rows than one SQLite statement takes
+    total_cost = sum(row.cost_micro_usd or 0 for row in rows)
+    for start in ("2026-11-02", "2026-11-02T00:00:00.000Z"):
+        for group_by in ([], ["hour"]):
+            if group_by == ["hour"] and "T" not in start:
+                continue
+            report = await store.usage_report(start, "2026-11-03", group_by, {})
+            assert sum(row["costMicroUsd"] for row in report) == total_cost  # type: ignore[misc]
+            assert sum(row["inputTokens"] for row in report) == 2_400 * 3_000_000_000  # type: ignore[misc]
+            assert sum(row["requests"] for row in report) == 2_400  # type: ignore[misc]
+    await store.close()
+
+
+async def test_pruning_keeps_the_daily_totals(location: str) -> None:
+    store = await open_store(location)
+    rows = mixed_rows()
+    await store.record_usage(rows)
+    old = [row for row in rows if row.at < "2026-11-02"]
+    assert await store.prune_usage("2026-11-02") == len(old)
+    assert await store.prune_usage("2026-11-02T00:00:00.000Z") == 0
+    assert await store.usage_request(old[0].request_id) is None
+    kept = [row for row in rows if row.at >= "2026-11-02"]
+    assert await store.usage_request(kept[0].request_id) == kept[0]
+    # whole days: the daily totals, pruned days included; hours or parts of days: the ledger left
+    assert await store.usage_report("2026-11-01", "2026-11-04", ["day", "model"], {}) == expected_report(
+        rows, "2026-11-01", "2026-11-04", ["day", "model"]
+    )
+    assert await store.usage_report("2026-11-01", "2026-11-04", ["hour"], {}) == expected_report(
+        kept, "2026-11-01", "2026-11-04", ["hour"]
+    )
+    await store.close()
+
+
+async def test_prune_old_usage_keeps_whole_days_of_the_retention(location: str) -> None:
+    assert retention_start(90, datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == "2026-10-02T00:00:00.000Z"
+    store = await open_store(location)
+    today = datetime.now(UTC).date().isoformat()
+    recent = usage(1, today + "T00:00:00.000Z")
+    await store.record_usage([usage(2, "2020-01-01T12:00:00.000Z"), recent])
+    assert await prune_old_usage(store, 1) == 1
+    assert await store.usage_request(recent.request_id) == recent
+    await store.close()
+
+
+async def test_reports_refuse_unknown_groups_filters_and_bounds(location: str) -> None:
+    store = await open_store(location)
+    with pytest.raises(ValueError, match="'week'"):
+        await store.usage_report("2026-11-01", "2026-11-02", ["day", "week"], {})
+    with pytest.raises(ValueError, match="'digest'"):
+        await store.usage_report("2026-11-01", "2026-11-02", [], {"digest": "x"})
+    fullwidth = "\uff12\uff10\uff12\uff16-11-01"
+    for bad in ("2026-11-01T00:00:00Z", "2026-11-01 00:00", fullwidth, "'; DROP TABLE tokens; --"):
+        with pytest.raises(ValueError):
+            await store.usage_report(bad, "2026-11-02", [], {})
+        with pytest.raises(ValueError):
+            await store.prune_usage(bad)
+    await store.close()
+
+
+async def test_the_ledger_writes_through_the_store(location: str) -> None:
+    store = await open_store(location)
+    ledger = Ledger(store, flush_seconds=0.01, batch=3)
+    rows = mixed_rows()[:10]
+    for row in rows:
+        ledger.record(row)
+    await ledger.stop()  # writes everything still queued
+    assert ledger.written == 10 and not ledger.queue
+    assert await store.usage_report("2026-11-01", "2026-11-04", [], {}) == expected_report(
+        rows, "2026-11-01", "2026-11-04", []
+    )
+    await store.close()

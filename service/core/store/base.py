@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # service.core.ledger imports this module: the row class is for annotations only
+    from service.core.ledger import LedgerRow
+    from service.core.store.usage import ReportRows
 
 
 def utc_timestamp() -> str:
@@ -127,3 +131,40 @@ class TokenStore(Protocol):
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
         """Call ``on_change(digest)`` as other processes change keys (``None``: anything may have
         changed), where the database can tell; a no-op where it cannot."""
+
+    async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+        """Insert usage ledger rows and add them to the daily totals, in one transaction. A request
+        id already recorded (a batch written again after its commit went unacknowledged) is skipped
+        and adds nothing to the totals."""
+
+    async def prune_usage(self, before: str) -> int:
+        """Delete ledger rows from before ``before`` (a date or ``2026-11-01T00:00:00.000Z``); how
+        many. The daily totals are kept."""
+
+    async def usage_request(self, request_id: str) -> LedgerRow | None:
+        """One request's ledger row, or ``None`` (unknown, or pruned)."""
+
+    async def usage_report(
+        self, start: str, end: str, group_by: Sequence[str], filters: Mapping[str, str]
+    ) -> ReportRows:
+        """Usage from ``start`` (included) to ``end`` (excluded), dates or ``…T12:00:00.000Z`` times,
+        grouped by any of ``hour``, ``day``, ``team``, ``key``, ``provider``, ``model`` and filtered on
+        ``team_id``, ``key_id``, ``provider``, ``model`` (anything else: ``ValueError``). Each row has
+        its group fields (``hour``, ``day``, ``teamId``, ``keyId``, ``provider``, ``model``) and
+        ``requests``, ``inputTokens``, ``outputTokens``, ``cacheReadTokens``, ``cacheWriteTokens``,
+        ``reasoningTokens``, ``costMicroUsd`` (``None`` when no request of the row was priced) and
+        ``unpricedRequests``. Whole days without ``hour`` are read from the daily totals, which
+        outlive the ledger's retention; anything else from the ledger rows."""
+
+
+def retention_start(retention_days: int, now: datetime | None = None) -> str:
+    """The first time usage ledger rows are kept for: midnight UTC ``retention_days`` days before
+    today (the ledger then always holds whole days)."""
+    today = (now or datetime.now(UTC)).astimezone(UTC).date()
+    return (today - timedelta(days=retention_days)).isoformat() + "T00:00:00.000Z"
+
+
+async def prune_old_usage(store: TokenStore, retention_days: int) -> int:
+    """Delete the usage ledger rows older than ``retention_days`` (``USAGE_RETENTION_DAYS``) whole
+    UTC days; how many. The daily totals stay. Meant to be called about once a day."""
+    return await store.prune_usage(retention_start(retention_days))

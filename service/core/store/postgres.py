@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
@@ -20,6 +20,24 @@ import structlog
 
 from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
 from service.core.store.migrations import Dialect, ParamStyle, migrate
+from service.core.store.usage import (
+    INSERT_LEDGER_POSTGRES,
+    LEDGER_COLUMNS,
+    PRUNE,
+    SELECT_REQUEST,
+    ReportRows,
+    bound,
+    daily_totals,
+    ledger_params,
+    ledger_row,
+    report_query,
+    report_rows,
+    unique,
+    upsert_daily,
+)
+
+if TYPE_CHECKING:
+    from service.core.ledger import LedgerRow
 
 log = structlog.get_logger("gateway.store")
 
@@ -206,6 +224,37 @@ class PostgresStore:
             await self.pool.executemany(
                 "UPDATE tokens SET last_used_at = $1 WHERE digest = $2", [(at, digest) for digest, at in used.items()]
             )
+
+    async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+        """One transaction: the new rows in one statement (one array per column; a request id
+        already recorded is skipped), then the daily totals of exactly the rows it inserted, in a
+        fixed order, so replicas adding to the same totals at once never deadlock."""
+        batch = unique(rows)
+        if not batch:
+            return
+        columns = [list(values) for values in zip(*(ledger_params(row) for row in batch), strict=True)]
+        assert len(columns) == len(LEDGER_COLUMNS)
+        with self._unavailable:
+            async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+                inserted = {str(row[0]) for row in await conn.fetch(INSERT_LEDGER_POSTGRES, *columns)}
+                totals = daily_totals([row for row in batch if row.request_id in inserted])
+                if totals:
+                    await conn.executemany(upsert_daily("numeric"), totals)
+
+    async def prune_usage(self, before: str) -> int:
+        with self._unavailable:
+            status = await self.pool.execute(PRUNE["numeric"], bound(before), timeout=self.timeout)
+        return int(str(status).rsplit(" ", 1)[-1])  # "DELETE 42"
+
+    async def usage_request(self, request_id: str) -> LedgerRow | None:
+        row = await self._fetchrow(SELECT_REQUEST["numeric"], request_id)
+        return ledger_row(row) if row else None
+
+    async def usage_report(
+        self, start: str, end: str, group_by: Sequence[str], filters: Mapping[str, str]
+    ) -> ReportRows:
+        report = report_query("numeric", start, end, group_by, filters)
+        return report_rows(report, await self._fetch(report.sql, *report.params))
 
     async def change_marker(self) -> int:
         row = await self._fetchrow("SELECT version FROM gateway_state WHERE id = 1")

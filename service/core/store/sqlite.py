@@ -16,14 +16,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
 from service.core.store.migrations import Dialect, ParamStyle, migrate
+from service.core.store.usage import (
+    INSERT_CHUNK,
+    PRUNE,
+    SELECT_REQUEST,
+    ReportRows,
+    bound,
+    daily_totals,
+    insert_ledger_sqlite,
+    ledger_params,
+    ledger_row,
+    report_query,
+    report_rows,
+    unique,
+    upsert_daily,
+)
+
+if TYPE_CHECKING:
+    from service.core.ledger import LedgerRow
 
 RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
 BUSY_TIMEOUT_SECONDS = 10.0
@@ -214,3 +232,35 @@ class SQLiteStore:
     async def change_marker(self) -> int:
         row = await self._read_one("SELECT version FROM gateway_state WHERE id = 1")
         return int(row[0]) if row else 0
+
+    async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+        """One transaction on the writing connection: the new rows (a request id already recorded
+        is skipped), then the daily totals of exactly the rows inserted."""
+        batch = unique(rows)
+        if not batch:
+            return
+        with unavailable:
+            async with self._transaction() as db:
+                inserted: set[str] = set()
+                for at in range(0, len(batch), INSERT_CHUNK):
+                    chunk = batch[at : at + INSERT_CHUNK]
+                    params = tuple(value for row in chunk for value in ledger_params(row))
+                    async with db.execute(insert_ledger_sqlite(len(chunk)), params) as cur:
+                        inserted.update(str(row[0]) for row in await cur.fetchall())
+                totals = daily_totals([row for row in batch if row.request_id in inserted])
+                await db.executemany(upsert_daily("qmark"), totals)
+
+    async def prune_usage(self, before: str) -> int:
+        with unavailable:
+            async with self._transaction() as db, db.execute(PRUNE["qmark"], (bound(before),)) as cur:
+                return int(cur.rowcount)
+
+    async def usage_request(self, request_id: str) -> LedgerRow | None:
+        row = await self._read_one(SELECT_REQUEST["qmark"], (request_id,))
+        return ledger_row(row) if row else None
+
+    async def usage_report(
+        self, start: str, end: str, group_by: Sequence[str], filters: Mapping[str, str]
+    ) -> ReportRows:
+        report = report_query("qmark", start, end, group_by, filters)
+        return report_rows(report, await self._read_all(report.sql, report.params))
