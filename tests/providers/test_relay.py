@@ -193,10 +193,13 @@ def test_an_event_stream_cut_by_the_upstream_ends_with_the_providers_error_event
 def test_sdks_raise_on_a_stream_cut_by_the_upstream(gateway: GatewayProcess, team_key: str) -> None:
     client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=team_key, max_retries=0)
     received = []
-    with pytest.raises(openai.APIError) as raised:
-        for chunk in client.chat.completions.create(
+    with (
+        pytest.raises(openai.APIError) as raised,
+        client.chat.completions.create(
             model="mock-cut", messages=[{"role": "user", "content": "hi"}], stream=True
-        ):
+        ) as stream,  # closed on the way out: no connection left for the garbage collector
+    ):
+        for chunk in stream:
             received.append(chunk.choices[0].delta.content)
     assert received == ["Hello", " from", " the", " mock"]
     assert "ended before" in raised.value.message
@@ -226,10 +229,13 @@ def test_stream_idle_timeout_ends_a_silent_stream(make_gateway, upstream: MockUp
     wait_until(lambda: len(upstream.events) > before, 5, "the upstream call being closed")
 
     client = openai.OpenAI(base_url=f"{gw.url}/openai/v1", api_key=key, max_retries=0)
-    with pytest.raises(openai.APIError):
-        for _ in client.chat.completions.create(
+    with (
+        pytest.raises(openai.APIError),
+        client.chat.completions.create(
             model="mock-stall", messages=[{"role": "user", "content": "hi"}], stream=True
-        ):
+        ) as stalled,
+    ):
+        for _ in stalled:
             pass
     # streams that keep talking, however slowly overall, are not cut
     with httpx.stream("GET", f"{gw.url}/openai/_mock/sse?n=4&interval=0.3", headers=auth(key)) as stream:
