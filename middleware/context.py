@@ -32,14 +32,15 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 UNEXPECTED = GatewayError("The gateway failed to handle this request.")
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+def _client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's own ``x-request-id`` when it is sane (recorded beside ours, never instead)."""
     for name, value in headers:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
             if _SANE_REQUEST_ID.fullmatch(candidate) and mask_keys(candidate) == candidate:
                 return candidate
             break
-    return os.urandom(12).hex()
+    return None
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
@@ -97,7 +98,8 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        info = RequestInfo(_request_id(scope["headers"]), started)
+        info = RequestInfo(os.urandom(12).hex(), started)  # always the gateway's own, unique
+        info.client_request_id = _client_request_id(scope["headers"])
         info.wall_started = time.time()
         scope[SCOPE_KEY] = info
         id_header = (b"x-gateway-request-id", info.request_id.encode())
@@ -163,6 +165,7 @@ class RequestContext:
                     {
                         "event": "request",
                         "request_id": info.request_id,
+                        "client_request_id": info.client_request_id,
                         "method": scope["method"],
                         "path": _logged_path(scope["path"]),
                         "status": info.status or 499,

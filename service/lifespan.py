@@ -4,6 +4,7 @@ lifespan state (``scope["state"]``)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import sys
@@ -17,13 +18,16 @@ from starlette.applications import Starlette
 
 from config import Settings
 from middleware.key_guard import UnknownKeyGuard
+from service.core.ledger import Ledger
 from service.core.metrics import Metrics
-from service.core.store import StoreUnavailableError, store_for
+from service.core.store import StoreUnavailableError, TokenStore, store_for
+from service.core.store.base import prune_old_usage
 from service.core.teams import TeamDirectory
 
 log = structlog.get_logger("gateway")
 
 GC_YOUNG_THRESHOLD = 20_000
+PRUNE_EVERY_SECONDS = 24 * 3600
 STARTUP_FAILURE = 3  # uvicorn's supervisor stops instead of restarting a worker that exits with it
 
 
@@ -77,13 +81,23 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         metrics.degraded_probe = lambda: teams.degraded
         await metrics.start()
         metrics_server = await serve_metrics(metrics, settings.metrics_port) if settings.metrics_port else None
+        ledger = Ledger(store) if settings.usage_metering else None
+        pruning = None
+        if ledger is not None:
+            await ledger.start()
+            pruning = asyncio.create_task(prune_daily(store, settings.usage_retention_days), name="usage-prune")
         tune_gc()
         try:
             guard = UnknownKeyGuard(settings.unknown_key_limit, settings.trusted_proxies)
-            yield {"http": session, "teams": teams, "store": store, "metrics": metrics, "guard": guard}
+            state = {"http": session, "teams": teams, "store": store, "metrics": metrics, "guard": guard}
+            yield {**state, "ledger": ledger}
         finally:
             if metrics_server is not None:
                 await metrics_server.cleanup()
+            if pruning is not None:
+                pruning.cancel()
+            if ledger is not None:
+                await ledger.stop()  # after the last request: every row is written before the store closes
             await teams.stop()
             await session.close()
             await store.close()
@@ -91,6 +105,18 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
             log.info("gateway_stopped")
 
     return lifespan
+
+
+async def prune_daily(store: TokenStore, retention_days: int) -> None:
+    """Delete ledger rows past ``USAGE_RETENTION_DAYS`` (daily totals stay), at start and daily."""
+    while True:
+        try:
+            pruned = await prune_old_usage(store, retention_days)
+            if pruned:
+                log.info("usage_pruned", rows=pruned, retention_days=retention_days)
+        except StoreUnavailableError as exc:
+            log.warning("usage_prune_failed", error=str(exc))
+        await asyncio.sleep(PRUNE_EVERY_SECONDS)
 
 
 async def serve_metrics(metrics: Metrics, port: int) -> Any:

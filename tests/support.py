@@ -120,7 +120,8 @@ class GatewayProcess:
             found.extend(
                 line
                 for line in self.log_lines()
-                if line.get("event") == "request" and line.get("request_id") == request_id
+                if line.get("event") == "request"
+                and request_id in (line.get("request_id"), line.get("client_request_id"))
             )
             return bool(found)
 
