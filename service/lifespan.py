@@ -85,6 +85,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         pruning = None
         if ledger is not None:
             await ledger.start()
+            metrics.dropped_probe = lambda: ledger.dropped
             pruning = asyncio.create_task(prune_daily(store, settings.usage_retention_days), name="usage-prune")
         tune_gc()
         try:

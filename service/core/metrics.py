@@ -186,6 +186,7 @@ class Totals:
         self.tokens: dict[tuple[str, ...], int] = defaultdict(int)
         self.cost: dict[tuple[str, ...], int] = defaultdict(int)
         self.unpriced: dict[tuple[str, ...], int] = defaultdict(int)
+        self.usage_rows_dropped = 0
         self.histograms: dict[str, dict[str, tuple[list[int], float]]] = {name: {} for name in HISTOGRAMS}
         self.streams = 0
         self.degraded = 0
@@ -197,6 +198,7 @@ class Totals:
             self.upstream_errors[(provider, kind)] += count
         for result, count in document.get("auth_cache", {}).items():
             self.auth_cache[result] += count
+        self.usage_rows_dropped += document.get("usage_rows_dropped", 0)
         for name in ("tokens", "cost", "unpriced"):
             mine = getattr(self, name)
             for *labels, count in document.get(name, ()):
@@ -280,7 +282,12 @@ class Totals:
         )
         for labels, count in self.unpriced.items():
             unpriced.add_metric(_fit(labels, 2 + len(extra)), count)
-        yield from (family for family in (tokens, cost, unpriced) if family.samples)  # none before metering
+        dropped = CounterMetricFamily(
+            "gateway_usage_rows_dropped", "Usage ledger rows dropped because the write queue was full"
+        )
+        dropped.add_metric([], self.usage_rows_dropped)
+        families = (tokens, cost, unpriced) + ((dropped,) if self.usage_rows_dropped else ())
+        yield from (family for family in families if family.samples)  # none before metering
 
 
 def _fit(labels: tuple[str, ...], size: int) -> list[str]:
@@ -344,6 +351,8 @@ class Metrics:
         self.cache_misses = 0
         self.streams = InFlight()
         self.degraded_probe: Callable[[], bool] = lambda: False
+        self.dropped_probe: Callable[[], int] = lambda: 0
+        """Usage ledger rows dropped by this worker (a full queue), read when publishing."""
         self._task: asyncio.Task[None] | None = None
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self))
@@ -396,6 +405,7 @@ class Metrics:
             "tokens": [[*labels, count] for labels, count in self._tokens.items()],
             "cost": [[*labels, micro] for labels, micro in self._cost.items()],
             "unpriced": [[*labels, count] for labels, count in self._unpriced.items()],
+            "usage_rows_dropped": self.dropped_probe(),
             "histograms": {
                 "duration": {p: (r.duration, r.duration_sum) for p, r in self._rows.items()},
                 "ttfb": {p: (r.ttfb, r.ttfb_sum) for p, r in self._rows.items()},

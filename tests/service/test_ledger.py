@@ -4,6 +4,7 @@ within seconds; concurrency, a SIGTERM under load and a full queue lose nothing 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from providers.prices import load_prices
 from service.core.ledger import Ledger, LedgerRow
+from service.core.metrics import Metrics
 from service.core.store import SQLiteStore
 from service.mock_upstream import MOCK_STREAM_USAGE, MockUpstream
 from tests.support import ADMIN_KEY, GatewayProcess, wait_until
@@ -104,7 +106,7 @@ async def test_a_thousand_concurrent_requests_make_a_thousand_rows(
     gw = make_gateway()
     key = gw.create_key("team_thousand")
     limits = httpx.Limits(max_connections=100)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60, pool=None)) as client:
         responses = await asyncio.gather(
             *(
                 client.post(
@@ -173,6 +175,9 @@ async def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> Non
             )  # fmt: skip
         assert time.perf_counter() - started < 1  # no await, no wait: a list append
         assert ledger.dropped == 7 and len(ledger.queue) == 5
+        metrics = Metrics(tmp_path / "metrics", pid=os.getpid())
+        metrics.dropped_probe = lambda: ledger.dropped
+        assert b"gateway_usage_rows_dropped_total 7.0" in metrics.exposition()[0]
         await ledger.stop()  # what was queued is written
         assert ledger.written == 5
         written = [await store.usage_request(f"req-{n}") for n in range(12)]
