@@ -76,9 +76,15 @@ def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: floa
     )
 
 
+_second = [0, ""]
+
+
 def _utc_iso(seconds: float) -> str:
+    """``2026-11-30T14:02:11.482Z``; the part up to the second formatted once per second."""
     whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1000):03d}Z"
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((seconds - whole) * 1000):03d}Z"
 
 
 def _logged_path(path: str) -> str:

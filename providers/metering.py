@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from providers.prices import PriceTable
+from providers.prices import Price, PriceTable
 from providers.usage import Usage
 
 _BODY_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
@@ -47,18 +47,71 @@ def request_model(provider: str, rest: str, body: bytes) -> str | None:
     return None
 
 
+Rates = tuple[int, int, int, int, int]
+_RATES: dict[tuple[int, str, str], tuple[PriceTable, tuple[Price, Rates] | None]] = {}
+"""By (the table's id, provider, model): each entry holds its table, so the id stays its own."""
+_MAX_RATES = 10_000
+_SCALE = 10**6
+
+
+def _rates(prices: PriceTable, provider: str, model: str) -> tuple[Price, Rates] | None:
+    """The price of a model and its rates as whole millionths of a micro-dollar per token, found
+    once per worker (a price in USD per million tokens is exactly micro-dollars per token)."""
+    key = (id(prices), provider, model)
+    cached = _RATES.get(key)
+    if cached is not None:
+        return cached[1]
+    price = prices.price(provider, model)
+    found = None
+    if price is not None:
+        parts = (
+            price.input,
+            price.output,
+            price.input if price.cache_read is None else price.cache_read,
+            price.input if price.cache_write is None else price.cache_write,
+            price.output if price.reasoning is None else price.reasoning,
+        )
+        scaled = tuple(part * _SCALE for part in parts)
+        if all(value == int(value) for value in scaled):  # six decimals or fewer: integers are exact
+            a, b, c, d, e = (int(value) for value in scaled)
+            found = (price, (a, b, c, d, e))
+    if len(_RATES) < _MAX_RATES:
+        _RATES[key] = (prices, found)
+    return found
+
+
 def cost_micro_usd(prices: PriceTable, provider: str, model: str | None, usage: Usage) -> int | None:
     """What ``usage`` costs, exactly, in micro-dollars; ``None`` when unpriced or not known.
 
     ``Usage`` counts every prompt token in ``input_tokens`` and every generated one in
     ``output_tokens`` for every provider; a price states how its provider counts (Anthropic's input
     leaves cache tokens out, Google's output leaves thoughts out), so the counts are put back in the
-    provider's own terms first."""
+    provider's own terms first. Integer arithmetic on rates found once per model gives the same
+    result as ``Price.cost_micro_usd`` (one rounding, half up), which prices with more than six
+    decimals still use."""
     if model is None or (usage.input_tokens is None and usage.output_tokens is None):
         return None
-    price = prices.price(provider, model)
-    if price is None:
-        return None
+    rated = _rates(prices, provider, model)
+    if rated is None:
+        price = prices.price(provider, model)
+        return None if price is None else _decimal_cost(price, usage)
+    price, (per_input, per_output, per_cache_read, per_cache_write, per_reasoning) = rated
+    input_tokens, output_tokens, cache_read, cache_write, reasoning = _in_provider_terms(price, usage)
+    fresh = input_tokens - cache_read - cache_write if price.input_includes_cache else input_tokens
+    answer = output_tokens - reasoning if price.output_includes_reasoning else output_tokens
+    if fresh < 0 or answer < 0:
+        return None  # counts the provider reported inconsistently: unknown, never a guess
+    total = (
+        fresh * per_input
+        + answer * per_output
+        + cache_read * per_cache_read
+        + cache_write * per_cache_write
+        + reasoning * per_reasoning
+    )
+    return (total + _SCALE // 2) // _SCALE
+
+
+def _in_provider_terms(price: Price, usage: Usage) -> tuple[int, int, int, int, int]:
     cache_read = usage.cache_read_tokens or 0
     cache_write = usage.cache_write_tokens or 0
     reasoning = usage.reasoning_tokens or 0
@@ -68,7 +121,11 @@ def cost_micro_usd(prices: PriceTable, provider: str, model: str | None, usage: 
         input_tokens = max(0, input_tokens - cache_read - cache_write)
     if not price.output_includes_reasoning:
         output_tokens = max(0, output_tokens - reasoning)
+    return input_tokens, output_tokens, cache_read, cache_write, reasoning
+
+
+def _decimal_cost(price: Price, usage: Usage) -> int | None:
     try:
-        return price.cost_micro_usd(input_tokens, output_tokens, cache_read, cache_write, reasoning)
+        return price.cost_micro_usd(*_in_provider_terms(price, usage))
     except ValueError:  # counts the provider reported inconsistently: unknown, never a guess
         return None
