@@ -322,7 +322,7 @@ class Relay:
         """What the response used and cost, onto the request's info (the ledger row and the access
         line read it there): the model the upstream named, else the one the request named."""
         assert self.prices is not None
-        info.metered = True
+        info.metered = usage.found  # only what was read counts in the token and cost metrics
         model = usage.model or request_model(self.provider.slug, rest, first_body)
         info.model = model
         info.input_tokens = usage.input_tokens

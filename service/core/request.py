@@ -59,7 +59,7 @@ class RequestInfo:
         self.client_request_id: str | None = None
         """The client's own ``x-request-id``, when it sent one (recorded beside ours)."""
         self.metered = False
-        """The relay read this response's usage (the fields below are what it found)."""
+        """The relay read usage from this response (the fields below are what it found)."""
         self.model: str | None = None
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
