@@ -126,6 +126,8 @@ def test_tokens_cost_and_unpriced_requests_in_metrics(
     auth = {"authorization": f"Bearer {key}"}
     httpx.post(f"{gw.url}/openai/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": []}, headers=auth)
     httpx.post(f"{gw.url}/openai/v1/chat/completions", json={"model": "mystery-model", "messages": []}, headers=auth)
+    failed = httpx.post(f"{gw.url}/openai/_mock/status/500", json={"model": "mystery-model"}, headers=auth)
+    assert failed.status_code == 500  # an upstream error: no usage read, so not an unpriced request either
 
     def scrape() -> str:
         return httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
