@@ -55,13 +55,20 @@ def mask_event(logger: Any, method_name: str, event_dict: MutableMapping[str, An
     return event_dict
 
 
-def iso_timestamp() -> str:
-    """UTC ISO 8601 with microseconds; the part up to the second is formatted once per second."""
-    now = time.time()
-    whole = int(now)
+def utc_iso(seconds: float, *, milliseconds: bool = False) -> str:
+    """A UTC ISO 8601 time, with microseconds (logs) or milliseconds (the API's and the ledger's
+    times); the part up to the second is formatted once per second."""
+    whole = int(seconds)
     if whole != _second[0]:
         _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((now - whole) * 1_000_000):06d}Z"
+    if milliseconds:
+        return f"{_second[1]}.{int((seconds - whole) * 1000):03d}Z"
+    return f"{_second[1]}.{int((seconds - whole) * 1_000_000):06d}Z"
+
+
+def iso_timestamp() -> str:
+    """Now, as log lines show it: UTC ISO 8601 with microseconds."""
+    return utc_iso(time.time())
 
 
 def _json_text(event: Any, **_: Any) -> str:

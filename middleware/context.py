@@ -19,7 +19,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.logging import AccessWriter, mask_keys
+from config.logging import AccessWriter, mask_keys, utc_iso
 from service.core.errors import GatewayError, send_error, store_unavailable
 from service.core.ledger import Ledger, LedgerRow
 from service.core.metrics import Metrics
@@ -58,7 +58,7 @@ def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: floa
     return LedgerRow(
         request_id=info.request_id,
         client_request_id=info.client_request_id,
-        at=_utc_iso(info.wall_started),
+        at=utc_iso(info.wall_started, milliseconds=True),
         team_id=team.team_id,
         key_id=team.key_id,
         provider=info.provider or "",
@@ -74,17 +74,6 @@ def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: floa
         ttfb_ms=ttfb_ms,
         complete=not truncated and info.status != 0,
     )
-
-
-_second = [0, ""]
-
-
-def _utc_iso(seconds: float) -> str:
-    """``2026-11-30T14:02:11.482Z``; the part up to the second formatted once per second."""
-    whole = int(seconds)
-    if whole != _second[0]:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((seconds - whole) * 1000):03d}Z"
 
 
 def _logged_path(path: str) -> str:

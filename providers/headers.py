@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 # Never forwarded up: hop-by-hop headers, the host, the team's credentials, and the headers the
@@ -135,21 +136,32 @@ class HeaderPolicy:
         return out
 
 
-def down(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The upstream's response headers to pass on, and whether the body is an event stream (which
-    is sent chunked, so that one cut short can still end with an error event)."""
+class Down(NamedTuple):
+    headers: list[tuple[bytes, bytes]]
+    stream: bool
+    """The body is an event stream (sent chunked, so that one cut short can still end with an error event)."""
+    content_type: bytes | None
+    content_encoding: bytes | None
+    """Both as the upstream sent them, for the usage reader (found in the same pass, not looked up again)."""
+
+
+def down(raw: tuple[tuple[bytes, bytes], ...]) -> Down:
+    """The upstream's response headers to pass on, and what the relay needs to know of them."""
     headers = []
-    stream = False
+    content_type = content_encoding = None
     for name, value in raw:
         lowered = name.lower()
         if lowered in _DROP_DOWN:
             continue
         if lowered == b"content-type":
-            stream = value.startswith(b"text/event-stream")
+            content_type = value
+        elif lowered == b"content-encoding":
+            content_encoding = value
         headers.append((name, value))
+    stream = content_type is not None and content_type.startswith(b"text/event-stream")
     if stream:
         headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
-    return headers, stream
+    return Down(headers, stream, content_type, content_encoding)
 
 
 def _without_connection_options(headers: list[tuple[str, str]], connection: bytes) -> list[tuple[str, str]]:

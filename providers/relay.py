@@ -51,6 +51,7 @@ REST_KEY = "gateway.rest"
 MAX_CACHED_URLS = 1024
 MAX_CACHED_PATH = 512
 MAX_UNPRICED_LOGGED = 1000
+MAX_MODEL_CHARS = 256
 
 
 class ClientGone(Exception):
@@ -250,20 +251,19 @@ class Relay:
         headers_at = time.perf_counter()
         info.upstream_wait = wait = headers_at - sent_at
         gateway = headers_at - info.started - wait
-        down, stream = header_policy.down(response.raw_headers)
+        down, stream, content_type, content_encoding = header_policy.down(response.raw_headers)
         if stream:
             metrics.streams.inc()
         down.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gateway * 1000, wait * 1000)))
         clean = False
         reader: UsageReader | None = None
         if self.prices is not None:
-            content_headers = response.headers
             reader = usage_reader(
                 self.provider.stream_format,
                 scope[REST_KEY],
                 response.status,
-                content_headers.get("content-type"),
-                content_headers.get("content-encoding"),
+                content_type.decode("latin-1") if content_type is not None else None,
+                content_encoding.decode("latin-1") if content_encoding is not None else None,
             )
         try:
             info.upstream_status = response.status
@@ -324,6 +324,8 @@ class Relay:
         assert self.prices is not None
         info.metered = usage.found  # only what was read counts in the token and cost metrics
         model = usage.model or request_model(self.provider.slug, rest, first_body)
+        if model is not None and len(model) > MAX_MODEL_CHARS:
+            model = model[:MAX_MODEL_CHARS]  # what the upstream names goes into logs, metrics and the ledger
         info.model = model
         info.input_tokens = usage.input_tokens
         info.output_tokens = usage.output_tokens

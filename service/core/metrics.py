@@ -42,6 +42,9 @@ from prometheus_client.registry import Collector
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 FLUSH_SECONDS = 1.0
+MAX_MODEL_SERIES = 1000
+"""Distinct (provider, model) pairs per worker in the token and cost metrics; later ones count as ``other``."""
+OTHER_MODEL = "other"
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 DIRECTORY_PREFIX = "gateway-metrics-"
@@ -346,6 +349,7 @@ class Metrics:
         self._tokens: dict[tuple[str, ...], int] = defaultdict(int)
         self._cost: dict[tuple[str, ...], int] = defaultdict(int)
         self._unpriced: dict[tuple[str, ...], int] = defaultdict(int)
+        self._models: set[tuple[str, str]] = set()
         self._rows: dict[str, _Row] = {}
         self.cache_hits = 0
         self.cache_misses = 0
@@ -382,6 +386,11 @@ class Metrics:
         self, provider: str, model: str, team: str, tokens: tuple[tuple[str, int | None], ...], cost: int | None
     ) -> None:
         """One metered response: its token counts by kind, and its cost (``None``: unpriced)."""
+        if (provider, model) not in self._models:
+            if len(self._models) >= MAX_MODEL_SERIES:
+                model = OTHER_MODEL  # model names come from requests and answers: the series stay bounded
+            else:
+                self._models.add((provider, model))
         labels: tuple[str, ...] = (provider, model, team) if self.team_labels else (provider, model)
         for kind, count in tokens:
             if count:

@@ -355,3 +355,15 @@ def test_the_exposition_matches_prometheus_client_metrics(tmp_path: Path) -> Non
         return {line for line in text.decode().splitlines() if "_created" not in line}
 
     assert lines(metrics.exposition()[0]) == lines(generate_latest(registry))
+
+
+def test_model_series_stay_bounded(tmp_path: Path) -> None:
+    """Model names come from requests and answers: past the bound, new ones count as ``other``."""
+    import service.core.metrics as metrics_module
+
+    metrics = metrics_module.Metrics(tmp_path / "bounded", pid=os.getpid())
+    for n in range(metrics_module.MAX_MODEL_SERIES + 50):
+        metrics.usage("openai", f"model-{n}", "t", (("input", 1),), None)
+    text = metrics.exposition()[0].decode()
+    assert text.count("gateway_unpriced_requests_total{") == metrics_module.MAX_MODEL_SERIES + 1
+    assert 'gateway_unpriced_requests_total{model="other",provider="openai"} 50.0' in text
