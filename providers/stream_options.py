@@ -14,6 +14,8 @@ import orjson
 
 _USAGE_ONLY = b'"choices":[]'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+MAX_PENDING = 64 * 1024
+"""The most of an unfinished event held back; past it the bytes go on (memory and delay stay bounded)."""
 
 
 def eligible(method: str, rest: str) -> bool:
@@ -69,6 +71,8 @@ class UsageChunkHider:
     def __call__(self, chunk: bytes, last: bool) -> bytes:
         data = self.pending + chunk if self.pending else chunk
         end = len(data) if last else _last_event_end(data)
+        if len(data) - end > MAX_PENDING:
+            end = len(data)  # an event this long is not the small usage chunk: it goes on unheld
         ready, self.pending = data[:end], data[end:]
         if b'"choices"' not in ready or not _is_usage_only(ready):
             return ready

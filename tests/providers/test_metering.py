@@ -140,3 +140,15 @@ def test_tokens_cost_and_unpriced_requests_in_metrics(
     assert f'gateway_cost_usd_total{{model="gpt-4o-mini",provider="openai",team="team_metered"}} {expected}' in text
     assert 'gateway_unpriced_requests_total{model="mystery-model",provider="openai",team="team_metered"} 1.0' in text
     assert sum(1 for line in gw.log_lines() if line.get("event") == "model_unpriced") == 1
+
+
+def test_the_usage_chunk_hider_holds_back_a_bounded_amount() -> None:
+    from providers.stream_options import MAX_PENDING, UsageChunkHider
+
+    hide = UsageChunkHider()
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n'
+    assert hide(b'data: {"a":1}\n\ndata: {"choi', False) == b'data: {"a":1}\n\n'  # the partial event waits
+    assert hide(b'ces":[{}]}\n\n' + usage[:10], False) == b'data: {"choices":[{}]}\n\n'
+    assert hide(usage[10:] + b"data: [DONE]\n\n", True) == b"data: [DONE]\n\n"  # the usage-only event is gone
+    huge = b"data: " + b"x" * (MAX_PENDING + 10)
+    assert hide(huge, False) == huge  # no end in sight: not held, however long
