@@ -28,7 +28,10 @@ Merge = Callable[[Usage, Any], None]
 
 def count(value: Any) -> int | None:
     """A token count: a non-negative int (integral floats accepted, Cohere's SDK types them so)."""
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is int:  # the common case first: one type check
+        return value if value >= 0 else None
+    if value is None or kind is bool:
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
@@ -60,7 +63,13 @@ def _set(
         usage.cache_write_tokens = cache_write
     if reasoning is not None:
         usage.reasoning_tokens = reasoning
-    if any(v is not None for v in (input_tokens, output_tokens, cache_read, cache_write, reasoning)):
+    if (
+        input_tokens is not None
+        or output_tokens is not None
+        or cache_read is not None
+        or cache_write is not None
+        or reasoning is not None
+    ):
         usage.found = True
 
 
@@ -110,8 +119,12 @@ def openai_event(usage: Usage, data: Any) -> None:
     if isinstance(response, dict):
         _model(usage, response.get("model"))
         openai_usage(usage, response.get("usage"))
-    openai_usage(usage, _obj(data.get("x_groq"), "usage"))
-    openai_usage(usage, data.get("usage"))
+    groq = data.get("x_groq")
+    if groq is not None:
+        openai_usage(usage, _obj(groq, "usage"))
+    found = data.get("usage")
+    if found is not None:
+        openai_usage(usage, found)
 
 
 def workers_ai_event(usage: Usage, data: Any) -> None:

@@ -258,10 +258,11 @@ class BodyReader:
 
     Per chunk only a copy into a bounded window: the first ``head`` bytes and the last ``tail``
     bytes. At the end a body that fit whole is parsed whole; a larger one (or a cut one, which no
-    longer parses) has its usage object and model cut out of the window.
+    longer parses) has its usage object and model cut out of the window. A body that arrives as one
+    chunk no larger than the windows (most answers) is only referred to, not copied.
     """
 
-    __slots__ = ("_dialect", "_failed", "_head", "_head_size", "_tail", "_tail_size", "_total")
+    __slots__ = ("_dialect", "_failed", "_head", "_head_size", "_tail", "_tail_size", "_total", "_whole")
 
     def __init__(self, dialect: Dialect, head: int = WINDOW_HEAD, tail: int = WINDOW_TAIL) -> None:
         self._dialect = dialect
@@ -271,10 +272,22 @@ class BodyReader:
         self._tail = bytearray()
         self._total = 0
         self._failed = False
+        self._whole: bytes | None = None
 
     def feed(self, chunk: bytes) -> None:
         if self._failed or not chunk:
             return
+        if not self._total and len(chunk) <= self._head_size + self._tail_size:
+            self._whole = chunk
+            self._total = len(chunk)
+            return
+        whole, self._whole = self._whole, None
+        if whole is not None:  # a second chunk: the first goes into the windows after all
+            self._total = 0
+            self._feed_window(whole)
+        self._feed_window(chunk)
+
+    def _feed_window(self, chunk: bytes) -> None:
         try:
             self._total += len(chunk)
             with memoryview(chunk) as view:
@@ -301,8 +314,9 @@ class BodyReader:
         try:
             usage = Usage()
             dialect = self._dialect
-            if self._total == len(self._head) + len(self._tail):  # nothing dropped
-                body = bytes(self._head + self._tail)
+            whole = self._whole
+            if whole is not None or self._total == len(self._head) + len(self._tail):  # nothing dropped
+                body = whole if whole is not None else bytes(self._head + self._tail)
                 try:
                     parsed: Any = orjson.loads(body)
                 except orjson.JSONDecodeError:  # cut short, or not JSON after all

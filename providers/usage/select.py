@@ -12,6 +12,10 @@ from providers.usage.readers import BodyReader, StreamReader
 _OPENAI_EMBEDDINGS = dataclasses.replace(OPENAI, embeddings=True)
 _COHERE_EMBED = dataclasses.replace(COHERE, embeddings=True)
 _FORMATS = frozenset({"openai-sse", "anthropic-sse", "google-sse", "cohere-sse", "workers-ai-sse"})
+_FOUND: dict[tuple[str, str], Dialect | None] = {}
+"""``dialect_for`` by (stream format, path), found once per worker for the paths it sees; bounded
+(paths come from requests)."""
+_MAX_FOUND = 4096
 
 
 def _route(path: str) -> str:
@@ -68,7 +72,13 @@ def usage_reader(
     try:
         if not 200 <= status < 300 or not content_type:
             return NoUsage()
-        dialect = dialect_for(stream_format, path)
+        key = (stream_format, path)
+        try:
+            dialect = _FOUND[key]
+        except KeyError:
+            dialect = dialect_for(stream_format, path)
+            if len(_FOUND) < _MAX_FOUND:
+                _FOUND[key] = dialect
         if dialect is None:
             return NoUsage()
         mime = content_type.partition(";")[0].strip().lower()
@@ -79,8 +89,10 @@ def usage_reader(
             reader = BodyReader(dialect)
         else:
             return NoUsage()
-        encoding = (content_encoding or "").strip().lower()
-        if encoding in ("", "identity"):
+        if not content_encoding:
+            return reader
+        encoding = content_encoding.strip().lower()
+        if encoding == "identity":
             return reader
         if encoding in ENCODINGS:
             return DecodingReader(reader, encoding)

@@ -119,12 +119,15 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
             rows = await cur.fetchall()
         async with probe.db.execute("SELECT count(*) FROM gateway_state") as cur:
             state = (await cur.fetchone())[0]  # type: ignore[index]
-    assert [tuple(row) for row in rows] == [
+    dialect = "postgresql" if isinstance(probe, PostgresStore) else "sqlite"
+    assert [tuple(row) for row in rows] == [(m.version, m.name) for m in migrations(dialect)]
+    assert [tuple(row) for row in rows][:6] == [
         (1, "tokens"),
         (2, "change_counter"),
         (3, "listing"),
         (4, "key_ids"),
         (5, "usage_ledger"),
+        (6, "ledger_indexes"),
     ]
     assert state == 1
     await probe.close()

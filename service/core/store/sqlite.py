@@ -4,11 +4,13 @@ Several workers may share the file: each opens its own connections, and every ke
 ``gateway_state.version`` in its transaction: the cheap change counter their caches poll (writes of
 ``last_used_at`` leave it alone, so they do not empty every cache).
 
-Two connections per store, because aiosqlite runs the statements of one connection in order on one
-thread: a write waiting for another process's lock (up to the busy timeout) would hold up every read
-queued behind it. Reads (``get``, ``find``, ``list``, ``change_marker``, ``ping``) go to a reading
+Two aiosqlite connections per store, because aiosqlite runs the statements of one connection in order
+on one thread: a write waiting for another process's lock (up to the busy timeout) would hold up every
+read queued behind it. Reads (``get``, ``find``, ``list``, ``change_marker``, ``ping``) go to a reading
 connection, which in WAL mode never waits for a writer; writes (``last_used_at`` included) go to the
-writing connection, one transaction at a time under ``_writing``.
+writing connection, one transaction at a time under ``_writing``. The usage ledger's batches have a
+third, plain sqlite3 connection of their own: a whole batch is one call in a worker thread (aiosqlite
+would hop threads once per statement), and it never queues behind a key write.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,19 +28,17 @@ import aiosqlite
 from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
-    INSERT_CHUNK,
+    ADD_DAILY_SQLITE,
+    INSERT_LEDGER_SQLITE,
+    LAST_ROWID_SQLITE,
     PRUNE,
     SELECT_REQUEST,
     ReportRows,
     bound,
-    daily_totals,
-    insert_ledger_sqlite,
     ledger_params,
     ledger_row,
     report_query,
     report_rows,
-    unique,
-    upsert_daily,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +48,15 @@ RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, d
 BUSY_TIMEOUT_SECONDS = 10.0
 unavailable = unavailable_on(sqlite3.Error)
 """Every SQLite error a store method meets becomes ``StoreUnavailableError``."""
+
+# sqlite3 binds int, float, str and bytes as they are, but sends None and bool through its adaptation
+# protocol, which (with no adapter registered) looks up ``__adapt__`` and ``__conform__`` and formats
+# an AttributeError for each: some 2,000 instructions per value, five or so per ledger row. A
+# registered adapter is found first. Both are C functions and bind what sqlite3 bound before: None
+# stays NULL (``{}.get(None)`` is None), a bool becomes the integer SQLite stores for it anyway.
+_NOTHING: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NOTHING.get)
+sqlite3.register_adapter(bool, int)
 
 
 class _Migrating:
@@ -74,6 +84,10 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._writing = asyncio.Lock()
         """Held for each write transaction: one at a time on the writing connection."""
+        self._ledger_db: sqlite3.Connection | None = None
+        """The ledger's own connection, used from a worker thread (``record_usage``): a batch is
+        one hop to that thread, not one per statement as through aiosqlite."""
+        self._ledger_lock = threading.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -109,12 +123,26 @@ class SQLiteStore:
                 async with self._transaction() as db:  # one writer: concurrent starters wait, then find it done
                     await migrate(_Migrating(db))
                 self._reader = await self._connect()
+                self._ledger_db = await asyncio.to_thread(self._connect_ledger)
                 await self._reader.execute("PRAGMA query_only=ON")
         except BaseException:
             await self.close()
             raise
 
+    def _connect_ledger(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _close_ledger(self) -> None:
+        with self._ledger_lock:
+            db, self._ledger_db = self._ledger_db, None
+            if db is not None:
+                db.close()
+
     async def close(self) -> None:
+        await asyncio.to_thread(self._close_ledger)
         reader, self._reader = self._reader, None
         db, self._db = self._db, None
         for connection in (reader, db):
@@ -234,21 +262,30 @@ class SQLiteStore:
         return int(row[0]) if row else 0
 
     async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
-        """One transaction on the writing connection: the new rows (a request id already recorded
-        is skipped), then the daily totals of exactly the rows inserted."""
-        batch = unique(rows)
-        if not batch:
+        """The rows, in one transaction on the ledger's own connection, in one hop to a thread: the
+        new rows (a request id already recorded, or twice in the batch, is skipped), then the daily
+        totals of exactly the rows inserted, summed by SQLite."""
+        if not rows:
             return
         with unavailable:
-            async with self._transaction() as db:
-                inserted: set[str] = set()
-                for at in range(0, len(batch), INSERT_CHUNK):
-                    chunk = batch[at : at + INSERT_CHUNK]
-                    params = tuple(value for row in chunk for value in ledger_params(row))
-                    async with db.execute(insert_ledger_sqlite(len(chunk)), params) as cur:
-                        inserted.update(str(row[0]) for row in await cur.fetchall())
-                totals = daily_totals([row for row in batch if row.request_id in inserted])
-                await db.executemany(upsert_daily("qmark"), totals)
+            await asyncio.to_thread(self._record_usage, rows)
+
+    def _record_usage(self, rows: Sequence[LedgerRow]) -> None:
+        with self._ledger_lock:
+            db = self._ledger_db
+            if db is None:
+                raise StoreUnavailableError("store is not open")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (last,) = db.execute(LAST_ROWID_SQLITE).fetchone()
+                db.executemany(INSERT_LEDGER_SQLITE, map(ledger_params, rows))
+                db.execute(ADD_DAILY_SQLITE, (last,))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
 
     async def prune_usage(self, before: str) -> int:
         with unavailable:

@@ -11,8 +11,9 @@ time to its hour or day is ``substr(at, 1, 13)`` or ``substr(at, 1, 10)`` in bot
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from service.core.store.migrations import ParamStyle
@@ -95,8 +96,6 @@ ReportRows = list[dict[str, object]]
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 MIDNIGHT = "T00:00:00.000Z"
-INSERT_CHUNK = 500
-"""Ledger rows per SQLite statement (17 parameters each, well under SQLite's 32,766)."""
 
 
 def bound(value: str) -> str:
@@ -185,8 +184,8 @@ def unique(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     return list(first.values())
 
 
-def ledger_params(row: LedgerRow) -> tuple[object, ...]:
-    return tuple(getattr(row, column) for column in LEDGER_COLUMNS)
+ledger_params: Callable[[LedgerRow], tuple[object, ...]] = attrgetter(*LEDGER_COLUMNS)
+"""A ledger row's values in ``LEDGER_COLUMNS`` order (one C call, no Python per field)."""
 
 
 def ledger_row(record: Sequence[Any]) -> LedgerRow:
@@ -226,13 +225,25 @@ def upsert_daily(style: ParamStyle) -> str:
     return f"{insert} ON CONFLICT ({', '.join(DAILY_KEY)}) DO UPDATE SET {added}"
 
 
-def insert_ledger_sqlite(count: int) -> str:
-    """Insert ``count`` ledger rows, skipping request ids already recorded; the ids inserted."""
-    row = "(" + ", ".join("?" * len(LEDGER_COLUMNS)) + ")"
-    return (
-        f"INSERT INTO usage_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES {', '.join([row] * count)}"  # noqa: S608
-        " ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-    )
+INSERT_LEDGER_SQLITE = (
+    f"INSERT INTO usage_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"  # noqa: S608
+    " ON CONFLICT (request_id) DO NOTHING"
+)
+"""Insert one ledger row (``executemany`` runs it once per row, prepared once), skipping a request id
+already recorded."""
+LAST_ROWID_SQLITE = "SELECT coalesce(max(rowid), 0) FROM usage_ledger"
+ADD_DAILY_SQLITE = (
+    f"INSERT INTO usage_daily ({', '.join(DAILY_COLUMNS)})"  # noqa: S608 (constants only)
+    " SELECT substr(at, 1, 10), team_id, key_id, provider, coalesce(model, ''), count(*),"
+    + ", ".join(f" coalesce(sum({column}), 0)" for column in (*TOKEN_COLUMNS, "cost_micro_usd"))
+    + ", count(*) - count(cost_micro_usd) FROM usage_ledger WHERE rowid > ?"
+    " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
+    f" ON CONFLICT ({', '.join(DAILY_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{column} = usage_daily.{column} + excluded.{column}" for column in DAILY_SUMS)
+)
+"""Add to ``usage_daily`` the totals of the ledger rows past a rowid: exactly the rows a batch
+inserted (SQLite numbers new rows past the largest rowid), summed by SQLite, the same sums as
+``daily_totals``."""
 
 
 PG_TYPES = ("text",) * 7 + ("int4",) + ("int8",) * 6 + ("float8", "float8", "bool")
