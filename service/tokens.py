@@ -77,7 +77,8 @@ def require_admin(request: Request) -> None:
         raise AuthenticationFailed("Invalid admin key.")
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def json_object(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object of at most ``MAX_BODY_BYTES``; a 400 or 413 otherwise."""
     declared = whole_number(request.headers.get("content-length") or "")
     if declared is not None and declared > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"Request body exceeds {MAX_BODY_BYTES} bytes.")
@@ -113,7 +114,7 @@ def issued_json(key: str, team: Team) -> dict[str, str]:
 
 async def create_token(request: Request) -> Response:
     require_admin(request)
-    payload = await _json_object(request)
+    payload = await json_object(request)
     team_id = _text_field(payload, "teamId", MAX_TEAM_ID, required=True)
     assert team_id is not None
     name = _text_field(payload, "name", MAX_NAME, required=False) or team_id
@@ -225,6 +226,5 @@ routes = [
     route("/tokens", {"GET": list_tokens, "POST": create_token}),
     route("/tokens/{api_key}", {"GET": show_token, "DELETE": revoke_token}),
     route("/tokens/{api_key}/refresh", {"POST": refresh_token}),
-    route("/keys/{key_id}", {"GET": show_key, "DELETE": revoke_key}),
     route("/teams/{team_id:path}/keys", {"DELETE": revoke_team_keys}),
 ]

@@ -115,9 +115,7 @@ class MemoryLimiter:
                 spent = books.spent.get(period, 0)
                 if spent + books.reserved + cost > limits.budget_micro_usd:
                     wait = budget_retry(subject, spent, cost, now)
-                    raise refusal(
-                        subject, "budget", wait, subjects, tallies, now, spent=spent, reserved=books.reserved
-                    )
+                    raise refusal(subject, "budget", wait, subjects, tallies, now, spent=spent, reserved=books.reserved)
         after = []
         for books, tally in zip(all_books, tallies, strict=True):
             counts = books.window.setdefault(second, [0, 0])

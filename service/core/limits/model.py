@@ -80,7 +80,9 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime | None, datetime
         return start, start + timedelta(days=7)
     if period == "month":
         start = day.replace(day=1)
-        following = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        following = (
+            start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        )
         return start, following
     return None, None
 

@@ -188,3 +188,13 @@ def budget_retry(subject: Subject, spent: int, cost: int, now: float) -> float:
         return BUDGET_RETRY_SECONDS
     _, reset = period_bounds(subject.limits.budget_period or "month", datetime.fromtimestamp(now, UTC))
     return 86_400.0 if reset is None else reset.timestamp() - now
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A request's worst case before it goes upstream: its prompt in tokens (estimated), the model
+    it names, and what it may cost at most in micro-dollars (``None`` when the model has no price)."""
+
+    tokens: int
+    cost: int | None
+    model: str | None

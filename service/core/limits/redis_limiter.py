@@ -168,7 +168,9 @@ class RedisLimiter:
             else:
                 wait = 1
             raise refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
-        grant = Grant(lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(result[2:]), now))
+        grant = Grant(
+            lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(result[2:]), now)
+        )
         self._held[lease] = grant
         return grant
 
@@ -216,8 +218,7 @@ class RedisLimiter:
         leases: list[str] = []
         for grant in list(self._held.values()):
             for subject, period in zip(grant.subjects, grant.periods, strict=True):
-                w, l, a, s = self._keys(subject, period)
-                keys += [l, a]
+                keys += self._keys(subject, period)[1:3]  # the leases and their amounts
                 leases.append(grant.lease)
         await self._renew(keys=keys, args=[self.lease_ms, *leases])
 

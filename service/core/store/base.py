@@ -155,7 +155,7 @@ class TokenStore(Protocol):
     async def limits_of(self, scope: str, ident: str) -> Limits | None:
         """A team's or a key's stored limits (``None``: none set, or unknown)."""
 
-    async def teams(self, limit: int, after: str | None = None) -> list[TeamSummary]:
+    async def teams(self, limit: int, after: str | None = None) -> Sequence[TeamSummary]:
         """Up to ``limit`` teams that have keys, by team id, after ``after``."""
 
     async def team(self, team_id: str) -> TeamSummary | None:

@@ -1,4 +1,8 @@
-"""The SQL of limits, shared by both stores: written with ``?`` and numbered for asyncpg (``$1``)."""
+"""The SQL of limits, shared by both stores: written with ``?`` and numbered for asyncpg (``$1``).
+
+Statements are built from the column constants below only; every value is a parameter.
+"""
+# ruff: noqa: S608
 
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ _TEAMS = (
 TEAMS_FIRST = _TEAMS.format(where="")
 TEAMS_AFTER = _TEAMS.format(where="WHERE team_id > ?")
 TEAM = (
-    "SELECT CAST(? AS TEXT), (SELECT MIN(name) FROM tokens WHERE team_id = ?), (SELECT COUNT(*) FROM tokens WHERE team_id = ?), "
+    "SELECT CAST(? AS TEXT), (SELECT MIN(name) FROM tokens WHERE team_id = ?),"
+    " (SELECT COUNT(*) FROM tokens WHERE team_id = ?), "
     + ", ".join(LIMIT_COLUMNS)
     + " FROM (SELECT 1) one LEFT JOIN teams ON team_id = ?"
 )
