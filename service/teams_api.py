@@ -112,8 +112,9 @@ _CHECKS: dict[str, tuple[str, Callable[[object, str], int | str | None]]] = {
     "budgetPeriod": ("budget_period", _period),
 }
 
-Apply = Callable[[Request, str, str], Awaitable[None]]
-"""A checked field's change: (request, ``team`` or ``key``, id) → written."""
+Apply = Callable[[TokenStore, Limiter, str, str], Awaitable[None]]
+"""A checked field's change: (store, limiter, ``team`` or ``key``, id) → written (the CLI applies
+them too, without a request)."""
 
 
 def limits_field(value: object) -> Apply:
@@ -126,13 +127,12 @@ def limits_field(value: object) -> Apply:
             raise BadRequest(f"Unknown field 'limits.{name}'; the limits are {', '.join(LIMIT_FIELDS)}.")
     changes = {attribute: check(value[name], name) for name, (attribute, check) in _CHECKS.items() if name in value}
 
-    async def apply(request: Request, kind: str, ident: str) -> None:
-        store = _store(request)
+    async def apply(store: TokenStore, limiter: Limiter, kind: str, ident: str) -> None:
         current = await store.limits_of(kind, ident) or NO_LIMITS
         merged = Limits(**{**_as_dict(current), **changes})
         if merged.budget_micro_usd is not None and merged.budget_period is None:
             merged = Limits(**{**_as_dict(merged), "budget_period": "month"})
-        if not merged.empty and _limiter(request).kind == "unshared":
+        if not merged.empty and limiter.kind == "unshared":
             raise Conflict(NEEDS_REDIS)
         if not await store.set_limits(kind, ident, merged):
             raise NotFound(KEY_NOT_FOUND_MESSAGE)
@@ -155,7 +155,7 @@ async def _patch(request: Request, fields: dict[str, Callable[[object], Apply]],
             raise BadRequest(f"Unknown field '{name}'; this object takes {', '.join(fields)}.")
     changes = [fields[name](value) for name, value in payload.items()]
     for apply in changes:
-        await apply(request, kind, ident)
+        await apply(_store(request), _limiter(request), kind, ident)
 
 
 # -- teams ----------------------------------------------------------------------------------------
