@@ -166,7 +166,8 @@ def refusal(
     limits = subject.limits
     if kind == "budget":
         budget = limits.budget_micro_usd or 0
-        shown = f"${usd(budget):.6f} per {limits.budget_period or 'month'}"
+        period = limits.budget_period or "month"
+        shown = f"${usd(budget):.6f} " + ("in total" if period == "total" else f"per {period}")
         detail = f"{shown}; ${usd(spent):.6f} spent, ${usd(reserved):.6f} reserved by requests in flight"
     else:
         value = {
