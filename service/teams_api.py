@@ -177,8 +177,9 @@ def _cursor(team_id: str) -> str:
 
 def _after(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
+        team_id = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+        return check_text(team_id, "cursor", MAX_TEAM_ID)
+    except (ValueError, UnicodeDecodeError, BadRequest):
         raise BadRequest("'cursor' is not a cursor this API returned.") from None
 
 
