@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -156,6 +157,8 @@ async def _patch(request: Request, fields: dict[str, Callable[[object], Apply]],
     changes = [fields[name](value) for name, value in payload.items()]
     for apply in changes:
         await apply(_store(request), _limiter(request), kind, ident)
+    teams: TeamDirectory = request.state.teams
+    teams.clear()  # this process at once; the others within their cache's refresh
 
 
 # -- teams ----------------------------------------------------------------------------------------
@@ -202,15 +205,22 @@ async def _team_or_404(request: Request, team_id: str) -> TeamSummary:
     return team
 
 
+def _team_id(request: Request) -> str:
+    team_id: str = request.path_params["team_id"]
+    if team_id.endswith("/keys"):  # /teams/{teamId}/keys takes DELETE only
+        raise HTTPException(405, headers={"Allow": "DELETE"})
+    return check_text(team_id, "teamId", MAX_TEAM_ID)
+
+
 async def show_team(request: Request) -> Response:
     require_admin(request)
-    team_id = check_text(request.path_params["team_id"], "teamId", MAX_TEAM_ID)
+    team_id = _team_id(request)
     return JSONResponse(await _team_json(request, await _team_or_404(request, team_id)))
 
 
 async def patch_team(request: Request) -> Response:
     require_admin(request)
-    team_id = check_text(request.path_params["team_id"], "teamId", MAX_TEAM_ID)
+    team_id = _team_id(request)
     await _patch(request, TEAM_FIELDS, "team", team_id)
     return JSONResponse(await _team_json(request, await _team_or_404(request, team_id)))
 

@@ -141,6 +141,7 @@ def check_limits(url: str, key_id: str, produced: set[tuple[str, str, str]]) -> 
     check(patched, team, "PATCH", produced)
     check(httpx.patch(f"{url}/teams/team_doc", json={"limit": {}}, headers=ADMIN), team, "PATCH", produced)
     check(httpx.patch(f"{url}/teams/team_doc", json=limits), team, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_nobody", json={}, headers=ADMIN), team, "PATCH", produced)
     check(httpx.get(f"{url}/teams/team_doc", headers=ADMIN), team, "GET", produced)
     check(httpx.get(f"{url}/teams/team_doc"), team, "GET", produced)
     check(httpx.get(f"{url}/teams/team_nobody", headers=ADMIN), team, "GET", produced)

@@ -125,6 +125,7 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
         (3, "listing"),
         (4, "key_ids"),
         (5, "usage_ledger"),
+        (6, "limits"),
     ]
     assert state == 1
     await probe.close()
