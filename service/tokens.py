@@ -6,8 +6,8 @@
   alone suffices unless ``SELF_SERVICE_ROTATION=false``, which requires the admin bearer;
 - ``DELETE /tokens/{apiKey}`` (admin) revokes it;
 - ``GET /tokens`` (admin) lists keys page by page: id, prefix, team, name, creation and last use;
-- ``GET /keys/{keyId}`` and ``DELETE /keys/{keyId}`` (admin) show and revoke a key by its id,
-  without its secret;
+- ``DELETE /keys/{keyId}`` (admin) revokes a key by its id, without its secret (``GET`` and ``PATCH``
+  of the same path, with the key's limits, are in ``service.teams_api``);
 - ``DELETE /teams/{teamId}/keys`` (admin) revokes every key of a team.
 
 Errors are ``{"error": "…"}`` with the right status, never a 500.
@@ -186,15 +186,6 @@ async def list_tokens(request: Request) -> Response:
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1][0].created_at, page[-1][1]) if len(rows) > limit else None
     return JSONResponse({"tokens": [record_json(record) for record, _ in page], "nextCursor": next_cursor})
-
-
-async def show_key(request: Request) -> Response:
-    """Admin: a key by its id (team, name, id, prefix, creation, last use), never the key."""
-    require_admin(request)
-    record = await _teams(request).find(request.path_params["key_id"])
-    if record is None:
-        raise NotFound(KEY_NOT_FOUND_MESSAGE)
-    return JSONResponse(record_json(record))
 
 
 async def revoke_key(request: Request) -> Response:
