@@ -5,7 +5,10 @@ Contenders, each pinned with ``taskset`` to core 0 (the load generator and the u
 - ``direct``: wrk straight at the upstream (nginx serving a static completion);
 - ``nginx``: nginx as a plain reverse proxy, the floor for any proxy;
 - ``bare``: bench/bare_relay.py, uvicorn + raw ASGI + one aiohttp session, the floor of this stack;
-- ``gateway``: the real Procfile command, one worker, with a real team key.
+- ``gateway``: the real Procfile command, one worker, with a real team key;
+- ``limits-mem`` and ``limits-redis``: the same gateway, its team under a budget and a requests-per-minute
+  limit (never reached), kept in memory and in this machine's Redis (``REDIS_URL``): what limits cost on
+  the proxied path (load rounds only).
 
 Rounds are interleaved (every contender once per round, several rounds) and medians reported, since
 this shared 2-core machine is noisy. Figures: added latency at 1 connection, req/s and p99 at 32
@@ -295,6 +298,15 @@ http {{
             self.bare(upstream),
             self.gateway("gateway", upstream, f"sqlite:///{self.work}/gateway.db", self.gateway_root),
         ]
+        memory = f"sqlite:///{self.work}/limits-mem.db"
+        servers.append(self.gateway("limits-mem", upstream, memory, self.gateway_root, limits={}))
+        redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+        if _redis_reachable(redis_url):
+            on_redis = {"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": f"bench-{os.urandom(4).hex()}:"}
+            database = f"sqlite:///{self.work}/limits-redis.db"
+            servers.append(self.gateway("limits-redis", upstream, database, self.gateway_root, limits=on_redis))
+        else:
+            print(f"Redis is not reachable at {redis_url}: the limits-redis row is left out", file=sys.stderr)
         if self.baseline_root is not None:
             servers.append(
                 self.gateway("gateway-base", upstream, f"sqlite:///{self.work}/gateway-base.db", self.baseline_root)
@@ -307,11 +319,19 @@ http {{
         return servers
 
     def gateway(
-        self, name: str, upstream: str, database_url: str, root: Path = ROOT, wrap: str = "", wait: float = 20
+        self,
+        name: str,
+        upstream: str,
+        database_url: str,
+        root: Path = ROOT,
+        wrap: str = "",
+        wait: float = 20,
+        limits: dict[str, str] | None = None,
     ) -> Server:
         """The Procfile's own command (``root``'s Procfile, run from ``root`` with it first on the import
         path), pinned; its log goes to a file as a PaaS collects stdout. ``wrap`` is a command prefix
-        (valgrind) for the process the line finally ``exec``s."""
+        (valgrind) for the process the line finally ``exec``s. With ``limits`` (extra settings), the
+        bench team gets a budget and a requests-per-minute limit before its key is made."""
         port = free_port()
         procfile = (root / "Procfile").read_text().split("web:", 1)[1].strip()
         if wrap:
@@ -328,10 +348,13 @@ http {{
             "ADMIN_API_KEY": ADMIN_KEY,
             "DATABASE_URL": database_url,
             "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+            **(limits or {}),
         }
         process = self.spawn(f"sh -c {_quote(procfile)}", 0, env, log=name, cwd=root)
         wait_port(port, wait)
         base = f"http://127.0.0.1:{port}"
+        if limits is not None:
+            _set_limits(base, wait)
         return Server(name, f"{base}/openai/v1/chat/completions", base, process, key=_create_key(base, wait))
 
     # -- measurements -------------------------------------------------------------------------
@@ -465,8 +488,9 @@ http {{
             print(f"round {number + 1}/{self.rounds}", file=sys.stderr, flush=True)
             for server in everyone if number % 2 == 0 else everyone[::-1]:
                 self.load_round(server)
+        streamed = [s for s in everyone if not s.name.startswith("limits")]
         for _ in range(self.rounds):
-            for server in everyone:
+            for server in streamed:
                 firsts, lasts = asyncio.run(self.sse_times(server, "/openai/_mock/sse?n=100", 15))
                 server.add("sse_first_ms", statistics.median(firsts))
                 server.add("sse_last_ms", statistics.median(lasts))
@@ -474,7 +498,7 @@ http {{
         for number in range(self.rounds):
             for server in gateways if number % 2 == 0 else gateways[::-1]:
                 self.miss_round(server)
-        for server in proxies:
+        for server in streamed[1:]:
             server.add("rss_1gib_growth_mib", self.big_response(server))
             server.add("rss_100_streams_growth_mib", asyncio.run(self.slow_streams(server, 100)))
         result = report(direct, proxies)
@@ -513,6 +537,34 @@ def _postgres_schema() -> str | None:
     return f"{root}?search_path={schema}"
 
 
+def _redis_reachable(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _set_limits(base: str, timeout: float = 20) -> None:
+    """The bench team under a budget and a requests-per-minute limit it never reaches: every request
+    is checked, reserved, released and settled."""
+    import urllib.request
+
+    limits = {"requestsPerMinute": 1_000_000_000, "budgetUsd": 1_000_000_000, "budgetPeriod": "month"}
+    request = urllib.request.Request(
+        f"{base}/teams/team_bench",
+        data=json.dumps({"limits": limits}).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        method="PATCH",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read()
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
@@ -542,8 +594,9 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
         row = base[name]
         row["added_p50_1c_ms"] = row["p50_1c_ms"] - base["direct"]["p50_1c_ms"]
         row["added_p99_1c_ms"] = row["p99_1c_ms"] - base["direct"]["p99_1c_ms"]
-        row["added_sse_first_ms"] = row["sse_first_ms"] - base["direct"]["sse_first_ms"]
-        row["added_sse_last_ms"] = row["sse_last_ms"] - base["direct"]["sse_last_ms"]
+        if row.get("sse_first_ms") is not None:
+            row["added_sse_first_ms"] = row["sse_first_ms"] - base["direct"]["sse_first_ms"]
+            row["added_sse_last_ms"] = row["sse_last_ms"] - base["direct"]["sse_last_ms"]
     gw, bare = base["gateway"], base["bare"]
     out["ratios_gateway_vs_bare"] = {
         "cpu_per_request": gw["cpu_us_per_req"] / bare["cpu_us_per_req"],
@@ -558,6 +611,14 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
             "p99_32c": old["p99_32c_ms"] / bare["p99_32c_ms"],
         }
         out["ratio_gateway_vs_base_cpu_per_request"] = gw["cpu_us_per_req"] / old["cpu_us_per_req"]
+    out["limits_vs_gateway"] = {
+        name: {
+            "cpu_per_request": base[name]["cpu_us_per_req"] / gw["cpu_us_per_req"],
+            "added_p50_ms": base[name]["p50_1c_ms"] - gw["p50_1c_ms"],
+        }
+        for name in ("limits-mem", "limits-redis")
+        if name in base
+    }
     if "gateway-pg" in base:
         out["ratio_postgres_vs_sqlite_cpu_per_request"] = base["gateway-pg"]["cpu_us_per_req"] / gw["cpu_us_per_req"]
     return out
@@ -605,6 +666,11 @@ def print_table(result: dict[str, Any]) -> None:
             f"gateway-base ÷ bare relay: CPU/request {ratios['cpu_per_request']:.3f}, "
             f"req/s {ratios['rps_32c']:.3f}, p99@32 {ratios['p99_32c']:.3f}; "
             f"gateway ÷ gateway-base, CPU/request {result['ratio_gateway_vs_base_cpu_per_request']:.3f}"
+        )
+    for name, figures in result.get("limits_vs_gateway", {}).items():
+        print(
+            f"{name} ÷ gateway (budget + RPM on the team): CPU/request {figures['cpu_per_request']:.3f}, "
+            f"p50 @1 conn {figures['added_p50_ms'] * 1000:+.0f} µs"
         )
     if counted is not None:
         from bench.instructions import print_figures

@@ -93,6 +93,20 @@ class Settings:
     """``TRUSTED_PROXIES``: IPs and CIDRs (normalised) whose ``X-Forwarded-For`` names the client."""
     usage_retention_days: int = 90
     """``USAGE_RETENTION_DAYS``: whole days of usage ledger rows kept (1 to 3650); the daily totals stay."""
+    redis_url: str | None = None
+    """``REDIS_URL``: where limits and budget leases are kept for every worker and replica (``None``:
+    in this process's memory, which one worker alone may use)."""
+    redis_key_prefix: str = "gateway:"
+    """``REDIS_KEY_PREFIX``: the start of every Redis key the gateway writes."""
+    limits_fail_mode: str = "open"
+    """``LIMITS_FAIL_MODE``: with Redis unreachable, requests under limits pass (``open``) or get 503 (``closed``)."""
+    budget_unpriced: str = "deny"
+    """``BUDGET_UNPRICED``: a model without a price is refused under a budget (``deny``) or admitted (``allow``)."""
+    budget_default_max_tokens: int = 4096
+    """``BUDGET_DEFAULT_MAX_TOKENS``: the output tokens a budget reserves for a request that sets no maximum."""
+    limits_lease_seconds: float = 60.0
+    """``LIMITS_LEASE_SECONDS``: how long a request's lease lives unless its process renews it (a
+    process that died frees its leases after this long)."""
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
     providers are mounted, since only then is it known which slugs exist)."""
@@ -150,6 +164,14 @@ class Settings:
             unknown_key_limit=_count("UNKNOWN_KEY_LIMIT", get("UNKNOWN_KEY_LIMIT"), 30),
             trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
             usage_retention_days=_days("USAGE_RETENTION_DAYS", get("USAGE_RETENTION_DAYS"), 90, 3650),
+            redis_url=_redis_url(get("REDIS_URL")),
+            redis_key_prefix=_key_prefix(get("REDIS_KEY_PREFIX")),
+            limits_fail_mode=_choice("LIMITS_FAIL_MODE", get("LIMITS_FAIL_MODE"), ("open", "closed")),
+            budget_unpriced=_choice("BUDGET_UNPRICED", get("BUDGET_UNPRICED"), ("deny", "allow")),
+            budget_default_max_tokens=_days(
+                "BUDGET_DEFAULT_MAX_TOKENS", get("BUDGET_DEFAULT_MAX_TOKENS"), 4096, 10_000_000, "tokens"
+            ),
+            limits_lease_seconds=_positive_float("LIMITS_LEASE_SECONDS", get("LIMITS_LEASE_SECONDS"), 60.0),
             host=get("HOST") or "127.0.0.1",
             port=_listen_port("PORT", get("PORT"), 8787),
             web_concurrency=_whole_number("WEB_CONCURRENCY", get("WEB_CONCURRENCY"), 1, "processes"),
@@ -171,6 +193,8 @@ class Settings:
                 value = "set" if value else "unset"
             elif item.name == "provider_env":
                 value = {k: ("set" if k.endswith("_API_KEY") else masked_userinfo(v)) for k, v in sorted(value.items())}
+            elif item.name == "redis_url" and value:
+                value = _masked_url(value)
             elif item.name in ("database_dsn", "ai_gateway_url") and value:
                 value = _masked_url(value) if item.name == "database_dsn" else masked_userinfo(value)
             elif isinstance(value, tuple):
@@ -356,13 +380,37 @@ def _whole_number(name: str, raw: str | None, default: int, unit: str, minimum: 
     return int(raw)
 
 
-def _days(name: str, raw: str | None, default: int, maximum: int) -> int:
-    """A whole number of days from 1 to ``maximum``, in ASCII digits only."""
+def _days(name: str, raw: str | None, default: int, maximum: int, unit: str = "days") -> int:
+    """A whole number of days (or ``unit``) from 1 to ``maximum``, in ASCII digits only."""
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 1 <= int(raw) <= maximum:
-        raise SettingsError(f"{name} must be a whole number of days from 1 to {maximum}, got {raw!r}")
+        raise SettingsError(f"{name} must be a whole number of {unit} from 1 to {maximum}, got {raw!r}")
     return int(raw)
+
+
+def _redis_url(raw: str | None) -> str | None:
+    """``redis://[:password@]host:port/db``, ``rediss://`` (TLS) or ``unix://``; the password never echoed."""
+    if raw is None:
+        return None
+    try:
+        url = URL(raw)
+    except (TypeError, ValueError):
+        raise SettingsError("REDIS_URL is not a valid URL") from None
+    if url.scheme not in ("redis", "rediss", "unix") or (url.scheme != "unix" and not url.host):
+        raise SettingsError(f"REDIS_URL must look like redis://host:6379/0, got {_masked_url(raw)!r}")
+    return raw
+
+
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9:_.\-]{1,64}")
+
+
+def _key_prefix(raw: str | None) -> str:
+    if raw is None:
+        return "gateway:"
+    if not _KEY_PREFIX.fullmatch(raw):
+        raise SettingsError(f"REDIS_KEY_PREFIX must be 1-64 letters, digits or ':_.-', got {raw!r}")
+    return raw
 
 
 def _listen_port(name: str, raw: str | None, default: int) -> int:

@@ -5,7 +5,7 @@ Shape of one process::
     RequestContext                       request id, timing, the error boundary, the access line
     └── (CORS, when CORS_ALLOW_ORIGINS)
         └── Gateway                      prefix dispatch, no routing table on the proxy path
-            ├── /openai, /anthropic, …   ProviderMount → Auth → Metadata (through Cloudflare) → Relay
+            ├── /openai, /anthropic, …   ProviderMount → Auth → LimitsGate → Metadata (through Cloudflare) → Relay
             └── everything else          Starlette: token API, /healthz, /readyz, /metrics, JSON 404s
 
 The Starlette app owns the lifespan (``service.lifespan``): it opens the store, the key cache and
@@ -30,13 +30,15 @@ from config import Settings, SettingsError
 from config.logging import configure_logging
 from middleware.auth import Auth
 from middleware.context import RequestContext
+from middleware.limits import LimitsGate
 from middleware.metadata import Metadata
 from providers.base import Provider
+from providers.budget import BudgetEstimator
 from providers.mount import ProviderMount
 from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
-from service import status, tokens, usage
+from service import status, teams_api, tokens, usage
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -114,10 +116,16 @@ class Gateway:
 def provider_mount(
     provider: Provider, upstream: Upstream | str, settings: Settings, prices: PriceTable | None
 ) -> ProviderMount:
-    """One provider's request path: auth, then (through Cloudflare) metadata, then the relay."""
+    """One provider's request path: auth, limits, then (through Cloudflare) metadata, then the relay."""
     app: ASGIApp = Relay(provider, upstream, settings, prices)
     if isinstance(upstream, Upstream) and upstream.via_gateway:
         app = Metadata(app)  # cf-aig-metadata is for Cloudflare; direct, the access line has the team
+    app = LimitsGate(
+        app,
+        estimate=BudgetEstimator(provider.slug, prices, settings.budget_default_max_tokens),
+        max_body=settings.max_request_bytes,
+        unpriced_allowed=settings.budget_unpriced == "allow",
+    )
     return ProviderMount(provider, upstream, Auth(app, key_headers=provider.team_key_headers))
 
 
@@ -148,7 +156,9 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     write_access = configure_logging(settings.log_level)
     metrics = Metrics(team_labels=settings.metrics_team_labels)
     routes = [
+        *teams_api.routes,
         *tokens.routes,
+        *teams_api.team_routes,
         *usage.routes,
         Route("/healthz", status.healthz),
         Route("/readyz", status.readyz),

@@ -2,8 +2,10 @@
 
     gateway serve [--host H] [--port P] [--workers N]
     gateway tokens create --team T [--name N] | list [--limit N] [--team T] | show KEY | rotate KEY | revoke KEY
-    gateway keys show KEYID | revoke KEYID
-    gateway teams revoke-keys TEAMID
+    gateway keys show KEYID | revoke KEYID | set-limits KEYID [limit options]
+    gateway teams list [--limit N] | show TEAMID | set-limits TEAMID [limit options] | revoke-keys TEAMID
+        limit options: --requests-per-minute N, --tokens-per-minute N, --max-concurrent N,
+                       --budget-usd USD, --budget-period day|week|month|total (each 'none' to clear)
     gateway usage [--team T] [--key KEYID] [--provider P] [--model M] [--since 7d|24h|2026-11-01]
                   [--until …] [--by day,model] [--json|--csv]
     gateway check
@@ -37,10 +39,15 @@ import structlog
 from config import Settings, SettingsError
 from providers.upstream import enabled_upstreams
 from providers.upstream import mode as upstream_mode
-from service.core.errors import BadRequest
-from service.core.store import StoreUnavailableError, TokenRecord, store_for
+from service.core.errors import BadRequest, Conflict, NotFound
+from service.core.limits.limiter import Limiter, limiter_for
+from service.core.limits.model import NO_LIMITS, Limits
+from service.core.limits.outcome import Subject
+from service.core.store import StoreUnavailableError, TokenRecord, TokenStore, store_for
+from service.core.store.base import TeamSummary
 from service.core.store.migrations import latest_version
 from service.core.teams import TeamDirectory
+from service.teams_api import LIMIT_FIELDS, limits_field
 from service.tokens import (
     MAX_NAME,
     MAX_PAGE,
@@ -170,7 +177,13 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         record = await directory.find(args.key_id)
         if record is None:
             raise CommandFailed("no such key", NOT_FOUND)
-        emit(args, [record_json(record)], RECORD_COLUMNS, single=True)
+        limits = await directory.store.limits_of("key", args.key_id)
+        row = {
+            **record_json(record),
+            "limits": (limits or NO_LIMITS).json(),
+            "state": await subject_state(settings, directory.store, "key", args.key_id, limits),
+        }
+        emit_limited(args, row, RECORD_COLUMNS)
         return OK
 
     async def revoke(directory: TeamDirectory) -> int:
@@ -179,18 +192,135 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         emit(args, [{"revoked": True, "keyId": args.key_id}], ["revoked", "keyId"], single=True)
         return OK
 
-    return asyncio.run(with_directory(settings, {"show": show, "revoke": revoke}[args.action]))
+    async def set_limits(directory: TeamDirectory) -> int:
+        if await directory.find(args.key_id) is None:
+            raise CommandFailed("no such key", NOT_FOUND)
+        await apply_limits(args, settings, directory.store, "key", args.key_id)
+        return await show(directory)
+
+    work = {"show": show, "revoke": revoke, "set-limits": set_limits}[args.action]
+    return asyncio.run(with_directory(settings, work))
+
+
+LIMIT_OPTIONS = {
+    "requestsPerMinute": "requests_per_minute",
+    "tokensPerMinute": "tokens_per_minute",
+    "maxConcurrent": "max_concurrent",
+    "budgetUsd": "budget_usd",
+    "budgetPeriod": "budget_period",
+}
+_NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?")
+
+
+def limit_value(field: str, raw: str) -> object:
+    """A limit option's value as the API would receive it: ``none`` clears; numbers stay numbers."""
+    if raw.lower() == "none":
+        return None
+    if field == "budgetPeriod":
+        return raw
+    if _NUMBER.fullmatch(raw) is None:
+        option = "--" + LIMIT_OPTIONS[field].replace("_", "-")
+        raise CommandFailed(f"{option} must be a number or 'none', got {raw!r}", USAGE)
+    return float(raw) if "." in raw else int(raw)
+
+
+async def apply_limits(args: argparse.Namespace, settings: Settings, store: TokenStore, kind: str, ident: str) -> None:
+    """Set the limits given as options, checked and applied exactly as ``PATCH`` does."""
+    given = {f: limit_value(f, getattr(args, o)) for f, o in LIMIT_OPTIONS.items() if getattr(args, o) is not None}
+    if not given:
+        options = ", ".join("--" + option.replace("_", "-") for option in LIMIT_OPTIONS.values())
+        raise CommandFailed(f"set-limits needs at least one of {options}", USAGE)
+    try:
+        await limits_field(given)(store, cli_limiter(settings, store), kind, ident)
+    except BadRequest as exc:
+        raise CommandFailed(exc.message, USAGE) from None
+    except Conflict as exc:
+        raise CommandFailed(exc.message, CONFIGURATION) from None
+    except NotFound:
+        raise CommandFailed("no such key", NOT_FOUND) from None
+
+
+def cli_limiter(settings: Settings, store: TokenStore) -> Limiter:
+    async def seed(subject: Subject, period: str) -> int:
+        return await store.spent(subject.kind, subject.ident, None if period == "total" else period)
+
+    return limiter_for(settings, seed)
+
+
+async def subject_state(
+    settings: Settings, store: TokenStore, kind: str, ident: str, limits: Limits | None
+) -> dict[str, object] | None:
+    """The figures of a team or key, where a command can read them: in Redis (``REDIS_URL``).
+    Without it they live in the running gateway's memory, and ``GET /teams/{teamId}`` shows them."""
+    if settings.redis_url is None:
+        return None
+    limiter = cli_limiter(settings, store)
+    await limiter.start()
+    try:
+        state = await limiter.state(Subject(kind, ident, limits or NO_LIMITS))
+    except Exception:  # the store of limits is unreachable: the rest is still worth showing
+        return None
+    finally:
+        await limiter.stop()
+    return state.json(limits, datetime.now(UTC).timestamp())
+
+
+STATE_COLUMNS = ["spentUsd", "reservedUsd", "remainingUsd", "resetsAt", "requestsThisMinute", "inFlight"]
+
+
+def emit_limited(args: argparse.Namespace, row: dict[str, Any], columns: Sequence[str]) -> None:
+    """A team or key with its limits and state: nested for ``--json``, flat for people."""
+    if args.json:
+        emit(args, [row], [], single=True)
+        return
+    state = row.get("state")
+    flat = {**row, **row["limits"], **(state or {})}
+    emit(args, [flat], [*columns, *LIMIT_FIELDS, *(STATE_COLUMNS if state else [])], single=True)
+
+
+TEAM_COLUMNS = ["teamId", "name", "keyCount"]
 
 
 def teams_command(args: argparse.Namespace, settings: Settings) -> int:
-    team_id = checked(args.team_id, "TEAMID", MAX_TEAM_ID)
+    team_id = checked(args.team_id, "TEAMID", MAX_TEAM_ID) if "team_id" in args else ""
+
+    async def team_row(store: TokenStore, team: TeamSummary) -> dict[str, Any]:
+        return {
+            "teamId": team.team_id,
+            "name": team.name,
+            "keyCount": team.key_count,
+            "limits": (team.limits or NO_LIMITS).json(),
+            "state": await subject_state(settings, store, "team", team.team_id, team.limits),
+        }
+
+    async def listing(directory: TeamDirectory) -> int:
+        found = await directory.store.teams(args.limit)
+        rows: list[dict[str, Any]] = []
+        for t in found:
+            limits = (t.limits or NO_LIMITS).json()
+            team = {"teamId": t.team_id, "name": t.name, "keyCount": t.key_count}
+            rows.append({**team, "limits": limits} if args.json else {**team, **limits})
+        emit(args, rows, [*TEAM_COLUMNS, *LIMIT_FIELDS], single=False)
+        return OK
+
+    async def show(directory: TeamDirectory) -> int:
+        team = await directory.store.team(team_id)
+        if team is None:
+            raise CommandFailed("no such team", NOT_FOUND)
+        emit_limited(args, await team_row(directory.store, team), TEAM_COLUMNS)
+        return OK
+
+    async def set_limits(directory: TeamDirectory) -> int:
+        await apply_limits(args, settings, directory.store, "team", team_id)
+        return await show(directory)
 
     async def revoke_keys(directory: TeamDirectory) -> int:
         revoked = await directory.revoke_team(team_id)
         emit(args, [{"teamId": team_id, "revoked": revoked}], ["teamId", "revoked"], single=True)
         return OK
 
-    return asyncio.run(with_directory(settings, revoke_keys))
+    work = {"list": listing, "show": show, "set-limits": set_limits, "revoke-keys": revoke_keys}[args.action]
+    return asyncio.run(with_directory(settings, work))
 
 
 _RELATIVE = re.compile(r"([0-9]{1,5})([dh])")
@@ -380,6 +510,14 @@ def port_number(raw: str) -> int:
     return value
 
 
+def limit_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--requests-per-minute", metavar="N", help="requests in any 60 seconds")
+    command.add_argument("--tokens-per-minute", metavar="N", help="tokens (input + output) in any 60 seconds")
+    command.add_argument("--max-concurrent", metavar="N", help="requests in flight at once")
+    command.add_argument("--budget-usd", metavar="USD", help="spend per budget period, e.g. 100 or 0.5")
+    command.add_argument("--budget-period", metavar="PERIOD", help="day, week, month (default) or total")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gateway", description="AI gateway: serve, manage team keys, check set-up.")
     top.add_argument("--json", action="store_true", help="machine-readable output")
@@ -406,20 +544,33 @@ def parser() -> argparse.ArgumentParser:
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     tokens.set_defaults(run=tokens_command)
 
-    keys = commands.add_parser("keys", help="show and revoke keys by their id (key_…), without the key")
+    keys = commands.add_parser("keys", help="show, limit and revoke keys by their id (key_…), without the key")
     key_actions = keys.add_subparsers(dest="action", required=True)
-    for name, text in (("show", "show a key by its id"), ("revoke", "revoke a key by its id")):
+    for name, text in (
+        ("show", "show a key by its id, with its limits"),
+        ("revoke", "revoke a key by its id"),
+        ("set-limits", "set a key's limits ('none' clears one)"),
+    ):
         action = key_actions.add_parser(name, help=text)
         action.add_argument("key_id", metavar="KEYID", help="the key's id, key_…")
+    limit_options(key_actions.choices["set-limits"])
     for action in (*key_actions.choices.values(), keys):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     keys.set_defaults(run=keys_command)
 
-    teams = commands.add_parser("teams", help="act on every key of a team")
+    teams = commands.add_parser("teams", help="list teams, show and set their limits, revoke their keys")
     team_actions = teams.add_subparsers(dest="action", required=True)
-    revoke_keys = team_actions.add_parser("revoke-keys", help="revoke every key of a team")
-    revoke_keys.add_argument("team_id", metavar="TEAMID")
-    for action in (revoke_keys, teams):
+    team_list = team_actions.add_parser("list", help="teams that have keys, with their limits")
+    team_list.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
+    for name, text in (
+        ("show", "show a team's limits (and state, with REDIS_URL)"),
+        ("set-limits", "set a team's limits ('none' clears one)"),
+        ("revoke-keys", "revoke every key of a team"),
+    ):
+        action = team_actions.add_parser(name, help=text)
+        action.add_argument("team_id", metavar="TEAMID")
+    limit_options(team_actions.choices["set-limits"])
+    for action in (*team_actions.choices.values(), teams):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     teams.set_defaults(run=teams_command)
 

@@ -19,6 +19,8 @@ from starlette.applications import Starlette
 from config import Settings
 from middleware.key_guard import UnknownKeyGuard
 from service.core.ledger import Ledger
+from service.core.limits.limiter import NEEDS_REDIS, limiter_for
+from service.core.limits.outcome import Subject
 from service.core.metrics import Metrics
 from service.core.store import StoreUnavailableError, TokenStore, store_for
 from service.core.store.base import prune_old_usage
@@ -75,10 +77,21 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
             log.error("store_unavailable_at_start", error=str(exc))
             sys.stdout.flush()
             os._exit(STARTUP_FAILURE)
+
+        async def seed(subject: Subject, period: str) -> int:
+            return await store.spent(subject.kind, subject.ident, None if period == "total" else period)
+
+        limiter = limiter_for(settings, seed)
+        if limiter.kind == "unshared" and await store.any_limits():
+            log.error("limits_need_redis", message=NEEDS_REDIS)
+            sys.stdout.flush()
+            os._exit(STARTUP_FAILURE)
+        await limiter.start()
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
         await teams.start()
         session = http_session(settings)
         metrics.degraded_probe = lambda: teams.degraded
+        metrics.limits_degraded_probe = lambda: limiter.degraded
         await metrics.start()
         metrics_server = await serve_metrics(metrics, settings.metrics_port) if settings.metrics_port else None
         ledger = Ledger(store) if settings.usage_metering else None
@@ -90,7 +103,14 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         tune_gc()
         try:
             guard = UnknownKeyGuard(settings.unknown_key_limit, settings.trusted_proxies)
-            state = {"http": session, "teams": teams, "store": store, "metrics": metrics, "guard": guard}
+            state = {
+                "http": session,
+                "teams": teams,
+                "store": store,
+                "metrics": metrics,
+                "guard": guard,
+                "limiter": limiter,
+            }
             yield {**state, "ledger": ledger}
         finally:
             if metrics_server is not None:
@@ -100,6 +120,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
             if ledger is not None:
                 await ledger.stop()  # after the last request: every row is written before the store closes
             await teams.stop()
+            await limiter.stop()  # after the last request: its release is sent
             await session.close()
             await store.close()
             await metrics.stop()

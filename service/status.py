@@ -53,4 +53,7 @@ async def readyz(request: Request) -> Response:
         if teams.outage_since is not None:
             body["outage_seconds"] = round(asyncio.get_running_loop().time() - teams.outage_since, 3)
         return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "store": "ok"})
+    limiter = request.state.limiter
+    if limiter.degraded:  # still serving: limits pass unchecked (open) or limited requests get 503 (closed)
+        return JSONResponse({"status": "degraded", "store": "ok", "limits": "unreachable"})
+    return JSONResponse({"status": "ready", "store": "ok", "limits": limiter.kind})

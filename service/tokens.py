@@ -6,8 +6,8 @@
   alone suffices unless ``SELF_SERVICE_ROTATION=false``, which requires the admin bearer;
 - ``DELETE /tokens/{apiKey}`` (admin) revokes it;
 - ``GET /tokens`` (admin) lists keys page by page: id, prefix, team, name, creation and last use;
-- ``GET /keys/{keyId}`` and ``DELETE /keys/{keyId}`` (admin) show and revoke a key by its id,
-  without its secret;
+- ``DELETE /keys/{keyId}`` (admin) revokes a key by its id, without its secret (``GET`` and ``PATCH``
+  of the same path, with the key's limits, are in ``service.teams_api``);
 - ``DELETE /teams/{teamId}/keys`` (admin) revokes every key of a team.
 
 Errors are ``{"error": "…"}`` with the right status, never a 500.
@@ -77,7 +77,8 @@ def require_admin(request: Request) -> None:
         raise AuthenticationFailed("Invalid admin key.")
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def json_object(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object of at most ``MAX_BODY_BYTES``; a 400 or 413 otherwise."""
     declared = whole_number(request.headers.get("content-length") or "")
     if declared is not None and declared > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"Request body exceeds {MAX_BODY_BYTES} bytes.")
@@ -113,7 +114,7 @@ def issued_json(key: str, team: Team) -> dict[str, str]:
 
 async def create_token(request: Request) -> Response:
     require_admin(request)
-    payload = await _json_object(request)
+    payload = await json_object(request)
     team_id = _text_field(payload, "teamId", MAX_TEAM_ID, required=True)
     assert team_id is not None
     name = _text_field(payload, "name", MAX_NAME, required=False) or team_id
@@ -187,15 +188,6 @@ async def list_tokens(request: Request) -> Response:
     return JSONResponse({"tokens": [record_json(record) for record, _ in page], "nextCursor": next_cursor})
 
 
-async def show_key(request: Request) -> Response:
-    """Admin: a key by its id (team, name, id, prefix, creation, last use), never the key."""
-    require_admin(request)
-    record = await _teams(request).find(request.path_params["key_id"])
-    if record is None:
-        raise NotFound(KEY_NOT_FOUND_MESSAGE)
-    return JSONResponse(record_json(record))
-
-
 async def revoke_key(request: Request) -> Response:
     """Admin: revoke a key by its id, when its secret is not at hand (or was rotated by someone else)."""
     require_admin(request)
@@ -225,6 +217,5 @@ routes = [
     route("/tokens", {"GET": list_tokens, "POST": create_token}),
     route("/tokens/{api_key}", {"GET": show_token, "DELETE": revoke_token}),
     route("/tokens/{api_key}/refresh", {"POST": refresh_token}),
-    route("/keys/{key_id}", {"GET": show_key, "DELETE": revoke_key}),
     route("/teams/{team_id:path}/keys", {"DELETE": revoke_team_keys}),
 ]

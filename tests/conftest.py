@@ -10,6 +10,7 @@ import pytest
 
 from service.mock_upstream import MockUpstream
 from tests.postgres import pg_dsn, pg_proxy  # noqa: F401 (fixtures for every test module)
+from tests.redis_server import private_redis, redis_prefix  # noqa: F401 (fixtures for every test module)
 from tests.support import GATEWAY_TOKEN, GatewayProcess, gateway_env, start_gateway
 
 

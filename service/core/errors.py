@@ -7,8 +7,9 @@ Hierarchy::
     ├── AuthenticationFailed     401 missing or unknown key, missing or wrong admin bearer
     ├── Forbidden                403 the feature is switched off
     ├── NotFound                 404 unknown route or token
+    ├── Conflict                 409 the change cannot work in this deployment
     ├── PayloadTooLarge          413 body over the limit
-    ├── TooManyRequests          429 an address presenting too many unknown keys
+    ├── TooManyRequests          429 a limit reached, or an address presenting too many unknown keys
     ├── ServiceUnavailable       503 not configured, or the store is down
     ├── UpstreamUnavailable      502 the upstream refused or reset before answering
     ├── UpstreamTimeout          504 no upstream response headers in time
@@ -72,6 +73,13 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class Conflict(GatewayError):
+    status = 409
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     openai_type = "invalid_request_error"
@@ -127,6 +135,7 @@ _GOOGLE_STATUS = {
     401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
+    409: "FAILED_PRECONDITION",
     413: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED",
     502: "UNAVAILABLE",

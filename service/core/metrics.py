@@ -15,7 +15,8 @@ stop, and a worker whose pid is gone is left out).
 Metrics: ``gateway_requests_total{provider,status_class,team}``, ``gateway_request_duration_seconds``,
 ``gateway_time_to_first_byte_seconds``, ``gateway_overhead_seconds`` (time in the gateway itself,
 not waiting on the upstream), ``gateway_upstream_errors_total{provider,kind}``,
-``gateway_streams_in_flight``, ``gateway_auth_cache_total{result}``, ``gateway_store_degraded``.
+``gateway_streams_in_flight``, ``gateway_auth_cache_total{result}``, ``gateway_store_degraded``,
+``gateway_limits_degraded``.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ class Totals:
         self.histograms: dict[str, dict[str, tuple[list[int], float]]] = {name: {} for name in HISTOGRAMS}
         self.streams = 0
         self.degraded = 0
+        self.limits_degraded = 0
 
     def add(self, document: dict[str, Any], live: bool) -> None:
         for provider, status_class, team, count in document.get("requests", ()):
@@ -222,12 +224,18 @@ class Totals:
         if live and not document.get("stopped"):
             self.streams += document.get("streams", 0)
             self.degraded = max(self.degraded, document.get("degraded", 0))
+            self.limits_degraded = max(self.limits_degraded, document.get("limits_degraded", 0))
 
     def families(self) -> Iterator[Metric]:
         """The metric families, with today's names, types, labels, help texts and buckets."""
         degraded = GaugeMetricFamily("gateway_store_degraded", "1 while the key store is unreachable")
         degraded.add_metric([], self.degraded)
         yield degraded
+        limits = GaugeMetricFamily(
+            "gateway_limits_degraded", "1 while the limits' store (Redis) is unreachable from any worker"
+        )
+        limits.add_metric([], self.limits_degraded)
+        yield limits
         requests = CounterMetricFamily(
             "gateway_requests",
             "Requests by provider, status class and team",
@@ -355,6 +363,7 @@ class Metrics:
         self.cache_misses = 0
         self.streams = InFlight()
         self.degraded_probe: Callable[[], bool] = lambda: False
+        self.limits_degraded_probe: Callable[[], bool] = lambda: False
         self.dropped_probe: Callable[[], int] = lambda: 0
         """Usage ledger rows dropped by this worker (a full queue), read when publishing."""
         self._task: asyncio.Task[None] | None = None
@@ -422,6 +431,7 @@ class Metrics:
             },
             "streams": 0 if stopped else self.streams.value,
             "degraded": 0 if stopped else int(self.degraded_probe()),
+            "limits_degraded": 0 if stopped else int(self.limits_degraded_probe()),
         }
 
     def publish(self) -> dict[str, Any]:

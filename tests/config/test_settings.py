@@ -74,11 +74,44 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
         ("MAX_REQUEST_BYTES", "0"),
         ("MAX_REQUEST_BYTES", "1.5"),
         ("LOG_LEVEL", "loud"),
+        ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("REDIS_URL", "redis://"),
+        ("REDIS_URL", "redis://:pw@[::1"),
+        ("REDIS_KEY_PREFIX", "has space"),
+        ("LIMITS_FAIL_MODE", "sometimes"),
+        ("BUDGET_UNPRICED", "maybe"),
+        ("BUDGET_DEFAULT_MAX_TOKENS", "0"),
+        ("LIMITS_LEASE_SECONDS", "0"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value}, env_file=None)
+
+
+def test_limit_settings() -> None:
+    defaults = Settings.from_env({}, env_file=None)
+    assert (defaults.redis_url, defaults.redis_key_prefix, defaults.limits_fail_mode) == (None, "gateway:", "open")
+    assert (defaults.budget_unpriced, defaults.budget_default_max_tokens, defaults.limits_lease_seconds) == (
+        "deny",
+        4096,
+        60.0,
+    )
+    env = {
+        "REDIS_URL": "redis://:s3cret@cache.internal:6380/2",
+        "REDIS_KEY_PREFIX": "gw-eu:",
+        "LIMITS_FAIL_MODE": "closed",
+        "BUDGET_UNPRICED": "allow",
+        "BUDGET_DEFAULT_MAX_TOKENS": "1024",
+        "LIMITS_LEASE_SECONDS": "5",
+    }
+    settings = Settings.from_env(env, env_file=None)
+    assert settings.redis_url == env["REDIS_URL"] and settings.limits_fail_mode == "closed"
+    assert settings.budget_default_max_tokens == 1024 and settings.limits_lease_seconds == 5
+    assert "s3cret" not in str(settings.public_view())
+    with pytest.raises(SettingsError) as malformed:
+        Settings.from_env({"REDIS_URL": "ftp://:s3cret@host"}, env_file=None)
+    assert "s3cret" not in str(malformed.value)
 
 
 def test_public_view_masks_secrets() -> None:

@@ -224,3 +224,49 @@ def test_check_reads_postgresql_without_migrating_it(tmp_path: Path, upstream: M
     assert gateway(gateway_env(upstream.url, tmp_path, DATABASE_URL=pg_dsn), "tokens", "list").returncode == 0
     migrated = gateway(gateway_env(upstream.url, tmp_path, DATABASE_URL=pg_dsn), "check")
     assert migrated.returncode == 0 and "schema up to date" in migrated.stdout
+
+
+def test_team_and_key_limits_on_the_database_directly(
+    tmp_path: Path, upstream: MockUpstream, redis_prefix: str
+) -> None:
+    env = gateway_env(upstream.url, tmp_path)
+    key_id = orjson.loads(gateway(env, "tokens", "create", "--team", "team_lim", "--name", "Lim", "--json").stdout)[
+        "keyId"
+    ]
+    listed = gateway(env, "teams", "list").stdout.splitlines()
+    assert listed[0].split()[:4] == ["teamId", "name", "keyCount", "requestsPerMinute"]
+    assert listed[1].split() == ["team_lim", "Lim", "1"]
+
+    set_team = gateway(env, "teams", "set-limits", "team_lim", "--requests-per-minute", "60", "--budget-usd", "12.5")
+    assert set_team.returncode == 0, set_team.stderr
+    assert "budgetPeriod" in set_team.stdout and "month" in set_team.stdout
+    shown = orjson.loads(gateway(env, "teams", "show", "team_lim", "--json").stdout)
+    assert shown["limits"] == {
+        "requestsPerMinute": 60,
+        "tokensPerMinute": None,
+        "maxConcurrent": None,
+        "budgetUsd": 12.5,
+        "budgetPeriod": "month",
+    }
+    assert shown["state"] is None  # without REDIS_URL the figures live in the running gateway
+    cleared = gateway(env, "teams", "set-limits", "team_lim", "--requests-per-minute", "none", "--json")
+    assert orjson.loads(cleared.stdout)["limits"]["requestsPerMinute"] is None
+
+    set_key = gateway(env, "keys", "set-limits", key_id, "--max-concurrent", "3", "--json")
+    assert orjson.loads(set_key.stdout)["limits"]["maxConcurrent"] == 3
+    assert "maxConcurrent" in gateway(env, "keys", "show", key_id).stdout
+    with_redis = {**env, "REDIS_URL": "redis://127.0.0.1:6379/0", "REDIS_KEY_PREFIX": redis_prefix}
+    state = orjson.loads(gateway(with_redis, "keys", "show", key_id, "--json").stdout)["state"]
+    assert state["inFlight"] == 0 and state["spentUsd"] is None
+
+    for args, code, message in [
+        (("teams", "set-limits", "team_lim"), 2, "needs at least one of"),
+        (("teams", "set-limits", "team_lim", "--max-concurrent", "x"), 2, "--max-concurrent must be a number"),
+        (("teams", "set-limits", "team_lim", "--budget-period", "year"), 2, "limits.budgetPeriod"),
+        (("keys", "set-limits", "key_0000000000000000", "--max-concurrent", "1"), 1, "no such key"),
+        (("teams", "show", "team_nobody"), 1, "no such team"),
+    ]:
+        failed = gateway(env, *args)
+        assert failed.returncode == code and message in failed.stderr, failed.stderr
+    several = gateway({**env, "WEB_CONCURRENCY": "2"}, "teams", "set-limits", "team_lim", "--max-concurrent", "2")
+    assert several.returncode == 3 and "REDIS_URL" in several.stderr

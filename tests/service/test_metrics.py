@@ -329,6 +329,11 @@ def test_the_exposition_matches_prometheus_client_metrics(tmp_path: Path) -> Non
     errors = Counter("gateway_upstream_errors", "Upstream failures by kind", ["provider", "kind"], registry=registry)
     streams = Gauge("gateway_streams_in_flight", "Event streams being relayed", registry=registry)
     degraded = Gauge("gateway_store_degraded", "1 while the key store is unreachable", registry=registry)
+    Gauge(
+        "gateway_limits_degraded",
+        "1 while the limits' store (Redis) is unreachable from any worker",
+        registry=registry,
+    )
     cache = Counter("gateway_auth_cache", "Key lookups by cache result", ["result"], registry=registry)
     metrics = Metrics(tmp_path)
     for provider, status, team, seconds in (

@@ -129,6 +129,42 @@ def check_usage(gateway: GatewayProcess, produced: set[tuple[str, str, str]]) ->
     check(httpx.get(f"{url}/tokens/sk_nope/usage"), path, "GET", produced)
 
 
+def check_limits(url: str, key_id: str, produced: set[tuple[str, str, str]]) -> None:
+    """The team and key limit routes, on a gateway of one process (limits in memory)."""
+    check(httpx.get(f"{url}/teams", headers=ADMIN), "/teams", "GET", produced)
+    check(httpx.get(f"{url}/teams?limit=0", headers=ADMIN), "/teams", "GET", produced)
+    check(httpx.get(f"{url}/teams"), "/teams", "GET", produced)
+    team = "/teams/{teamId}"
+    limits = {"limits": {"requestsPerMinute": 100, "budgetUsd": 5}}
+    patched = httpx.patch(f"{url}/teams/team_doc", json=limits, headers=ADMIN)
+    assert patched.json()["limits"]["budgetPeriod"] == "month"
+    check(patched, team, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_doc", json={"limit": {}}, headers=ADMIN), team, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_doc", json=limits), team, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_nobody", json={}, headers=ADMIN), team, "PATCH", produced)
+    check(httpx.get(f"{url}/teams/team_doc", headers=ADMIN), team, "GET", produced)
+    check(httpx.get(f"{url}/teams/team_doc"), team, "GET", produced)
+    check(httpx.get(f"{url}/teams/team_nobody", headers=ADMIN), team, "GET", produced)
+    check(httpx.get(f"{url}/teams/%1B", headers=ADMIN), team, "GET", produced)
+    check(httpx.get(f"{url}/teams", headers=ADMIN), "/teams", "GET", produced)
+    key = "/keys/{keyId}"
+    check(
+        httpx.patch(f"{url}/keys/{key_id}", json={"limits": {"maxConcurrent": 3}}, headers=ADMIN),
+        key,
+        "PATCH",
+        produced,
+    )
+    check(
+        httpx.patch(f"{url}/keys/{key_id}", json={"limits": {"maxConcurrent": 0}}, headers=ADMIN),
+        key,
+        "PATCH",
+        produced,
+    )
+    check(httpx.patch(f"{url}/keys/{key_id}", json={"limits": {}}), key, "PATCH", produced)
+    check(httpx.patch(f"{url}/keys/key_0000000000000000", json={}, headers=ADMIN), key, "PATCH", produced)
+    check(httpx.get(f"{url}/keys/{key_id}", headers=ADMIN), key, "GET", produced)
+
+
 def test_every_documented_response_is_produced(
     gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess], pg_dsn: str, pg_proxy: TcpProxy
 ) -> None:
@@ -154,6 +190,7 @@ def test_every_documented_response_is_produced(
     check(httpx.get(f"{url}/keys/{key_id}", headers=ADMIN), "/keys/{keyId}", "GET", produced)
     check(httpx.get(f"{url}/keys/{key_id}"), "/keys/{keyId}", "GET", produced)
     check(httpx.get(f"{url}/keys/key_0000000000000000", headers=ADMIN), "/keys/{keyId}", "GET", produced)
+    check_limits(url, key_id, produced)
     other = httpx.post(f"{url}/tokens", json={"teamId": "team_doc_2"}, headers=ADMIN).json()
     check(httpx.delete(f"{url}/keys/{other['keyId']}"), "/keys/{keyId}", "DELETE", produced)
     check(httpx.delete(f"{url}/keys/{other['keyId']}", headers=ADMIN), "/keys/{keyId}", "DELETE", produced)
@@ -185,6 +222,15 @@ def test_every_documented_response_is_produced(
     check(httpx.post(admin_rotation.url + refresh), "/tokens/{apiKey}/refresh", "POST", produced)
 
     outage = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"))
+    # PostgreSQL (replicas) without REDIS_URL: limits could not be exact, so none may be set
+    unshared_key = httpx.post(f"{outage.url}/tokens", json={"teamId": "t"}, headers=ADMIN).json()["keyId"]
+    limits = {"limits": {"maxConcurrent": 2}}
+    conflict = httpx.patch(f"{outage.url}/teams/t", json=limits, headers=ADMIN)
+    assert "REDIS_URL" in conflict.json()["error"]
+    check(conflict, "/teams/{teamId}", "PATCH", produced)
+    check(
+        httpx.patch(f"{outage.url}/keys/{unshared_key}", json=limits, headers=ADMIN), "/keys/{keyId}", "PATCH", produced
+    )
     pg_proxy.down()
     wait_until(lambda: httpx.get(f"{outage.url}/readyz").status_code == 503, 10, "the outage noticed")
     check(httpx.post(f"{outage.url}/tokens", json={"teamId": "t"}, headers=ADMIN), "/tokens", "POST", produced)

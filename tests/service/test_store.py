@@ -18,6 +18,7 @@ from yarl import URL
 
 from service.core import keys
 from service.core.ledger import Ledger, LedgerRow
+from service.core.limits.model import Limits
 from service.core.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
 from service.core.store.base import MAX_MESSAGE, prune_old_usage, retention_start, unavailable_on
 from service.core.store.migrations import CREATE_TABLE, migrations
@@ -121,13 +122,14 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
             state = (await cur.fetchone())[0]  # type: ignore[index]
     dialect = "postgresql" if isinstance(probe, PostgresStore) else "sqlite"
     assert [tuple(row) for row in rows] == [(m.version, m.name) for m in migrations(dialect)]
-    assert [tuple(row) for row in rows][:6] == [
+    assert [tuple(row) for row in rows][:7] == [
         (1, "tokens"),
         (2, "change_counter"),
         (3, "listing"),
         (4, "key_ids"),
         (5, "usage_ledger"),
         (6, "ledger_indexes"),
+        (7, "limits"),
     ]
     assert state == 1
     await probe.close()
@@ -767,3 +769,46 @@ async def test_the_ledger_writes_through_the_store(location: str) -> None:
         rows, "2026-11-01", "2026-11-04", []
     )
     await store.close()
+
+
+async def test_limits_of_teams_and_keys(location: str) -> None:
+    store = await open_store(location)
+    try:
+        first = Team("team_1", "One", "2026-11-01T00:00:00.000Z", "key_aaaaaaaaaaaaaaaa")
+        await store.create("d1", first, "sk_11111")
+        second = dataclasses.replace(first, name="Uno", key_id="key_bbbbbbbbbbbbbbbb", created_at="2026-11-02")
+        await store.create("d2", second, "sk_22222")
+        await store.create("d3", Team("team_2", "Two", "2026-11-03", "key_cccccccccccccccc"), "sk_33333")
+        assert not await store.any_limits()
+        marker = await store.change_marker()
+        assert await store.set_limits("team", "team_1", Limits(60, None, 2, 5_000_000, "week"))
+        assert await store.set_limits("key", "key_bbbbbbbbbbbbbbbb", Limits(None, 1000))
+        assert not await store.set_limits("key", "key_dddddddddddddddd", Limits(1))
+        assert await store.set_limits("team", "team_later", Limits(budget_micro_usd=7, budget_period="total"))
+        assert await store.change_marker() != marker  # every cache drops what it holds
+        assert await store.any_limits()
+        team = await store.get("d2")
+        assert team is not None and team.team_limits == Limits(60, None, 2, 5_000_000, "week")
+        assert team.key_limits == Limits(None, 1000)
+        assert (await store.get("d3")) == Team("team_2", "Two", "2026-11-03", "key_cccccccccccccccc")
+        listed = await store.teams(10)
+        assert [(t.team_id, t.name, t.key_count) for t in listed] == [("team_1", "One", 2), ("team_2", "Two", 1)]
+        assert [t.team_id for t in await store.teams(10, "team_1")] == ["team_2"]
+        later = await store.team("team_later")
+        assert later is not None and later.key_count == 0 and later.limits == Limits(None, None, None, 7, "total")
+        assert await store.team("team_nobody") is None
+        assert await store.limits_of("key", "key_aaaaaaaaaaaaaaaa") is None
+        assert await store.limits_of("team", "team_1") == Limits(60, None, 2, 5_000_000, "week")
+        await store.set_limits("team", "team_1", Limits())
+        assert await store.limits_of("team", "team_1") is None
+        await store.record_usage(
+            [
+                usage(1, key_id="key_aaaaaaaaaaaaaaaa"),
+                usage(2, at="2026-10-30T10:00:00.000Z", key_id="key_bbbbbbbbbbbbbbbb"),
+            ]
+        )
+        assert await store.spent("team", "team_1", "2026-11-01") == 1_001
+        assert await store.spent("team", "team_1", None) == 1_001 + 1_002
+        assert await store.spent("key", "key_aaaaaaaaaaaaaaaa", None) == 1_001
+    finally:
+        await store.close()

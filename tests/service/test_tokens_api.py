@@ -259,7 +259,7 @@ def test_a_key_rotated_by_whoever_leaked_it_can_be_found_and_revoked_by_key_id(
     assert shown.status_code == 200
     body = shown.json()
     assert body["keyId"] == key_id and body["teamId"] == "team_leak" and body["keyPrefix"] == stolen[:8] + "…"
-    assert set(body) == {"keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"}
+    assert set(body) == {"keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt", "limits", "state"}
     assert stolen not in shown.text
 
     assert httpx.get(f"{gw.url}/keys/{key_id}").status_code == 401

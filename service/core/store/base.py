@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+from service.core.limits.model import Limits
+
 if TYPE_CHECKING:  # service.core.ledger imports this module: the row class is for annotations only
     from service.core.ledger import LedgerRow
     from service.core.store.usage import ReportRows
@@ -75,6 +77,10 @@ class Team:
     created_at: str
     key_id: str = ""
     """The key's stable, non-secret id (``key_`` + 16 hex), kept across rotation."""
+    key_limits: Limits | None = None
+    """The key's own limits (``None``: none set)."""
+    team_limits: Limits | None = None
+    """The team's limits, which every key of the team passes too (``None``: none set)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,16 @@ class TokenRecord:
     name: str
     created_at: str
     last_used_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TeamSummary:
+    """A team as the team API lists it: from its keys, with its limits."""
+
+    team_id: str
+    name: str
+    key_count: int
+    limits: Limits | None
 
 
 class TokenStore(Protocol):
@@ -131,6 +147,26 @@ class TokenStore(Protocol):
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
         """Call ``on_change(digest)`` as other processes change keys (``None``: anything may have
         changed), where the database can tell; a no-op where it cannot."""
+
+    async def set_limits(self, scope: str, ident: str, limits: Limits) -> bool:
+        """Replace a team's (``scope="team"``, by team id; its row is created) or a key's (``"key"``,
+        by key id) limits; ``False`` when there is no such key. Caches everywhere drop what they hold."""
+
+    async def limits_of(self, scope: str, ident: str) -> Limits | None:
+        """A team's or a key's stored limits (``None``: none set, or unknown)."""
+
+    async def teams(self, limit: int, after: str | None = None) -> Sequence[TeamSummary]:
+        """Up to ``limit`` teams that have keys, by team id, after ``after``."""
+
+    async def team(self, team_id: str) -> TeamSummary | None:
+        """One team: from its keys, or its limits alone; ``None`` when it has neither."""
+
+    async def any_limits(self) -> bool:
+        """Whether any team or key has a limit set."""
+
+    async def spent(self, scope: str, ident: str, since: str | None) -> int:
+        """Micro-dollars a team's or key's priced usage cost from the day ``since`` (``None``: ever),
+        from the daily totals of the usage ledger."""
 
     async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
         """Insert usage ledger rows and add them to the daily totals, in one transaction. A request

@@ -18,7 +18,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 import structlog
 
-from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
+from service.core.limits.model import Limits
+from service.core.store import limits as sql
+from service.core.store.base import StoreUnavailableError, Team, TeamSummary, TokenRecord, unavailable_on, utc_timestamp
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
     INSERT_LEDGER_POSTGRES,
@@ -46,6 +48,15 @@ MIGRATION_LOCK = 0x6761_7465_7761_79  # "gateway": one advisory lock id for ever
 DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 RECONNECT_SECONDS = 1.0
 RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
+_GET_TEAM = sql.numbered(sql.GET_TEAM, "numeric")
+_SET_TEAM = sql.numbered(sql.SET_TEAM, "numeric")
+_SET_KEY = sql.numbered(sql.SET_KEY, "numeric")
+_TEAM_LIMITS = sql.numbered(sql.TEAM_LIMITS, "numeric")
+_KEY_LIMITS = sql.numbered(sql.KEY_LIMITS, "numeric")
+_TEAMS_FIRST = sql.numbered(sql.TEAMS_FIRST, "numeric")
+_TEAMS_AFTER = sql.numbered(sql.TEAMS_AFTER, "numeric")
+_TEAM = sql.numbered(sql.TEAM, "numeric")
+_SPENT = {scope: sql.numbered(query, "numeric") for scope, query in sql.SPENT.items()}
 
 
 def secrets_in(dsn: str) -> list[str]:
@@ -170,8 +181,34 @@ class PostgresStore:
         )
 
     async def get(self, digest: str) -> Team | None:
-        row = await self._fetchrow("SELECT team_id, name, created_at, key_id FROM tokens WHERE digest = $1", digest)
-        return Team(row[0], row[1], row[2], row[3]) if row else None
+        row = await self._fetchrow(_GET_TEAM, digest)
+        return sql.team_from_row(row) if row else None
+
+    async def set_limits(self, scope: str, ident: str, limits: Limits) -> bool:
+        if scope == "team":  # every key of the team may have changed: notify without a digest
+            row = await self._write(_SET_TEAM, ident, utc_timestamp(), *limits.row(), notify="")
+        else:
+            row = await self._write(_SET_KEY, *limits.row(), ident, notify=None)
+        return row is not None
+
+    async def limits_of(self, scope: str, ident: str) -> Limits | None:
+        row = await self._fetchrow(_TEAM_LIMITS if scope == "team" else _KEY_LIMITS, ident)
+        return Limits.from_row(tuple(row)) if row else None
+
+    async def teams(self, limit: int, after: str | None = None) -> list[TeamSummary]:
+        rows = await (self._fetch(_TEAMS_FIRST, limit) if after is None else self._fetch(_TEAMS_AFTER, after, limit))
+        return [summary for row in rows if (summary := sql.summary_from_row(row)) is not None]
+
+    async def team(self, team_id: str) -> TeamSummary | None:
+        row = await self._fetchrow(_TEAM, *(team_id,) * 4)
+        return sql.summary_from_row(row) if row else None
+
+    async def any_limits(self) -> bool:
+        return await self._fetchrow(sql.ANY_LIMITS) is not None
+
+    async def spent(self, scope: str, ident: str, since: str | None) -> int:
+        row = await self._fetchrow(_SPENT[scope], ident, since or sql.EVER)
+        return int(row[0]) if row else 0
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         row = await self._write(

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
+from service.core.limits.model import Limits
+from service.core.store import limits as sql
+from service.core.store.base import StoreUnavailableError, Team, TeamSummary, TokenRecord, unavailable_on, utc_timestamp
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
     ADD_DAILY_SQLITE,
@@ -203,8 +205,35 @@ class SQLiteStore:
         )
 
     async def get(self, digest: str) -> Team | None:
-        row = await self._read_one("SELECT team_id, name, created_at, key_id FROM tokens WHERE digest = ?", (digest,))
-        return Team(row[0], row[1], row[2], row[3]) if row else None
+        row = await self._read_one(sql.GET_TEAM, (digest,))
+        return sql.team_from_row(row) if row else None
+
+    async def set_limits(self, scope: str, ident: str, limits: Limits) -> bool:
+        if scope == "team":
+            return await self._write(sql.SET_TEAM, (ident, utc_timestamp(), *limits.row())) is not None
+        return await self._write(sql.SET_KEY, (*limits.row(), ident)) is not None
+
+    async def limits_of(self, scope: str, ident: str) -> Limits | None:
+        row = await self._read_one(sql.TEAM_LIMITS if scope == "team" else sql.KEY_LIMITS, (ident,))
+        return Limits.from_row(tuple(row)) if row else None
+
+    async def teams(self, limit: int, after: str | None = None) -> list[TeamSummary]:
+        if after is None:
+            rows = await self._read_all(sql.TEAMS_FIRST, (limit,))
+        else:
+            rows = await self._read_all(sql.TEAMS_AFTER, (after, limit))
+        return [summary for row in rows if (summary := sql.summary_from_row(row)) is not None]
+
+    async def team(self, team_id: str) -> TeamSummary | None:
+        row = await self._read_one(sql.TEAM, (team_id,) * 4)
+        return sql.summary_from_row(row) if row else None
+
+    async def any_limits(self) -> bool:
+        return await self._read_one(sql.ANY_LIMITS) is not None
+
+    async def spent(self, scope: str, ident: str, since: str | None) -> int:
+        row = await self._read_one(sql.SPENT[scope], (ident, since or sql.EVER))
+        return int(row[0]) if row else 0
 
     async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
         row = await self._write(

@@ -1,0 +1,118 @@
+"""Limits and budgets, before anything goes upstream.
+
+A request whose key and team carry no limits passes through at the cost of two attribute reads. A
+limited one is admitted by the limiter (``scope["state"]["limiter"]``) against its team's and its
+key's limits at once, or refused with a 429 naming the limit; with a tokens-per-minute limit or a
+budget its body is read first (bounded by ``MAX_REQUEST_BYTES``) for the prompt estimate, the model
+and its output maximum, then handed on whole. Admitted, the response carries the ``x-ratelimit-*``
+headers of the tightest limit, and when the request ends, however it ends (answered, upstream error,
+client gone, timeout, the gateway's own error, cancellation), its lease is released with the real
+tokens and cost the relay read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.core.errors import Forbidden, PayloadTooLarge
+from service.core.limits.limiter import Limiter
+from service.core.limits.outcome import Estimate, Subject
+from service.core.request import SCOPE_KEY, RequestInfo
+
+Estimator = Callable[[Scope, bytes], Estimate]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def unpriced(model: str | None, subject: Subject) -> Forbidden:
+    named = f"The model '{model}' has no price" if model else "The request names no model, so it has no price"
+    return Forbidden(
+        f"{named}, and {subject.kind} '{subject.ident}' has a budget: it cannot be charged against it "
+        "(BUDGET_UNPRICED=deny on this gateway)."
+    )
+
+
+class LimitsGate:
+    def __init__(self, app: ASGIApp, *, estimate: Estimator, max_body: int, unpriced_allowed: bool) -> None:
+        self.app = app
+        self.estimate = estimate
+        self.max_body = max_body
+        self.unpriced_allowed = unpriced_allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        info: RequestInfo = scope[SCOPE_KEY]
+        team = info.team
+        if team is None or (team.team_limits is None and team.key_limits is None):
+            await self.app(scope, receive, send)
+            return
+        subjects = []
+        if team.team_limits is not None:
+            subjects.append(Subject("team", team.team_id, team.team_limits))
+        if team.key_limits is not None:
+            subjects.append(Subject("key", team.key_id, team.key_limits))
+        budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
+        tokens = cost = 0
+        if budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects):
+            try:
+                body = await self._body(scope, receive)
+            except _ClientGone:
+                return
+            receive = _replay(body, receive)
+            estimate = self.estimate(scope, body)
+            tokens = estimate.tokens
+            if budgeted is not None:
+                if estimate.cost is None and not self.unpriced_allowed:
+                    raise unpriced(estimate.model, budgeted)
+                cost = estimate.cost or 0
+        limiter: Limiter = scope["state"]["limiter"]
+        grant = await limiter.admit(subjects, tokens, cost, info.request_id)
+        extra = grant.headers
+        if extra:
+            names = {name for name, _ in extra}
+
+            async def send_with_limits(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in names]
+                    message["headers"] = kept + extra
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_limits if extra else send)
+        finally:
+            used = (info.input_tokens or 0) + (info.output_tokens or 0)
+            limiter.release(grant, used, info.cost_micro_usd or 0)
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise self._too_large()
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body already read, as one message; then the client's own (its disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay

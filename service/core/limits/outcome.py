@@ -1,0 +1,201 @@
+"""What both limiters share: who a request is checked against (``Subject``), what a check found
+(``Tally``), and how that becomes the answer: the ``x-ratelimit-*`` headers of the tightest limit,
+or a 429 naming the limit hit, with ``retry-after``.
+
+A window is the last 60 whole seconds (the current one included), counted per second: ``requests``
+and ``tokens`` are the sums over it, ``oldest_*`` the earliest second still holding some (it leaves
+the window first, which is when room comes back).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from service.core.errors import TooManyRequests
+from service.core.limits.model import Limits, period_bounds, period_key, usd
+
+WINDOW_SECONDS = 60
+BUDGET_RETRY_SECONDS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """A team or a key a request must pass, with its limits."""
+
+    kind: str  # "team" or "key"
+    ident: str
+    limits: Limits
+
+    @property
+    def name(self) -> str:
+        """The subject's place in a shared store: ``team:team_123``, ``key:key_…``."""
+        return f"{self.kind}:{self.ident}"
+
+    def period(self, now: float) -> str | None:
+        """The budget period ``now`` is in (``2026-11-01``, ``total``), or ``None`` without a budget."""
+        period = self.limits.budget_period
+        if self.limits.budget_micro_usd is None:
+            return None
+        return period_key(period or "month", datetime.fromtimestamp(now, UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """One subject's window after a check (this request included when admitted)."""
+
+    requests: int
+    tokens: int
+    oldest_request: int
+    oldest_token: int
+
+
+@dataclass(slots=True)
+class Grant:
+    """An admitted request: its lease on every subject, to be released once, when it ends."""
+
+    lease: str
+    subjects: Sequence[Subject]
+    second: int
+    """The window second the request was counted in (its tokens are settled there)."""
+    tokens: int
+    cost: int
+    periods: tuple[str | None, ...]
+    headers: list[tuple[bytes, bytes]]
+    released: bool = False
+    offline: bool = False
+    """Admitted unchecked while the limits' store was unreachable (``LIMITS_FAIL_MODE=open``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectState:
+    """What the team and key API shows beside the limits."""
+
+    spent: int | None
+    reserved: int
+    requests: int
+    tokens: int
+    in_flight: int
+
+    def json(self, limits: Limits | None, now: float) -> dict[str, object]:
+        budget = limits.budget_micro_usd if limits is not None else None
+        start = reset = None
+        if budget is not None and limits is not None:
+            start, reset = period_bounds(limits.budget_period or "month", datetime.fromtimestamp(now, UTC))
+        spent = self.spent if budget is not None else None
+        return {
+            "spentUsd": usd(spent),
+            "reservedUsd": usd(self.reserved),
+            "remainingUsd": None if budget is None else usd(max(0, budget - (spent or 0) - self.reserved)),
+            "periodStart": _iso(start),
+            "resetsAt": _iso(reset),
+            "requestsThisMinute": self.requests,
+            "tokensThisMinute": self.tokens,
+            "inFlight": self.in_flight,
+        }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``1m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def rate_headers(subjects: Sequence[Subject], tallies: Sequence[Tally], now: float) -> list[tuple[bytes, bytes]]:
+    """``x-ratelimit-*`` for the tightest requests-per-minute and tokens-per-minute limits."""
+    headers: list[tuple[bytes, bytes]] = []
+    best: tuple[int, int, float] | None = None
+    for subject, tally in zip(subjects, tallies, strict=True):
+        limit = subject.limits.requests_per_minute
+        if limit is not None:
+            remaining = max(0, limit - tally.requests)
+            if best is None or remaining < best[1]:
+                best = (limit, remaining, tally.oldest_request + WINDOW_SECONDS - now)
+    if best is not None:
+        headers += [
+            (b"x-ratelimit-limit-requests", str(best[0]).encode()),
+            (b"x-ratelimit-remaining-requests", str(best[1]).encode()),
+            (b"x-ratelimit-reset-requests", duration(best[2]).encode()),
+        ]
+    best = None
+    for subject, tally in zip(subjects, tallies, strict=True):
+        limit = subject.limits.tokens_per_minute
+        if limit is not None:
+            remaining = max(0, limit - tally.tokens)
+            if best is None or remaining < best[1]:
+                best = (limit, remaining, tally.oldest_token + WINDOW_SECONDS - now)
+    if best is not None:
+        headers += [
+            (b"x-ratelimit-limit-tokens", str(best[0]).encode()),
+            (b"x-ratelimit-remaining-tokens", str(best[1]).encode()),
+            (b"x-ratelimit-reset-tokens", duration(best[2]).encode()),
+        ]
+    return headers
+
+
+KINDS = {
+    "concurrent": "concurrent requests",
+    "rpm": "requests per minute",
+    "tpm": "tokens per minute",
+    "budget": "budget",
+}
+
+
+def refusal(
+    subject: Subject,
+    kind: str,
+    retry_after: float,
+    subjects: Sequence[Subject],
+    tallies: Sequence[Tally],
+    now: float,
+    *,
+    spent: int = 0,
+    reserved: int = 0,
+) -> TooManyRequests:
+    """The 429 for a request refused by ``subject``'s ``kind`` limit."""
+    limits = subject.limits
+    if kind == "budget":
+        budget = limits.budget_micro_usd or 0
+        period = limits.budget_period or "month"
+        shown = f"${usd(budget):.6f} " + ("in total" if period == "total" else f"per {period}")
+        detail = f"{shown}; ${usd(spent):.6f} spent, ${usd(reserved):.6f} reserved by requests in flight"
+    else:
+        value = {
+            "concurrent": limits.max_concurrent,
+            "rpm": limits.requests_per_minute,
+            "tpm": limits.tokens_per_minute,
+        }[kind]
+        detail = str(value)
+    message = f"Limit reached: {subject.kind} '{subject.ident}' {KINDS[kind]} ({detail})."
+    wait = str(max(1, math.ceil(retry_after))).encode()
+    return TooManyRequests(message, headers=[(b"retry-after", wait), *rate_headers(subjects, tallies, now)])
+
+
+def budget_retry(subject: Subject, spent: int, cost: int, now: float) -> float:
+    """How long a budget refusal asks to wait: until the period resets when what is spent already
+    leaves no room; a second when requests in flight hold the room (they may settle lower)."""
+    budget = subject.limits.budget_micro_usd or 0
+    if spent + cost <= budget:
+        return BUDGET_RETRY_SECONDS
+    _, reset = period_bounds(subject.limits.budget_period or "month", datetime.fromtimestamp(now, UTC))
+    return 86_400.0 if reset is None else reset.timestamp() - now
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A request's worst case before it goes upstream: its prompt in tokens (estimated), the model
+    it names, and what it may cost at most in micro-dollars (``None`` when the model has no price)."""
+
+    tokens: int
+    cost: int | None
+    model: str | None

@@ -1,0 +1,164 @@
+"""The Lua scripts the Redis limiter runs: each one atomic on the server, whatever the number of
+gateway processes and replicas calling it.
+
+Keys per subject (a team or a key): ``…:w`` a hash of one-second buckets (``r<second>`` requests,
+``t<second>`` tokens) over the last 60 seconds; ``…:l`` a sorted set of leases scored by their expiry
+(milliseconds); ``…:a`` a hash of what each lease reserved against the budget, with their sum in
+``_total``; ``…:s:<period>`` the micro-dollars settled in a budget period. Expired leases are swept
+by every script that reads them, so a process that died leaves nothing held for longer than its
+leases' life. Time is the Redis server's (``TIME``), one clock for every replica.
+"""
+
+from __future__ import annotations
+
+COMMON = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local second = math.floor(now / 1000)
+local first = second - 59
+
+local function sweep(w, l, a)
+  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now)
+  for _, id in ipairs(gone) do
+    local amount = redis.call('HGET', a, id)
+    if amount then
+      redis.call('HINCRBY', a, '_total', -tonumber(amount))
+      redis.call('HDEL', a, id)
+    end
+  end
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', l, '-inf', now)
+  end
+  local flat = redis.call('HGETALL', w)
+  local r, t, oldest_r, oldest_t = 0, 0, -1, -1
+  for j = 1, #flat, 2 do
+    local field = flat[j]
+    local at = tonumber(string.sub(field, 2))
+    local value = tonumber(flat[j + 1])
+    if at < first then
+      redis.call('HDEL', w, field)
+    elseif string.sub(field, 1, 1) == 'r' then
+      r = r + value
+      if value > 0 and (oldest_r < 0 or at < oldest_r) then oldest_r = at end
+    else
+      t = t + value
+      if value > 0 and (oldest_t < 0 or at < oldest_t) then oldest_t = at end
+    end
+  end
+  return {r, t, oldest_r, oldest_t, redis.call('ZCARD', l), tonumber(redis.call('HGET', a, '_total') or '0')}
+end
+"""
+
+ADMIT = (
+    COMMON
+    + """
+-- KEYS: w, l, a, s per subject. ARGV: lease, lease_ms, tokens, cost, then per subject
+-- rpm, tpm, concurrent, budget (-1: no such limit).
+local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
+local tokens, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #KEYS / 4
+local found = {}
+for i = 1, n do
+  found[i] = sweep(KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1])
+end
+for i = 1, n do
+  local base = 4 + 4 * (i - 1)
+  local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local concurrent, budget = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  local f = found[i]
+  local spent = 0
+  if budget >= 0 then
+    local value = redis.call('GET', KEYS[4 * i])
+    if not value then
+      return {'seed', i}
+    end
+    spent = tonumber(value)
+  end
+  local refused = false
+  if concurrent >= 0 and f[5] >= concurrent then
+    refused = 'concurrent'
+  elseif rpm >= 0 and f[1] + 1 > rpm then
+    refused = 'rpm'
+  elseif tpm >= 0 and f[2] + tokens > tpm then
+    refused = 'tpm'
+  elseif budget >= 0 and spent + f[6] + cost > budget then
+    refused = 'budget'
+  end
+  if refused then
+    local out = {'no', now, i, refused, spent, f[6]}
+    for k = 1, n do
+      for m = 1, 4 do table.insert(out, found[k][m]) end
+    end
+    return out
+  end
+end
+local out = {'ok', now}
+for i = 1, n do
+  local w, l, a = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1]
+  redis.call('ZADD', l, now + lease_ms, lease)
+  if cost > 0 then
+    redis.call('HSET', a, lease, cost)
+    redis.call('HINCRBY', a, '_total', cost)
+  end
+  redis.call('HINCRBY', w, 'r' .. second, 1)
+  redis.call('HINCRBY', w, 't' .. second, tokens)
+  redis.call('PEXPIRE', w, 120000)
+  redis.call('PEXPIRE', l, lease_ms + 60000)
+  redis.call('PEXPIRE', a, lease_ms + 60000)
+  local f = found[i]
+  table.insert(out, f[1] + 1)
+  table.insert(out, f[2] + tokens)
+  table.insert(out, f[3] >= 0 and f[3] or second)
+  table.insert(out, f[4] >= 0 and f[4] or second)
+end
+return out
+"""
+)
+
+SETTLE = """
+-- KEYS: w, l, a, s per subject. ARGV: lease, the second it was counted in, token correction, cost.
+-- The spent amount grows only where it exists: absent, it is seeded from the ledger, which has it.
+local lease, second = ARGV[1], ARGV[2]
+local delta, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 1, #KEYS / 4 do
+  local w, l, a, s = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  redis.call('ZREM', l, lease)
+  local amount = redis.call('HGET', a, lease)
+  if amount then
+    redis.call('HINCRBY', a, '_total', -tonumber(amount))
+    redis.call('HDEL', a, lease)
+  end
+  if cost > 0 and redis.call('EXISTS', s) == 1 then
+    redis.call('INCRBY', s, cost)
+  end
+  if delta ~= 0 and redis.call('HEXISTS', w, 't' .. second) == 1 then
+    redis.call('HINCRBY', w, 't' .. second, delta)
+  end
+end
+return 1
+"""
+
+RENEW = """
+-- KEYS: l, a per held lease. ARGV: lease_ms, then one lease per pair of keys.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+for i = 1, #KEYS / 2 do
+  local l, a, lease = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+  if redis.call('ZSCORE', l, lease) then
+    redis.call('ZADD', l, 'XX', now + lease_ms, lease)
+    redis.call('PEXPIRE', l, lease_ms + 60000)
+    redis.call('PEXPIRE', a, lease_ms + 60000)
+  end
+end
+return 1
+"""
+
+STATE = (
+    COMMON
+    + """
+-- KEYS: w, l, a, s of one subject: requests, tokens, in flight, reserved, spent (-1: not seeded).
+local f = sweep(KEYS[1], KEYS[2], KEYS[3])
+return {f[1], f[2], f[5], f[6], tonumber(redis.call('GET', KEYS[4]) or '-1')}
+"""
+)

@@ -1,0 +1,241 @@
+"""Both limiters, in memory and on the real Redis, against the same expectations: requests and
+tokens per minute, concurrency, budgets with reservations, leases that expire, seeding from the
+ledger, several processes sharing one Redis, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from service.core.errors import ServiceUnavailable, TooManyRequests
+from service.core.limits.memory import MemoryLimiter
+from service.core.limits.model import Limits, period_bounds, period_key, usd
+from service.core.limits.outcome import Subject, duration
+from service.core.limits.redis_limiter import RedisLimiter
+from tests.redis_server import REDIS_URL, PrivateRedis
+from tests.support import eventually
+
+LEDGER_SPENT = 40
+Limiter = MemoryLimiter | RedisLimiter
+
+
+async def seed(subject: Subject, period: str) -> int:
+    return LEDGER_SPENT if subject.kind == "team" else 0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Limiter]]:
+    """Limiters of one kind; the Redis ones share one key prefix, as processes of one gateway do."""
+    started: list[Limiter] = []
+    prefix = request.getfixturevalue("redis_prefix") if request.param == "redis" else ""
+    memory: MemoryLimiter | None = None
+
+    def build(lease_seconds: float = 60.0) -> Limiter:
+        nonlocal memory
+        limiter: Limiter
+        if request.param == "memory":
+            memory = memory or MemoryLimiter(seed, lease_seconds)
+            limiter = memory
+        else:
+            limiter = RedisLimiter(REDIS_URL, prefix, seed, lease_seconds=lease_seconds)
+        started.append(limiter)
+        return limiter
+
+    yield build
+    for limiter in started:
+        await limiter.stop()
+
+
+def team(**limits: int | str | None) -> Subject:
+    return Subject("team", "team_1", Limits(**limits))  # type: ignore[arg-type]
+
+
+def key(**limits: int | str | None) -> Subject:
+    return Subject("key", "key_0123456789abcdef", Limits(**limits))  # type: ignore[arg-type]
+
+
+async def refused(limiter: Limiter, subjects: list[Subject], tokens: int = 0, cost: int = 0) -> TooManyRequests:
+    with pytest.raises(TooManyRequests) as caught:
+        await limiter.admit(subjects, tokens, cost, "refused")
+    return caught.value
+
+
+async def settled(limiter: Limiter, subject: Subject, **expected: int | None) -> None:
+    """Releases reach Redis from a background task: wait until the state shows them."""
+
+    async def matches() -> bool:
+        try:
+            state = await limiter.state(subject)
+        except ServiceUnavailable:  # Redis still away
+            return False
+        return all(getattr(state, name) == value for name, value in expected.items())
+
+    await eventually(matches, 5, f"the state {expected}")
+
+
+async def test_requests_per_minute_are_exact_across_processes(make: Callable[..., Limiter]) -> None:
+    first, second = make(), make()
+    await first.start()
+    await second.start()
+    subject = team(requests_per_minute=5)
+    grants = [await (first if n % 2 else second).admit([subject], 0, 0, f"lease-{n}") for n in range(5)]
+    assert dict(grants[-1].headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    assert dict(grants[0].headers)[b"x-ratelimit-limit-requests"] == b"5"
+    refusal = await refused(second, [subject])
+    assert refusal.status == 429
+    assert refusal.message == "Limit reached: team 'team_1' requests per minute (5)."
+    headers = dict(refusal.headers)
+    assert 1 <= int(headers[b"retry-after"]) <= 60
+    assert headers[b"x-ratelimit-remaining-requests"] == b"0"
+    for grant in grants:
+        (first if grant.lease[-1] in "13" else second).release(grant, 0, 0)
+    await settled(first, subject, requests=5, in_flight=0)
+
+
+async def test_concurrency_is_leased_and_released(make: Callable[..., Limiter]) -> None:
+    limiter = make()
+    await limiter.start()
+    subject = key(max_concurrent=2)
+    one = await limiter.admit([subject], 0, 0, "one")
+    await limiter.admit([subject], 0, 0, "two")
+    refusal = await refused(limiter, [subject])
+    assert "key 'key_0123456789abcdef' concurrent requests (2)" in refusal.message
+    assert dict(refusal.headers)[b"retry-after"] == b"1"
+    limiter.release(one, 0, 0)
+    limiter.release(one, 0, 0)  # a second release of the same grant changes nothing
+    await settled(limiter, subject, in_flight=1)
+    await limiter.admit([subject], 0, 0, "three")
+    await refused(limiter, [subject])
+
+
+async def test_a_request_passes_its_key_and_its_team(make: Callable[..., Limiter]) -> None:
+    limiter = make()
+    await limiter.start()
+    loose, tight = team(requests_per_minute=10), key(requests_per_minute=1)
+    grant = await limiter.admit([loose, tight], 0, 0, "one")
+    assert dict(grant.headers)[b"x-ratelimit-limit-requests"] == b"1"  # the tightest
+    refusal = await refused(limiter, [loose, tight])
+    assert "key 'key_0123456789abcdef' requests per minute (1)" in refusal.message
+    state = await limiter.state(loose)
+    assert state.requests == 1  # a refused request is counted nowhere
+
+
+async def test_tokens_per_minute_settle_to_the_real_count(make: Callable[..., Limiter]) -> None:
+    limiter = make()
+    await limiter.start()
+    subject = team(tokens_per_minute=100)
+    grant = await limiter.admit([subject], 30, 0, "one")
+    assert dict(grant.headers)[b"x-ratelimit-remaining-tokens"] == b"70"
+    limiter.release(grant, 95, 0)  # the upstream counted 95 (prompt and answer)
+    await settled(limiter, subject, tokens=95)
+    refusal = await refused(limiter, [subject], tokens=10)
+    assert "tokens per minute (100)" in refusal.message
+    await limiter.admit([subject], 5, 0, "two")
+
+
+async def test_budgets_reserve_the_worst_case_and_settle_the_real_cost(make: Callable[..., Limiter]) -> None:
+    first, second = make(), make()
+    await first.start()
+    await second.start()
+    subject = team(budget_micro_usd=100, budget_period="month")
+    one = await first.admit([subject], 0, 30, "one")  # 40 spent (from the ledger) + 30 reserved
+    state = await second.state(subject)
+    assert (state.spent, state.reserved) == (LEDGER_SPENT, 30)
+    two = await second.admit([subject], 0, 30, "two")
+    refusal = await refused(first, [subject], cost=1)  # 40 + 60 reserved: no room for one more micro-dollar
+    assert "team 'team_1' budget ($0.000100 per month; $0.000040 spent, $0.000060 reserved" in refusal.message
+    assert dict(refusal.headers)[b"retry-after"] == b"1"  # requests in flight hold the room
+    first.release(one, 10, 12)
+    second.release(two, 10, 0)
+    await settled(first, subject, spent=52, reserved=0)
+    refusal = await refused(first, [subject], cost=49)  # 52 + 49 > 100: only the period's end helps
+    _, reset = period_bounds("month", datetime.now(UTC))
+    assert reset is not None
+    assert int(dict(refusal.headers)[b"retry-after"]) > 1
+    await first.admit([subject], 0, 48, "three")
+
+
+async def test_leases_of_a_process_that_stops_renewing_expire(make: Callable[..., Limiter]) -> None:
+    limiter = make(lease_seconds=0.3)
+    await limiter.start()
+    subject = team(max_concurrent=1, budget_micro_usd=100, budget_period="day")
+    await limiter.admit([subject], 0, 50, "never-released")
+    await refused(limiter, [subject])
+    if isinstance(limiter, RedisLimiter):
+        limiter._held.clear()  # as if its process had died: nobody renews the lease
+    await settled(limiter, subject, in_flight=0, reserved=0)
+    await limiter.admit([subject], 0, 50, "next")
+
+
+async def test_a_running_request_keeps_its_lease(redis_prefix: str) -> None:
+    limiter = RedisLimiter(REDIS_URL, redis_prefix, seed, lease_seconds=0.6)
+    await limiter.start()
+    try:
+        subject = team(max_concurrent=1)
+        grant = await limiter.admit([subject], 0, 0, "long")
+        await asyncio.sleep(1.5)  # well past its first expiry: renewed meanwhile
+        assert (await limiter.state(subject)).in_flight == 1
+        limiter.release(grant, 0, 0)
+        await settled(limiter, subject, in_flight=0)
+    finally:
+        await limiter.stop()
+
+
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+async def test_redis_stopped_and_restarted(private_redis: PrivateRedis, fail_mode: str) -> None:
+    limiter = RedisLimiter(private_redis.url, "gw:", seed, fail_mode=fail_mode)
+    await limiter.start()
+    try:
+        subject = team(requests_per_minute=100, budget_micro_usd=1000, budget_period="total")
+        held = await limiter.admit([subject], 0, 10, "before")
+        private_redis.stop()
+        if fail_mode == "open":
+            grant = await limiter.admit([subject], 0, 10, "during")
+            assert grant.offline and grant.headers == []
+            limiter.release(grant, 0, 7)
+        else:
+            with pytest.raises(ServiceUnavailable):
+                await limiter.admit([subject], 0, 10, "during")
+        assert limiter.degraded
+        limiter.release(held, 0, 5)
+        private_redis.start()
+        await eventually(lambda: not limiter.degraded, 10, "recovery without a restart")
+        # Redis came back empty: the spent amount is seeded from the ledger again
+        await settled(limiter, subject, spent=LEDGER_SPENT, reserved=0, in_flight=0)
+        grant = await limiter.admit([subject], 0, 10, "after")
+        assert dict(grant.headers)[b"x-ratelimit-remaining-requests"] == b"99"
+    finally:
+        await limiter.stop()
+
+
+async def test_releases_during_an_outage_are_sent_when_redis_answers(private_redis: PrivateRedis) -> None:
+    """A Redis that comes back with its data (a network cut) gets the costs settled meanwhile."""
+    limiter = RedisLimiter(private_redis.url, "gw:", seed)
+    await limiter.start()
+    try:
+        subject = team(budget_micro_usd=1000, budget_period="day")
+        grant = await limiter.admit([subject], 0, 10, "one")
+        await limiter.client.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # unreachable for 1.5 s
+        limiter.release(grant, 0, 7)
+        await settled(limiter, subject, spent=LEDGER_SPENT + 7, reserved=0)
+    finally:
+        await limiter.stop()
+
+
+def test_periods_are_calendar_utc() -> None:
+    moment = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)  # a Thursday
+    assert period_bounds("day", moment) == (datetime(2026, 12, 31, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_bounds("week", moment) == (datetime(2026, 12, 28, tzinfo=UTC), datetime(2027, 1, 4, tzinfo=UTC))
+    assert period_bounds("month", moment) == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert period_bounds("total", moment) == (None, None)
+    assert period_key("month", datetime(2026, 2, 14, tzinfo=UTC)) == "2026-02-01"
+    assert period_key("total", moment) == "total"
+
+
+def test_durations_and_dollars_as_shown() -> None:
+    assert [duration(s) for s in (0.02, 1.5, 59.9994, 90)] == ["20ms", "1.5s", "59.999s", "1m30s"]
+    assert usd(1) == 0.000001
+    assert usd(None) is None
