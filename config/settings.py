@@ -19,7 +19,7 @@ from yarl import URL
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CACHE_SCOPES = ("team", "shared")
-SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key", "metrics_token"})
+SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key", "metrics_token", "console_session_secret"})
 PROVIDER_SUFFIXES = ("_API_KEY", "_BASE_URL")
 
 
@@ -93,6 +93,11 @@ class Settings:
     """``TRUSTED_PROXIES``: IPs and CIDRs (normalised) whose ``X-Forwarded-For`` names the client."""
     usage_retention_days: int = 90
     """``USAGE_RETENTION_DAYS``: whole days of usage ledger rows kept (1 to 3650); the daily totals stay."""
+    admin_console: bool = True
+    """``ADMIN_CONSOLE``: serve the admin console at ``/admin`` (``False``: no such path)."""
+    console_session_secret: str | None = None
+    """``CONSOLE_SESSION_SECRET``: signs the console's session cookies; unset, a key derived from
+    the admin key (so changing the admin key signs every session out)."""
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
     providers are mounted, since only then is it known which slugs exist)."""
@@ -150,6 +155,8 @@ class Settings:
             unknown_key_limit=_count("UNKNOWN_KEY_LIMIT", get("UNKNOWN_KEY_LIMIT"), 30),
             trusted_proxies=_networks("TRUSTED_PROXIES", get("TRUSTED_PROXIES")),
             usage_retention_days=_days("USAGE_RETENTION_DAYS", get("USAGE_RETENTION_DAYS"), 90, 3650),
+            admin_console=_boolean("ADMIN_CONSOLE", get("ADMIN_CONSOLE"), True),
+            console_session_secret=_session_secret(get("CONSOLE_SESSION_SECRET")),
             host=get("HOST") or "127.0.0.1",
             port=_listen_port("PORT", get("PORT"), 8787),
             web_concurrency=_whole_number("WEB_CONCURRENCY", get("WEB_CONCURRENCY"), 1, "processes"),
@@ -399,6 +406,15 @@ def _boolean(name: str, raw: str | None, default: bool) -> bool:
     if value not in ("true", "false"):
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
     return value == "true"
+
+
+MIN_SESSION_SECRET = 32
+
+
+def _session_secret(raw: str | None) -> str | None:
+    if raw is not None and len(raw) < MIN_SESSION_SECRET:
+        raise SettingsError(f"CONSOLE_SESSION_SECRET must be at least {MIN_SESSION_SECRET} characters long")
+    return raw
 
 
 def _count(name: str, raw: str | None, default: int) -> int:

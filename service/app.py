@@ -6,6 +6,7 @@ Shape of one process::
     └── (CORS, when CORS_ALLOW_ORIGINS)
         └── Gateway                      prefix dispatch, no routing table on the proxy path
             ├── /openai, /anthropic, …   ProviderMount → Auth → Metadata (through Cloudflare) → Relay
+            ├── /admin, /admin/…          the admin console (service.console), unless ADMIN_CONSOLE=false
             └── everything else          Starlette: token API, /healthz, /readyz, /metrics, JSON 404s
 
 The Starlette app owns the lifespan (``service.lifespan``): it opens the store, the key cache and
@@ -37,6 +38,7 @@ from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
 from service import status, tokens, usage
+from service.console import Console, ConsoleMount
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -176,7 +178,10 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     mounts = {
         slug: provider_mount(provider, upstream, settings, prices) for slug, (provider, upstream) in upstreams.items()
     }
-    app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), starlette)
+    rest: ASGIApp = starlette
+    if settings.admin_console:
+        rest = ConsoleMount(Console(settings, starlette.state.upstreams), starlette)
+    app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), rest)
     if settings.cors_allow_origins:
         app = cors(app, settings.cors_allow_origins)
     return RequestContext(app, write_access=write_access, metrics=metrics)

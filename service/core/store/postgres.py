@@ -21,10 +21,12 @@ import structlog
 from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
+    FAILURES,
     INSERT_LEDGER_POSTGRES,
     LEDGER_COLUMNS,
     PRUNE,
     SELECT_REQUEST,
+    FailureRows,
     ReportRows,
     bound,
     daily_totals,
@@ -255,6 +257,10 @@ class PostgresStore:
     ) -> ReportRows:
         report = report_query("numeric", start, end, group_by, filters)
         return report_rows(report, await self._fetch(report.sql, *report.params))
+
+    async def usage_failures(self, start: str, end: str) -> FailureRows:
+        rows = await self._fetch(FAILURES["numeric"], bound(start), bound(end))
+        return [(int(status), int(requests), int(incomplete)) for status, requests, incomplete in rows]
 
     async def change_marker(self) -> int:
         row = await self._fetchrow("SELECT version FROM gateway_state WHERE id = 1")

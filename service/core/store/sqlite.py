@@ -25,9 +25,11 @@ import aiosqlite
 from service.core.store.base import StoreUnavailableError, Team, TokenRecord, unavailable_on
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
+    FAILURES,
     INSERT_CHUNK,
     PRUNE,
     SELECT_REQUEST,
+    FailureRows,
     ReportRows,
     bound,
     daily_totals,
@@ -264,3 +266,7 @@ class SQLiteStore:
     ) -> ReportRows:
         report = report_query("qmark", start, end, group_by, filters)
         return report_rows(report, await self._read_all(report.sql, report.params))
+
+    async def usage_failures(self, start: str, end: str) -> FailureRows:
+        rows = await self._read_all(FAILURES["qmark"], (bound(start), bound(end)))
+        return [(int(status), int(requests), int(incomplete)) for status, requests, incomplete in rows]
