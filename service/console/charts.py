@@ -70,7 +70,8 @@ class Chart:
     width: int = WIDTH
     height: int = HEIGHT
     segments: list[Segment] = field(default_factory=list)
-    x_labels: list[tuple[float, str]] = field(default_factory=list)
+    x_labels: list[tuple[float, str, str]] = field(default_factory=list)
+    """(x, text, text-anchor)."""
     y_max: str = ""
     legend: list[tuple[int, str, str]] = field(default_factory=list)
     """(series index, name, total shown)."""
@@ -119,7 +120,7 @@ def stacked(
     peak = max((sum(stack.values()) for stack in stacks.values()), default=0)
     plot_height = HEIGHT - BOTTOM - TOP
     step = (WIDTH - LEFT - 4) / max(len(xs), 1)
-    bar = max(step * 0.8, 1.0)
+    bar = min(max(step * 0.8, 1.0), 48.0)
     segments: list[Segment] = []
     for n, x in enumerate(xs):
         left = round(LEFT + n * step + (step - bar) / 2, 2)
@@ -131,9 +132,14 @@ def stacked(
             base -= height
             title_text = f"{x} · {names[slot]}: {measure.shown(value)}"
             segments.append(Segment(left, round(base, 2), round(bar, 2), round(height, 2), slot, title_text))
-    x_labels = (
-        [(round(LEFT + i * step + step / 2, 2), xs[i]) for i in sorted({0, len(xs) // 2, len(xs) - 1})] if xs else []
-    )
+    x_labels: list[tuple[float, str, str]] = []
+    if len(xs) == 1:
+        x_labels.append((round(LEFT + step / 2, 2), xs[0], "middle"))
+    elif xs:  # the first and last labels end at the plot's edges, so they are never cut off
+        ends = {0: ("start", LEFT), len(xs) - 1: ("end", WIDTH - 4)}
+        for i in sorted({0, len(xs) // 2, len(xs) - 1}):
+            anchor, at = ends.get(i, ("middle", LEFT + i * step + step / 2))
+            x_labels.append((round(at, 2), xs[i], anchor))
     summary = f"{title}: {measure.shown(sum(totals.values()))} in all over {len(xs)} bars"
     if legend:
         summary += "; " + ", ".join(f"{series} {value}" for _, series, value in legend)
