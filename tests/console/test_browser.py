@@ -197,9 +197,7 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
     # the key works through the real OpenAI SDK, and the calls reach the ledger
     client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=key, max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
-    stream = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], stream=True
-    )
+    stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], stream=True)
     assert list(stream)
     today = datetime.now(UTC).date()
     day_range = {"from": today.isoformat(), "to": (today + timedelta(days=1)).isoformat()}
