@@ -4,6 +4,6 @@ the JSON API. ``ADMIN_CONSOLE=false`` leaves it out of the app altogether."""
 from __future__ import annotations
 
 from service.console.pages import Console
-from service.console.web import ConsoleMount
+from service.console.web import SecurityHeaders
 
-__all__ = ["Console", "ConsoleMount"]
+__all__ = ["Console", "SecurityHeaders"]

@@ -53,7 +53,7 @@ def version() -> str:
 
 
 class Console:
-    """The admin console at ``/admin``, an ASGI app (``ConsoleMount`` puts it in front of the API)."""
+    """The admin console at ``/admin``, an ASGI app the ``Gateway`` dispatches ``/admin`` paths to."""
 
     def __init__(self, settings: Settings, upstreams: dict[str, str]) -> None:
         self.settings = settings
@@ -235,7 +235,7 @@ class Console:
         now = datetime.now(UTC)
         views = [view for view in (data.key_view(r, now) for r in records) if not state or getattr(view, state)]
         start = (page - 1) * KEYS_PER_PAGE
-        all_teams, _ = await data.scan_keys(teams.store) if team_filter is None else (records, truncated)
+        all_teams = records if team_filter is None else (await data.scan_keys(teams.store))[0]
         return self.render(
             request,
             "keys.html",

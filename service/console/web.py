@@ -27,7 +27,6 @@ from service.tokens import whole_number
 
 log = structlog.get_logger("gateway.console")
 
-PREFIX = "/admin"
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -44,19 +43,13 @@ MAX_FORM_FIELDS = 32
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
 
 
-class ConsoleMount:
-    """``/admin`` and everything under it to the console, with its security headers; the rest to ``fallback``."""
+class SecurityHeaders:
+    """The console's security headers on every answer it gives (pages, errors, static files)."""
 
-    def __init__(self, console: ASGIApp, fallback: ASGIApp) -> None:
+    def __init__(self, console: ASGIApp) -> None:
         self.console = console
-        self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if scope["type"] != "http" or not (path == PREFIX or path.startswith(PREFIX + "/")):
-            await self.fallback(scope, receive, send)
-            return
-
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
