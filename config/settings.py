@@ -19,7 +19,7 @@ from yarl import URL
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CACHE_SCOPES = ("team", "shared")
-SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key", "metrics_token"})
+SECRET_FIELDS = frozenset({"ai_gateway_token", "admin_api_key", "metrics_token", "console_session_secret"})
 PROVIDER_SUFFIXES = ("_API_KEY", "_BASE_URL")
 
 
@@ -107,6 +107,11 @@ class Settings:
     limits_lease_seconds: float = 60.0
     """``LIMITS_LEASE_SECONDS``: how long a request's lease lives unless its process renews it (a
     process that died frees its leases after this long)."""
+    admin_console: bool = True
+    """``ADMIN_CONSOLE``: serve the admin console at ``/admin`` (``False``: no such path)."""
+    console_session_secret: str | None = None
+    """``CONSOLE_SESSION_SECRET``: signs the console's session cookies; unset, a key derived from
+    the admin key (so changing the admin key signs every session out)."""
     provider_env: Mapping[str, str] = field(default_factory=dict)
     """Every ``{SLUG}_API_KEY`` and ``{SLUG}_BASE_URL`` set, by variable name (checked when the
     providers are mounted, since only then is it known which slugs exist)."""
@@ -172,6 +177,8 @@ class Settings:
                 "BUDGET_DEFAULT_MAX_TOKENS", get("BUDGET_DEFAULT_MAX_TOKENS"), 4096, 10_000_000, "tokens"
             ),
             limits_lease_seconds=_positive_float("LIMITS_LEASE_SECONDS", get("LIMITS_LEASE_SECONDS"), 60.0),
+            admin_console=_boolean("ADMIN_CONSOLE", get("ADMIN_CONSOLE"), True),
+            console_session_secret=_session_secret(get("CONSOLE_SESSION_SECRET")),
             host=get("HOST") or "127.0.0.1",
             port=_listen_port("PORT", get("PORT"), 8787),
             web_concurrency=_whole_number("WEB_CONCURRENCY", get("WEB_CONCURRENCY"), 1, "processes"),
@@ -447,6 +454,15 @@ def _boolean(name: str, raw: str | None, default: bool) -> bool:
     if value not in ("true", "false"):
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
     return value == "true"
+
+
+MIN_SESSION_SECRET = 32
+
+
+def _session_secret(raw: str | None) -> str | None:
+    if raw is not None and len(raw) < MIN_SESSION_SECRET:
+        raise SettingsError(f"CONSOLE_SESSION_SECRET must be at least {MIN_SESSION_SECRET} characters long")
+    return raw
 
 
 def _count(name: str, raw: str | None, default: int) -> int:

@@ -6,6 +6,7 @@ Shape of one process::
     └── (CORS, when CORS_ALLOW_ORIGINS)
         └── Gateway                      prefix dispatch, no routing table on the proxy path
             ├── /openai, /anthropic, …   ProviderMount → Auth → LimitsGate → Metadata (through Cloudflare) → Relay
+            ├── /admin, /admin/…          the admin console (service.console), unless ADMIN_CONSOLE=false
             └── everything else          Starlette: token API, /healthz, /readyz, /metrics, JSON 404s
 
 The Starlette app owns the lifespan (``service.lifespan``): it opens the store, the key cache and
@@ -39,6 +40,7 @@ from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
 from service import status, teams_api, tokens, usage
+from service.console import Console, SecurityHeaders
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -85,12 +87,15 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 class Gateway:
-    """Dispatch by first path segment: a provider mount, or the Starlette app for the rest."""
+    """Dispatch by first path segment: the admin console, a provider mount, or the Starlette app for the rest."""
 
-    def __init__(self, mounts: dict[str, ProviderMount], disabled: set[str], fallback: ASGIApp) -> None:
+    def __init__(
+        self, mounts: dict[str, ProviderMount], disabled: set[str], fallback: ASGIApp, console: ASGIApp | None = None
+    ) -> None:
         self.mounts = mounts
         self.disabled = frozenset(disabled)
         self.fallback = fallback
+        self.console = console
         enabled = ", ".join(mounts) or "none"
         self.not_enabled = f"This provider is not enabled on this gateway (enabled: {enabled})."
 
@@ -99,6 +104,9 @@ class Gateway:
             path: str = scope["path"]
             end = path.find("/", 1)
             segment = path[1:end] if end > 0 else path[1:]
+            if segment == "admin" and self.console is not None:
+                await self.console(scope, receive, send)
+                return
             mount = self.mounts.get(segment)
             if mount is None and segment in self.disabled:
                 scope[SCOPE_KEY].provider = segment
@@ -186,7 +194,8 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     mounts = {
         slug: provider_mount(provider, upstream, settings, prices) for slug, (provider, upstream) in upstreams.items()
     }
-    app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), starlette)
+    console = SecurityHeaders(Console(settings, starlette.state.upstreams)) if settings.admin_console else None
+    app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), starlette, console)
     if settings.cors_allow_origins:
         app = cors(app, settings.cors_allow_origins)
     return RequestContext(app, write_access=write_access, metrics=metrics)

@@ -82,6 +82,8 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
         ("BUDGET_UNPRICED", "maybe"),
         ("BUDGET_DEFAULT_MAX_TOKENS", "0"),
         ("LIMITS_LEASE_SECONDS", "0"),
+        ("ADMIN_CONSOLE", "maybe"),
+        ("CONSOLE_SESSION_SECRET", "too-short"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, value: str) -> None:
@@ -120,8 +122,10 @@ def test_public_view_masks_secrets() -> None:
         "AI_GATEWAY_TOKEN": "t-secret",
         "GROQ_API_KEY": "g-secret",
         "GROQ_BASE_URL": "https://groq.example/v1",
+        "CONSOLE_SESSION_SECRET": "c-secret-" + "0" * 32,
     }
     view = Settings.from_env(env, env_file=None).public_view()
+    assert view["console_session_secret"] == "set" and "c-secret" not in str(view)
     assert view["admin_api_key"] == "set" and view["ai_gateway_token"] == "set"
     assert view["provider_env"] == {"GROQ_API_KEY": "set", "GROQ_BASE_URL": "https://groq.example/v1"}
     assert "a-secret" not in str(view) and "t-secret" not in str(view) and "g-secret" not in str(view)

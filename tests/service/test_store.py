@@ -812,3 +812,46 @@ async def test_limits_of_teams_and_keys(location: str) -> None:
         assert await store.spent("key", "key_aaaaaaaaaaaaaaaa", None) == 1_001
     finally:
         await store.close()
+
+
+async def test_usage_failures_count_failed_and_cut_short_requests_by_status(location: str) -> None:
+    store = await open_store(location)
+    try:
+        at = "2026-11-02T10:%02d:00.000Z"
+        await store.record_usage(
+            [
+                usage(1, at % 1),
+                usage(2, at % 2, status=502),
+                usage(3, at % 3, status=502, complete=False),
+                usage(4, at % 4, status=429),
+                usage(5, at % 5, complete=False),  # a 200 whose stream was cut short
+                usage(6, at % 30, status=500),  # outside the range asked
+            ]
+        )
+        assert await store.usage_failures("2026-11-02T10:00:00.000Z", "2026-11-02T10:30:00.000Z") == [
+            (200, 1, 1),
+            (429, 1, 0),
+            (502, 2, 1),
+        ]
+        assert await store.usage_failures("2026-11-03", "2026-11-04") == []
+    finally:
+        await store.close()
+
+
+async def test_a_key_rotates_by_its_id_without_its_secret(location: str) -> None:
+    store = await open_store(location)
+    directory = TeamDirectory(store)
+    try:
+        for n in range(3):  # other keys of the team, listed around it
+            await directory.issue("team_rot", f"other {n}")
+        key, team = await directory.issue("team_rot", "rotated")
+        rotated = await directory.rotate_id(team.key_id)
+        assert rotated is not None
+        new_key, same = rotated
+        assert same == team and new_key != key
+        assert await directory.resolve(key) is None
+        assert await directory.resolve(new_key) == team
+        assert await directory.rotate_id("key_0000000000000000") is None
+        assert await directory.rotate_id("not-a-key-id") is None
+    finally:
+        await store.close()

@@ -12,7 +12,7 @@ from service.core.limits.model import Limits
 
 if TYPE_CHECKING:  # service.core.ledger imports this module: the row class is for annotations only
     from service.core.ledger import LedgerRow
-    from service.core.store.usage import ReportRows
+    from service.core.store.usage import FailureRows, ReportRows
 
 
 def utc_timestamp() -> str:
@@ -191,6 +191,10 @@ class TokenStore(Protocol):
         ``reasoningTokens``, ``costMicroUsd`` (``None`` when no request of the row was priced) and
         ``unpricedRequests``. Whole days without ``hour`` are read from the daily totals, which
         outlive the ledger's retention; anything else from the ledger rows."""
+
+    async def usage_failures(self, start: str, end: str) -> FailureRows:
+        """Ledger rows from ``start`` to ``end`` (times as ``usage_report`` takes them) that failed
+        (status 400 and over) or did not reach their end: ``(status, requests, incomplete)`` by status."""
 
 
 def retention_start(retention_days: int, now: datetime | None = None) -> str:

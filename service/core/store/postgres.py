@@ -23,10 +23,12 @@ from service.core.store import limits as sql
 from service.core.store.base import StoreUnavailableError, Team, TeamSummary, TokenRecord, unavailable_on, utc_timestamp
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
+    FAILURES,
     INSERT_LEDGER_POSTGRES,
     LEDGER_COLUMNS,
     PRUNE,
     SELECT_REQUEST,
+    FailureRows,
     ReportRows,
     bound,
     daily_totals,
@@ -292,6 +294,10 @@ class PostgresStore:
     ) -> ReportRows:
         report = report_query("numeric", start, end, group_by, filters)
         return report_rows(report, await self._fetch(report.sql, *report.params))
+
+    async def usage_failures(self, start: str, end: str) -> FailureRows:
+        rows = await self._fetch(FAILURES["numeric"], bound(start), bound(end))
+        return [(int(status), int(requests), int(incomplete)) for status, requests, incomplete in rows]
 
     async def change_marker(self) -> int:
         row = await self._fetchrow("SELECT version FROM gateway_state WHERE id = 1")

@@ -31,10 +31,12 @@ from service.core.store.base import StoreUnavailableError, Team, TeamSummary, To
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
     ADD_DAILY_SQLITE,
+    FAILURES,
     INSERT_LEDGER_SQLITE,
     LAST_ROWID_SQLITE,
     PRUNE,
     SELECT_REQUEST,
+    FailureRows,
     ReportRows,
     bound,
     ledger_params,
@@ -330,3 +332,7 @@ class SQLiteStore:
     ) -> ReportRows:
         report = report_query("qmark", start, end, group_by, filters)
         return report_rows(report, await self._read_all(report.sql, report.params))
+
+    async def usage_failures(self, start: str, end: str) -> FailureRows:
+        rows = await self._read_all(FAILURES["qmark"], (bound(start), bound(end)))
+        return [(int(status), int(requests), int(incomplete)) for status, requests, incomplete in rows]

@@ -92,6 +92,8 @@ DAILY_REPORT_SUMS = (
 
 ReportRows = list[dict[str, object]]
 """What ``usage_report`` returns (named here: the stores' own ``list`` method hides the builtin)."""
+FailureRows = list[tuple[int, int, int]]
+"""What ``usage_failures`` returns: (status, requests, incomplete)."""
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
@@ -258,6 +260,12 @@ SELECT_REQUEST = {
     style: f"SELECT {', '.join(LEDGER_COLUMNS)} FROM usage_ledger WHERE request_id = {mark}"  # noqa: S608
     for style, mark in (("qmark", "?"), ("numeric", "$1"))
 }
+FAILURES = {
+    style: "SELECT status, COUNT(*), SUM(CASE WHEN complete THEN 0 ELSE 1 END) FROM usage_ledger"  # noqa: S608
+    f" WHERE at >= {first} AND at < {second} AND (status >= 400 OR NOT complete) GROUP BY status ORDER BY status"
+    for style, first, second in (("qmark", "?", "?"), ("numeric", "$1", "$2"))
+}
+"""Requests that failed (status 400 and over) or whose response did not reach its end, by status."""
 PRUNE = {
     style: f"DELETE FROM usage_ledger WHERE at < {mark}"  # noqa: S608 (constants only)
     for style, mark in (("qmark", "?"), ("numeric", "$1"))

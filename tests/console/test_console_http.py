@@ -1,0 +1,220 @@
+"""The admin console over plain HTTP, against real gateway processes: its security headers, the
+session cookie, CSRF and origin checks, slowed and limited sign-ins, bad input shown as pages
+(never a 500), the failures panel, a store outage, and ``ADMIN_CONSOLE=false``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from service.console.session import MAX_FAILURES
+from tests.postgres import TcpProxy
+from tests.support import ADMIN_KEY, GatewayProcess, wait_until
+
+PAGES = ["/admin", "/admin/keys", "/admin/teams", "/admin/usage", "/admin/status"]
+
+
+def signed_in(gateway: GatewayProcess, **headers: str) -> httpx.Client:
+    client = httpx.Client(base_url=gateway.url, headers=headers)
+    response = client.post("/admin/login", data={"admin_key": ADMIN_KEY})
+    assert response.status_code == 303 and response.headers["location"] == "/admin", response.text
+    return client
+
+
+def csrf(client: httpx.Client) -> str:
+    match = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', client.get("/admin/keys").text)
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    signed = signed_in(gateway)
+    yield signed
+    signed.close()
+
+
+def test_every_answer_carries_the_security_headers_and_no_inline_code(
+    gateway: GatewayProcess, client: httpx.Client
+) -> None:
+    gateway.create_key("team_headers", "Headers")
+    answers = [httpx.get(f"{gateway.url}/admin/login"), client.get("/admin/nope"), client.get("/admin")]
+    answers += [client.get(path) for path in [*PAGES, "/admin/teams/team_headers"]]
+    for response in answers:
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "style-src 'self'" in csp and "'unsafe-inline'" not in csp
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-store"
+        page = response.text
+        assert "<style" not in page and " style=" not in page
+        assert not re.search(r"<[^>]*\son[a-z]+=", page), "an inline event handler"
+        assert all(src for src in re.findall(r"<script([^>]*)>", page)), "a script without src"
+        for asset in re.findall(r'(?:src|href)="(/admin/static/[^"]+)"', page):
+            static = client.get(asset)
+            assert static.status_code == 200
+            assert static.headers["cache-control"] == "public, max-age=31536000, immutable"
+            assert "frame-ancestors 'none'" in static.headers["content-security-policy"]
+    assert client.get("/admin/static/nope.js").status_code == 404
+
+
+def test_the_session_cookie_and_its_refusals(
+    gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess]
+) -> None:
+    with httpx.Client(base_url=gateway.url) as anonymous:
+        assert anonymous.get("/admin").headers["location"] == "/admin/login"
+        assert anonymous.post("/admin/keys", data={"teamId": "t"}).status_code == 403
+        response = anonymous.post("/admin/login", data={"admin_key": ADMIN_KEY})
+        cookie = response.headers["set-cookie"]
+        assert cookie.startswith("gateway_console=") and ADMIN_KEY not in cookie
+        for attribute in ("HttpOnly", "Max-Age=28800", "Path=/admin", "SameSite=strict"):
+            assert attribute in cookie
+        assert "Secure" not in cookie  # plain HTTP, and no trusted proxy saying otherwise
+        assert anonymous.get("/admin/login").headers["location"] == "/admin"  # already signed in
+        value = anonymous.cookies["gateway_console"]
+        anonymous.cookies.set(
+            "gateway_console", value[:-2] + ("AA" if not value.endswith("AA") else "BB"), path="/admin"
+        )
+        assert anonymous.get("/admin").status_code == 303  # tampered: sign in again
+        anonymous.cookies.set("gateway_console", "x" * 600, path="/admin")
+        assert anonymous.get("/admin").status_code == 303
+
+    # behind a trusted proxy that says HTTPS, the cookie is Secure; a session signed with another
+    # secret is refused
+    proxied = make_gateway(TRUSTED_PROXIES="127.0.0.1", CONSOLE_SESSION_SECRET="s" * 40)
+    response = httpx.post(
+        f"{proxied.url}/admin/login", data={"admin_key": ADMIN_KEY}, headers={"x-forwarded-proto": "https"}
+    )
+    assert "Secure" in response.headers["set-cookie"]
+    foreign = httpx.Client(base_url=proxied.url, cookies={"gateway_console": value})
+    assert foreign.get("/admin").status_code == 303
+
+
+def test_changes_need_the_csrf_token_and_the_same_origin(gateway: GatewayProcess, client: httpx.Client) -> None:
+    token = csrf(client)
+    assert client.post("/admin/keys", data={"teamId": "team_csrf"}).status_code == 403
+    assert client.post("/admin/keys", data={"teamId": "team_csrf", "csrf_token": "0" * 64}).status_code == 403
+    cross = client.post(
+        "/admin/keys", data={"teamId": "team_csrf", "csrf_token": token}, headers={"sec-fetch-site": "cross-site"}
+    )
+    assert cross.status_code == 403
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.get(f"{gateway.url}/tokens", params={"teamId": "team_csrf"}, headers=admin).json()["tokens"] == []
+    created = client.post("/admin/keys", data={"teamId": "team_csrf", "csrf_token": token})
+    assert created.status_code == 201 and "Copy this key now" in created.text
+    listed = httpx.get(f"{gateway.url}/tokens", params={"teamId": "team_csrf"}, headers=admin).json()["tokens"]
+    assert [key["name"] for key in listed] == ["team_csrf"]
+    signed_out = client.post("/admin/logout", data={"csrf_token": token})
+    assert signed_out.status_code == 303 and 'gateway_console=""' in signed_out.headers["set-cookie"]
+
+
+def test_bad_input_is_a_page_with_the_right_status(gateway: GatewayProcess, client: httpx.Client) -> None:
+    token = csrf(client)
+    for form, status, message in [
+        ({"teamId": ""}, 400, "&#39;teamId&#39; must not be empty."),
+        ({"teamId": "a\x1bb"}, 400, "must not contain control characters"),
+        ({"teamId": "t" * 129}, 400, "at most 128 characters"),
+        ({"teamId": "t", "name": "n" * 257}, 400, "at most 256 characters"),
+    ]:
+        response = client.post("/admin/keys", data={**form, "csrf_token": token})
+        assert response.status_code == status and message in response.text, response.text
+    big = client.post("/admin/keys", data={"teamId": "t", "csrf_token": token, "pad": "x" * 20_000})
+    assert big.status_code == 413
+    as_json = client.post("/admin/keys", json={"teamId": "t", "csrf_token": token})
+    assert as_json.status_code == 400
+    for path, status in [
+        ("/admin/usage?from=yesterday", 400),
+        ("/admin/usage?groupBy=week", 400),
+        ("/admin/usage?from=2026-11-02&to=2026-11-01", 400),
+        ("/admin/usage?measure=joy", 400),
+        ("/admin/usage?teamId=%1B", 400),
+        ("/admin/usage.csv?groupBy=week", 400),
+        ("/admin/keys?state=lost", 400),
+        ("/admin/keys?page=0", 400),
+        ("/admin/keys?team=%1B", 400),
+        ("/admin/teams/%1B", 400),
+        ("/admin/teams/team_nobody", 404),
+        ("/admin/keys/key_0000000000000000/rotate", 404),
+        ("/admin/keys/nonsense/revoke", 404),
+        ("/admin/anything/else", 404),
+    ]:
+        response = client.get(path)
+        assert response.status_code == status, (path, response.text)
+        assert response.headers["content-type"].startswith("text/html") and "Traceback" not in response.text
+    assert client.post("/admin/keys/key_0000000000000000/revoke", data={"csrf_token": token}).status_code == 404
+
+
+def test_the_keys_filters_and_the_usage_csv(gateway: GatewayProcess, client: httpx.Client) -> None:
+    gateway.create_key("team_filters", "Filtered")
+    team_page = client.get("/admin/keys", params={"team": "team_filters"})
+    assert team_page.status_code == 200 and team_page.text.count('data-key-id="') == 1
+    assert "No keys match these filters" in client.get("/admin/keys", params={"state": "idle"}).text
+    assert "No keys match these filters" in client.get("/admin/keys", params={"state": "expired"}).text
+    csv = client.get("/admin/usage.csv", params={"groupBy": ["day", "team"], "teamId": "team_filters"})
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    assert csv.headers["content-disposition"].startswith('attachment; filename="usage-')
+    assert csv.text.splitlines()[0].startswith("day,teamId,requests")
+
+
+def test_failed_sign_ins_are_slowed_then_refused(make_gateway: Callable[..., GatewayProcess]) -> None:
+    gateway = make_gateway()
+    login = f"{gateway.url}/admin/login"
+    with ThreadPoolExecutor(MAX_FAILURES) as pool:
+        statuses = list(
+            pool.map(lambda n: httpx.post(login, data={"admin_key": f"guess-{n}"}).status_code, range(MAX_FAILURES))
+        )
+    assert statuses == [401] * MAX_FAILURES
+    refused = httpx.post(login, data={"admin_key": ADMIN_KEY})  # even the right key, until the window ends
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    assert "Too many failed sign-ins" in refused.text
+    lines = [line for line in gateway.log_lines() if str(line.get("event", "")).startswith("console_sign_in")]
+    assert {line["event"] for line in lines} == {"console_sign_in_failed", "console_sign_in_throttled"}
+    assert ADMIN_KEY not in gateway.log_text() and "guess-" not in gateway.log_text()
+
+
+def test_the_overview_lists_the_last_hours_failures(gateway: GatewayProcess, client: httpx.Client) -> None:
+    key = gateway.create_key("team_failures", "Failures")
+    for status in (503, 500):
+        answer = httpx.get(f"{gateway.url}/openai/_mock/status/{status}", headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == status
+
+    def listed() -> bool:
+        page = client.get("/admin").text
+        return "<td>503</td><td>upstream failure</td>" in page and "<td>500</td><td>error</td>" in page
+
+    wait_until(listed, 10, "both failures on the overview")
+
+
+def test_console_off_and_console_without_admin_key(make_gateway: Callable[..., GatewayProcess]) -> None:
+    off = make_gateway(ADMIN_CONSOLE="false")
+    for path in ("/admin", "/admin/login", "/admin/static/console.css"):
+        response = httpx.get(off.url + path)
+        assert response.status_code == 404 and response.headers["content-type"] == "application/json"
+    no_admin = make_gateway(ADMIN_API_KEY="")
+    page = httpx.get(f"{no_admin.url}/admin/login")
+    assert page.status_code == 403 and "ADMIN_API_KEY" in page.text
+    assert httpx.get(f"{no_admin.url}/admin").headers["location"] == "/admin/login"
+
+
+def test_a_store_outage_is_a_503_page(
+    make_gateway: Callable[..., GatewayProcess], pg_dsn: str, pg_proxy: TcpProxy
+) -> None:
+    gateway = make_gateway(DATABASE_URL=pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}"))
+    client = signed_in(gateway)
+    try:
+        assert client.get("/admin/status").status_code == 200
+        pg_proxy.down()
+        wait_until(lambda: httpx.get(f"{gateway.url}/readyz").status_code == 503, 10, "the outage noticed")
+        for path in ("/admin", "/admin/keys"):
+            response = client.get(path)
+            assert response.status_code == 503 and "unreachable" in response.text
+        status = client.get("/admin/status")
+        assert status.status_code == 200 and "unreachable" in status.text
+    finally:
+        pg_proxy.up()
+        client.close()
