@@ -136,21 +136,26 @@ def test_sigterm_under_load_loses_no_row(
     answered: list[str] = []
 
     async def load() -> None:
+        streaming = asyncio.Event()
         async with httpx.AsyncClient(timeout=30) as client:
 
             async def one() -> None:
                 try:
-                    response = await client.post(
+                    async with client.stream(
+                        "POST",
                         f"{gw.url}/openai/_mock/sse?n=20&interval=0.01",
                         headers={"authorization": f"Bearer {key}"},
-                    )
+                    ) as response:
+                        if response.status_code != 200:
+                            return
+                        streaming.set()
+                        await response.aread()
                 except httpx.HTTPError:
                     return
-                if response.status_code == 200:
-                    answered.append(response.headers["x-gateway-request-id"])
+                answered.append(response.headers["x-gateway-request-id"])
 
             tasks = [asyncio.create_task(one()) for _ in range(60)]
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(streaming.wait(), 30)  # streams under way, however busy the machine
             gw.process.send_signal(signal.SIGTERM)  # a deploy, mid-load
             await asyncio.gather(*tasks)
 

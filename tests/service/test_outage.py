@@ -26,7 +26,7 @@ def test_outage_grace_503s_and_recovery(
     make_gateway: Callable[..., GatewayProcess], pg_dsn: str, pg_proxy: TcpProxy
 ) -> None:
     dsn = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{pg_proxy.port}")
-    gw = make_gateway(DATABASE_URL=dsn, STORE_OUTAGE_GRACE_SECONDS="3")
+    gw = make_gateway(DATABASE_URL=dsn, STORE_OUTAGE_GRACE_SECONDS="8")  # room for a busy machine
     verified = gw.create_key("team_verified")
     unseen = gw.create_key("team_unseen")
     assert status(gw, verified) == 200
@@ -44,12 +44,12 @@ def test_outage_grace_503s_and_recovery(
     wait_until(lambda: httpx.get(f"{gw.url}/tokens/{verified}").status_code == 503, 2)
     assert httpx.post(f"{gw.url}/tokens/{verified}/refresh").status_code == 503
     ready = httpx.get(f"{gw.url}/readyz").json()
-    assert ready["status"] == "unavailable" and ready["grace_seconds"] == 3
+    assert ready["status"] == "unavailable" and ready["grace_seconds"] == 8
     wait_until(lambda: "gateway_store_degraded 1.0" in metrics_text(gw), 2)  # published once a second
     assert "gateway_store_degraded 1.0" in metrics_text(gw)
 
-    wait_until(lambda: status(gw, verified) == 503, 6)  # the grace period is over
-    assert time.monotonic() - outage_started >= 2.5
+    wait_until(lambda: status(gw, verified) == 503, 15)  # the grace period is over
+    assert time.monotonic() - outage_started >= 5  # kept for most of the grace, however late the outage was seen
     assert [line["event"] for line in gw.log_lines()].count("store_unavailable") == 1
 
     pg_proxy.up()
