@@ -219,6 +219,20 @@ def test_the_team_limits_form(gateway: GatewayProcess, client: httpx.Client) -> 
     assert client.post("/admin/teams/team_nobody", data={**form, "csrf_token": token}).status_code == 404
 
 
+def test_budgets_while_the_limits_store_is_unreachable(make_gateway: Callable[..., GatewayProcess]) -> None:
+    """Redis down: the budget is shown, its spent said to be unknown, never a 500."""
+    gateway = make_gateway(REDIS_URL="redis://127.0.0.1:9/0")
+    gateway.create_key("team_no_redis", "No Redis")
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    patched = httpx.patch(f"{gateway.url}/teams/team_no_redis", json={"limits": {"budgetUsd": 4}}, headers=admin)
+    assert patched.status_code == 200 and patched.json()["state"] is None, patched.text
+    client = signed_in(gateway)
+    for path in ("/admin", "/admin/teams", "/admin/teams/team_no_redis"):
+        page = client.get(path)
+        assert page.status_code == 200 and "spent not counted" in page.text, path
+    client.close()
+
+
 def test_the_keys_filters_and_the_usage_csv(gateway: GatewayProcess, client: httpx.Client) -> None:
     gateway.create_key("team_filters", "Filtered")
     team_page = client.get("/admin/keys", params={"team": "team_filters"})
