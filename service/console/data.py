@@ -2,19 +2,28 @@
 API (``service.usage``), so a figure on a page equals what ``GET /usage`` answers for it.
 
 Keys and teams are listed from the key store in pages of ``SCAN_PAGE``, at most ``MAX_SCANNED``
-keys per view (a page says when it stopped there).
+keys per view (a page says when it stopped there). Limits and their figures (spent, reserved, in
+flight) come from the store and the limiter through the same calls as ``GET /teams/{teamId}``, so a
+budget bar shows the ``spentUsd`` the API answers.
 """
 
 from __future__ import annotations
 
+import json
+import time as clock
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 from config import Settings
-from service.core.errors import BadRequest
+from service.core.errors import BadRequest, ServiceUnavailable
+from service.core.limits.limiter import Limiter
+from service.core.limits.model import MICRO, NO_LIMITS, Limits, usd
+from service.core.limits.outcome import Subject, SubjectState
 from service.core.store import TokenRecord, TokenStore
+from service.teams_api import LIMIT_FIELDS
 from service.tokens import whole_number
 from service.usage import build_report, timestamp
 
@@ -22,6 +31,7 @@ SCAN_PAGE = 500
 MAX_SCANNED = 10_000
 IDLE_DAYS = 30
 CHART_DAYS = 30
+NEAREST_BUDGETS = 10
 
 
 def midnight(day: date) -> str:
@@ -166,5 +176,118 @@ def whole_page(raw: str) -> int:
 
 
 def redis_status(settings: Settings) -> str:
-    """Extension point: Redis is shown once the limits (``REDIS_URL``) are on this gateway."""
-    return "configured" if getattr(settings, "redis_url", None) else "not configured"
+    return "configured (limits shared by every process)" if settings.redis_url else "not configured"
+
+
+# -- limits and budgets -----------------------------------------------------------------------------
+
+
+def dollars(micro: int) -> str:
+    """Micro-dollars as a price: ``$10.00``, ``$0.000125``."""
+    if micro % 10_000 == 0:
+        return f"${micro / MICRO:,.2f}"
+    return f"${Decimal(micro) / MICRO:,f}"
+
+
+def limits_text(limits: Limits | None) -> str:
+    """A team's or key's limits in a few words (``none`` when none is set)."""
+    if limits is None or limits.empty:
+        return "none"
+    parts = []
+    if limits.requests_per_minute is not None:
+        parts.append(f"{limits.requests_per_minute:,} requests/min")
+    if limits.tokens_per_minute is not None:
+        parts.append(f"{limits.tokens_per_minute:,} tokens/min")
+    if limits.max_concurrent is not None:
+        parts.append(f"{limits.max_concurrent:,} at once")
+    if limits.budget_micro_usd is not None:
+        period = limits.budget_period or "month"
+        parts.append(f"{dollars(limits.budget_micro_usd)} {'in total' if period == 'total' else 'a ' + period}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A team's or key's limits and where it stands against them; ``state`` is ``None`` while the
+    limits' store (Redis) cannot be reached."""
+
+    ident: str
+    limits: Limits | None
+    state: SubjectState | None
+    figures: Mapping[str, object] | None
+    """The state as ``GET /teams/{teamId}`` shows it (``spentUsd``, ``resetsAt``, …)."""
+
+    @property
+    def text(self) -> str:
+        return limits_text(self.limits)
+
+    @property
+    def budget(self) -> int | None:
+        return None if self.limits is None else self.limits.budget_micro_usd
+
+    @property
+    def spent(self) -> int | None:
+        return None if self.budget is None or self.state is None else self.state.spent
+
+    @property
+    def share(self) -> float:
+        """Spent over budget (0 without figures; a spent budget of 0 counts as full)."""
+        if self.budget is None or self.spent is None:
+            return 0.0
+        return self.spent / self.budget if self.budget else 1.0
+
+    @property
+    def meter(self) -> dict[str, object]:
+        """The budget bar's ``<meter>`` values, in dollars: ``value`` is the API's ``spentUsd``."""
+        budget = usd(self.budget) or 0.0
+        return {"max": budget, "value": usd(self.spent) or 0.0, "high": budget * 0.8, "optimum": 0}
+
+
+async def standing(limiter: Limiter, kind: str, ident: str, limits: Limits | None) -> Standing:
+    """As ``GET /teams/{teamId}`` and ``GET /keys/{keyId}`` read it: the limiter's figures now."""
+    try:
+        state = await limiter.state(Subject(kind, ident, limits or NO_LIMITS))
+    except ServiceUnavailable:
+        return Standing(ident, limits, None, None)
+    return Standing(ident, limits, state, state.json(limits, clock.time()))
+
+
+async def team_standings(store: TokenStore, limiter: Limiter) -> tuple[dict[str, Standing], bool]:
+    """Every team with limits set, by team id (up to ``MAX_SCANNED`` teams read); and whether it
+    stopped there."""
+    found: dict[str, Standing] = {}
+    after: str | None = None
+    for _ in range(MAX_SCANNED // SCAN_PAGE):
+        page = await store.teams(SCAN_PAGE, after)
+        for team in page:
+            if team.limits is not None and not team.limits.empty:
+                found[team.team_id] = await standing(limiter, "team", team.team_id, team.limits)
+        if len(page) < SCAN_PAGE:
+            return found, False
+        after = page[-1].team_id
+    return found, True
+
+
+def nearest_budgets(standings: Mapping[str, Standing]) -> list[Standing]:
+    """The teams with a budget, the most spent (against their budget) first."""
+    budgeted = [item for item in standings.values() if item.budget is not None]
+    return sorted(budgeted, key=lambda item: (-item.share, item.ident))[:NEAREST_BUDGETS]
+
+
+def limits_form(form: Mapping[str, str]) -> dict[str, object]:
+    """The limits form as the ``limits`` object of ``PATCH /teams/{teamId}``: an empty field is
+    ``null`` (cleared); a number is read as JSON reads it, anything else is passed on as text
+    for the API's checks to refuse with their own message."""
+    limits: dict[str, object] = {}
+    for name in LIMIT_FIELDS:
+        raw = form.get(name, "").strip()
+        if not raw:
+            limits[name] = None
+        elif name == "budgetPeriod":
+            limits[name] = raw
+        else:
+            try:
+                limits[name] = json.loads(raw)
+            except ValueError:
+                limits[name] = raw
+    return limits

@@ -2,6 +2,8 @@
 
 Plain HTML forms (they work without JavaScript); every change is a POST carrying the session's
 CSRF token; a key is shown once, on the page that answers its creation or rotation, never again.
+A team's limits are set through the same checks and writes as ``PATCH /teams/{teamId}``
+(``service.teams_api.limits_field``), so the console refuses what the API refuses, in its words.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -24,9 +27,12 @@ from service.console import data
 from service.console.charts import MEASURES, stacked
 from service.console.session import FAILURE_DELAY_SECONDS, Session, Sessions, SignInThrottle
 from service.console.web import Handler, guarded, html, read_form, same_origin, static_files, templates
-from service.core.errors import AuthenticationFailed, BadRequest, Forbidden, GatewayError, NotFound
+from service.core.errors import AuthenticationFailed, BadRequest, Conflict, Forbidden, GatewayError, NotFound
+from service.core.limits.limiter import Limiter
+from service.core.limits.model import MICRO, NO_LIMITS, PERIODS
 from service.core.store import StoreUnavailableError
 from service.core.teams import TeamDirectory
+from service.teams_api import LIMIT_FIELDS, limits_field
 from service.tokens import MAX_NAME, MAX_TEAM_ID, check_text
 from service.usage import (
     FILTERS,
@@ -65,6 +71,7 @@ class Console:
         )
         self.throttle = SignInThrottle()
         self.env = templates()
+        self.env.filters["dollars"] = data.dollars
         self.static = static_files()
         self.version = version()
         self.audit_enabled = False
@@ -79,7 +86,7 @@ class Console:
                 Route("/admin/keys/{key_id}/rotate", page(self.rotate), methods=["GET", "POST"]),
                 Route("/admin/keys/{key_id}/revoke", page(self.revoke), methods=["GET", "POST"]),
                 Route("/admin/teams", page(self.teams)),
-                Route("/admin/teams/{team_id:path}", page(self.team)),
+                Route("/admin/teams/{team_id:path}", page(self.team), methods=["GET", "POST"]),
                 Route("/admin/usage", page(self.usage)),
                 Route("/admin/usage.csv", page(self.usage_csv)),
                 Route("/admin/status", page(self.status)),
@@ -193,8 +200,15 @@ class Console:
             raise StoreUnavailableError("store unavailable")
         return teams
 
+    @staticmethod
+    def _limiter(request: Request) -> Limiter:
+        limiter: Limiter = request.state.limiter
+        return limiter
+
     async def overview(self, request: Request) -> Response:
-        view = await data.overview(self._teams(request).store, datetime.now(UTC))
+        store = self._teams(request).store
+        view = await data.overview(store, datetime.now(UTC))
+        standings, _ = await data.team_standings(store, self._limiter(request))
         cost = MEASURES["cost"]
         return self.render(
             request,
@@ -205,6 +219,7 @@ class Console:
             ),
             by_team=stacked("Cost by team, last 30 days", view.by_team, "day", "teamId", cost, view.chart_days),
             dollars=MEASURES["cost"].shown,
+            nearest=data.nearest_budgets(standings),
         )
 
     async def keys(self, request: Request) -> Response:
@@ -235,12 +250,15 @@ class Console:
         now = datetime.now(UTC)
         views = [view for view in (data.key_view(r, now) for r in records) if not state or getattr(view, state)]
         start = (page - 1) * KEYS_PER_PAGE
+        shown = views[start : start + KEYS_PER_PAGE]
+        limits = [await teams.store.limits_of("key", view.record.key_id) for view in shown]
         all_teams = records if team_filter is None else (await data.scan_keys(teams.store))[0]
         return self.render(
             request,
             "keys.html",
             status,
-            keys=views[start : start + KEYS_PER_PAGE],
+            keys=shown,
+            key_limits=[data.limits_text(item) for item in limits],
             total=len(views),
             page=page,
             pages=max(1, -(-len(views) // KEYS_PER_PAGE)),
@@ -282,9 +300,13 @@ class Console:
         return RedirectResponse("/admin/keys?" + urlencode({"revoked": record.key_id}), status_code=303)
 
     async def teams(self, request: Request) -> Response:
-        records, truncated = await data.scan_keys(self._teams(request).store)
+        store = self._teams(request).store
+        records, truncated = await data.scan_keys(store)
         summaries = data.team_summaries(records)
-        return self.render(request, "teams.html", teams=summaries, truncated=truncated, quote=quote)
+        standings, _ = await data.team_standings(store, self._limiter(request))
+        return self.render(
+            request, "teams.html", teams=summaries, standings=standings, truncated=truncated, quote=quote
+        )
 
     async def team(self, request: Request) -> Response:
         team_id = check_text(request.path_params["team_id"], "teamId", MAX_TEAM_ID)
@@ -292,6 +314,27 @@ class Console:
         records, truncated = await data.scan_keys(teams.store, team_id)
         if not records:
             raise NotFound("This team has no keys.")
+        form_error, status = None, 200
+        if request.method == "POST":
+            try:
+                apply = limits_field(data.limits_form(request.scope["console.form"]))
+                await apply(teams.store, self._limiter(request), "team", team_id)
+            except (BadRequest, Conflict) as error:
+                form_error, status = error.message, error.status
+            else:
+                teams.clear()  # as PATCH /teams/{teamId}: this process at once, the others on their refresh
+                log.info("console_limits_set", team_id=team_id)
+                path = f"/admin/teams/{quote(team_id, safe='')}?saved=1"
+                return RedirectResponse(path, status_code=303)
+        limits = await teams.store.limits_of("team", team_id)
+        standing = await data.standing(self._limiter(request), "team", team_id, limits)
+        if form_error is None:
+            stored = (limits or NO_LIMITS).json()
+            values = {name: "" if stored[name] is None else str(stored[name]) for name in stored}
+            if limits is not None and limits.budget_micro_usd is not None:
+                values["budgetUsd"] = f"{Decimal(limits.budget_micro_usd) / MICRO:f}"
+        else:
+            values = {name: request.scope["console.form"].get(name, "") for name in LIMIT_FIELDS}
         now = datetime.now(UTC)
         today = now.date()
         first = today + timedelta(days=1) - timedelta(days=data.CHART_DAYS)
@@ -308,7 +351,13 @@ class Console:
         return self.render(
             request,
             "team.html",
+            status,
             team_id=team_id,
+            standing=standing,
+            values=values,
+            periods=PERIODS,
+            form_error=form_error,
+            saved=request.method == "GET" and request.query_params.get("saved") == "1",
             keys=[data.key_view(r, now) for r in records],
             truncated=truncated,
             chart=chart,

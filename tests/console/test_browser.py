@@ -2,8 +2,9 @@
 against a gateway started from its Procfile and the fake upstream, with the real OpenAI SDK.
 
 One walk through the console as an operator would take it, checked as it goes: sign in (a wrong
-key first), issue a key and copy it, call the gateway with it, find the call in the overview and
-the usage explorer with the figures ``GET /usage`` gives, rotate and revoke, and a forged change
+key first), issue a key and copy it, give its team a budget, call the gateway with it, find the
+call in the overview and the usage explorer with the figures ``GET /usage`` gives and the budget
+bar moved to the ``spentUsd`` of ``GET /teams/{teamId}``, rotate and revoke, and a forged change
 refused. Every page is checked by axe-core at 1280 and 390 pixels wide (no serious or critical
 violation, nothing wider than the screen), every page's console stays free of errors, and a
 screenshot of each is saved under ``test-artifacts/console/``.
@@ -137,6 +138,19 @@ def usage(gateway: GatewayProcess, **query: str) -> dict[str, Any]:
     return result
 
 
+def team_state(gateway: GatewayProcess) -> dict[str, Any]:
+    response = httpx.get(f"{gateway.url}/teams/{TEAM}", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def budget_bar(page: Page) -> tuple[float, float]:
+    """The team's budget bar: its ``<meter>``'s maximum and value, in dollars."""
+    meter = page.locator(f"meter[data-budget='{TEAM}']")
+    return float(meter.get_attribute("max") or "nan"), float(meter.get_attribute("value") or "nan")
+
+
 def check_page(session: Session, name: str, axe: Axe) -> None:
     """axe-core finds no serious or critical violation, nothing is wider than the screen, a screenshot."""
     page = session.page
@@ -194,6 +208,21 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
     assert page.evaluate("navigator.clipboard.readText()") == key
     key_id = page.locator("main p code").first.inner_text()
 
+    # give the team a budget on its page, by its labelled form: the API reads what was saved, and
+    # the teams page shows a bar at the API's spentUsd (nothing spent yet)
+    page.goto(f"/admin/teams/{TEAM}")
+    page.get_by_label("Requests per minute").fill("100")
+    page.get_by_label("Budget (USD)").fill("5")
+    page.get_by_label("Budget period").select_option("day")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Save limits").click()
+    assert "Limits saved" in page.locator("[role=status]").inner_text()
+    check_page(session, "team-limits", axe)
+    limits = team_state(gateway)["limits"]
+    assert (limits["requestsPerMinute"], limits["budgetUsd"], limits["budgetPeriod"]) == (100, 5.0, "day")
+    page.goto("/admin/teams")
+    assert budget_bar(page) == (5.0, team_state(gateway)["state"]["spentUsd"] or 0.0) == (5.0, 0.0)
+
     # the key works through the real OpenAI SDK, and the calls reach the ledger
     client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=key, max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
@@ -202,6 +231,20 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
     today = datetime.now(UTC).date()
     day_range = {"from": today.isoformat(), "to": (today + timedelta(days=1)).isoformat()}
     wait_until(lambda: usage(gateway, **day_range)["totals"]["requests"] == 2, 10, "both calls in the ledger")
+
+    # the budget bar moved: on the teams page and the overview, to the spentUsd GET /teams/{teamId} answers
+    def settled() -> bool:
+        state = team_state(gateway)["state"]
+        return bool(state["inFlight"] == 0 and state["reservedUsd"] == 0)
+
+    wait_until(settled, 10, "both calls settled")
+    spent = team_state(gateway)["state"]["spentUsd"]
+    assert spent > 0 and spent == usage(gateway, teamId=TEAM, **day_range)["totals"]["costUsd"]
+    page.goto("/admin/teams")
+    assert budget_bar(page) == (5.0, spent)
+    assert page.locator(f"[data-limits='{TEAM}']").inner_text() == "100 requests/min, $5.00 a day"
+    page.goto("/admin")
+    assert budget_bar(page) == (5.0, spent)
 
     # the overview shows them, the figures equal to GET /usage's for today and this month
     page.goto("/admin")
@@ -268,7 +311,7 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
     rotated = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=new_key, max_retries=0)
-    rotated.models.list()
+    rotated.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
 
     # revoke: a confirmation, then the key is gone and refused
     page.goto(f"/admin/keys?team={TEAM}")
@@ -315,6 +358,8 @@ def test_every_page_at_390_px(chromium: Browser, console_gateway: GatewayProcess
         page.get_by_role("button", name="Issue key").click()
     check_page(session, "key-created", axe)
     key_id = page.locator("main p code").first.inner_text()
+    limits = {"limits": {"tokensPerMinute": 20_000, "budgetUsd": 2.5}}  # a budget bar on the narrow pages
+    assert httpx.patch(f"{console_gateway.url}/teams/{TEAM}_narrow", json=limits, headers=ADMIN).status_code == 200
     for name, path in PAGES.items():
         page.goto(path)
         check_page(session, name, axe)

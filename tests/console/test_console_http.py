@@ -4,6 +4,7 @@ session cookie, CSRF and origin checks, slowed and limited sign-ins, bad input s
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -147,6 +148,89 @@ def test_bad_input_is_a_page_with_the_right_status(gateway: GatewayProcess, clie
         assert response.status_code == status, (path, response.text)
         assert response.headers["content-type"].startswith("text/html") and "Traceback" not in response.text
     assert client.post("/admin/keys/key_0000000000000000/revoke", data={"csrf_token": token}).status_code == 404
+
+
+def test_the_team_limits_form(gateway: GatewayProcess, client: httpx.Client) -> None:
+    """The limits form goes through PATCH /teams/{teamId}'s checks: its refusals are 400 pages with the
+    API's own messages and write nothing; what it saves is what the API reads; empty fields clear."""
+    gateway.create_key("team_limits", "Limits")
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+    def api_limits() -> dict[str, object]:
+        answer = httpx.get(f"{gateway.url}/teams/team_limits", headers=admin)
+        assert answer.status_code == 200, answer.text
+        limits: dict[str, object] = answer.json()["limits"]
+        return limits
+
+    cleared = dict.fromkeys(("requestsPerMinute", "tokensPerMinute", "maxConcurrent", "budgetUsd", "budgetPeriod"))
+    path = "/admin/teams/team_limits"
+    token = csrf(client)
+    form = {"requestsPerMinute": "600", "tokensPerMinute": "", "maxConcurrent": "8", "budgetUsd": "25.5"}
+    form["budgetPeriod"] = "week"
+    assert client.post(path, data=form).status_code == 403
+    assert client.post(path, data={**form, "csrf_token": "0" * 64}).status_code == 403
+    for field, value, message in [
+        ("requestsPerMinute", "0", "'limits.requestsPerMinute' must be a whole number from 1 to"),
+        ("tokensPerMinute", "many", "'limits.tokensPerMinute' must be a whole number from 1 to"),
+        ("maxConcurrent", "2.5", "'limits.maxConcurrent' must be a whole number from 1 to"),
+        ("maxConcurrent", "9" * 5000, "'limits.maxConcurrent' must be a whole number from 1 to"),
+        ("budgetUsd", "ten", "'limits.budgetUsd' must be a number of US dollars"),
+        ("budgetUsd", "0.0000001", "'limits.budgetUsd' must be a number of US dollars"),
+        ("budgetUsd", "-1", "'limits.budgetUsd' must be a number of US dollars"),
+        ("budgetUsd", "1e999", "'limits.budgetUsd' must be a number of US dollars"),
+        ("budgetUsd", "NaN", "'limits.budgetUsd' must be a number of US dollars"),
+        ("budgetPeriod", "fortnight", "'limits.budgetPeriod' must be one of day, week, month, total"),
+    ]:
+        response = client.post(path, data={**form, field: value, "csrf_token": token})
+        assert response.status_code == 400, (field, value[:20], response.text)
+        page = html.unescape(response.text)
+        assert message in page and 'role="alert"' in page and "Traceback" not in page
+        assert field == "budgetPeriod" or f'value="{value}"' in page  # the form keeps what was typed
+    assert api_limits() == cleared
+
+    saved = client.post(path, data={**form, "csrf_token": token})
+    assert saved.status_code == 303 and saved.headers["location"] == f"{path}?saved=1"
+    expected = {**cleared, "requestsPerMinute": 600, "maxConcurrent": 8, "budgetUsd": 25.5, "budgetPeriod": "week"}
+    assert api_limits() == expected
+    shown = client.get(saved.headers["location"]).text
+    assert "Limits saved" in shown and 'value="25.5"' in shown and '<option value="week" selected>' in shown
+    spent = httpx.get(f"{gateway.url}/teams/team_limits", headers=admin).json()["state"]["spentUsd"]
+    teams = client.get("/admin/teams").text
+    assert '<td data-limits="team_limits">600 requests/min, 8 at once, $25.50 a week</td>' in teams
+    bar = re.search(r'<meter [^>]*max="([^"]+)" value="([^"]+)"[^>]*data-budget="team_limits"', teams)
+    assert bar is not None and (float(bar.group(1)), float(bar.group(2))) == (25.5, spent)
+    assert 'data-budget="team_limits"' in client.get("/admin").text  # among the teams nearest their budgets
+
+    # a key's limits (set through the API) are shown on the keys page
+    key_id = httpx.get(f"{gateway.url}/tokens", params={"teamId": "team_limits"}, headers=admin).json()["tokens"][0]
+    patched = httpx.patch(
+        f"{gateway.url}/keys/{key_id['keyId']}", json={"limits": {"tokensPerMinute": 5000}}, headers=admin
+    )
+    assert patched.status_code == 200, patched.text
+    keys = client.get("/admin/keys", params={"team": "team_limits"}).text
+    assert f'<td data-limits="{key_id["keyId"]}">5,000 tokens/min</td>' in keys
+
+    # a budget without a period runs per month; empty fields clear every limit
+    client.post(path, data={"budgetUsd": "3", "csrf_token": token})
+    assert api_limits() == {**cleared, "budgetUsd": 3.0, "budgetPeriod": "month"}
+    assert client.post(path, data={"csrf_token": token}).status_code == 303
+    assert api_limits() == cleared
+    assert 'data-budget="team_limits"' not in client.get("/admin/teams").text
+    assert client.post("/admin/teams/team_nobody", data={**form, "csrf_token": token}).status_code == 404
+
+
+def test_budgets_while_the_limits_store_is_unreachable(make_gateway: Callable[..., GatewayProcess]) -> None:
+    """Redis down: the budget is shown, its spent said to be unknown, never a 500."""
+    gateway = make_gateway(REDIS_URL="redis://127.0.0.1:9/0")
+    gateway.create_key("team_no_redis", "No Redis")
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    patched = httpx.patch(f"{gateway.url}/teams/team_no_redis", json={"limits": {"budgetUsd": 4}}, headers=admin)
+    assert patched.status_code == 200 and patched.json()["state"] is None, patched.text
+    client = signed_in(gateway)
+    for path in ("/admin", "/admin/teams", "/admin/teams/team_no_redis"):
+        page = client.get(path)
+        assert page.status_code == 200 and "spent not counted" in page.text, path
+    client.close()
 
 
 def test_the_keys_filters_and_the_usage_csv(gateway: GatewayProcess, client: httpx.Client) -> None:
