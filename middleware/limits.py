@@ -28,6 +28,11 @@ class _ClientGone(Exception):
     pass
 
 
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that name no model and generate nothing (listing models, reading a file or a batch): a
+budget admits them at no cost; a request that writes and names no model cannot be priced."""
+
+
 def unpriced(model: str | None, subject: Subject) -> Forbidden:
     named = f"The model '{model}' has no price" if model else "The request names no model, so it has no price"
     return Forbidden(
@@ -65,7 +70,8 @@ class LimitsGate:
             estimate = self.estimate(scope, body)
             tokens = estimate.tokens
             if budgeted is not None:
-                if estimate.cost is None and not self.unpriced_allowed:
+                reads_only = estimate.model is None and scope["method"] in _READS
+                if estimate.cost is None and not self.unpriced_allowed and not reads_only:
                     raise unpriced(estimate.model, budgeted)
                 cost = estimate.cost or 0
         limiter: Limiter = scope["state"]["limiter"]

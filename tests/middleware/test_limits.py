@@ -101,6 +101,10 @@ def test_unpriced_models_under_a_budget(make_gateway: Callable[..., GatewayProce
     assert "The model 'no-such-model' has no price" in refused.value.message
     assert "team 'team_unpriced' has a budget" in refused.value.message
     sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # priced: admitted
+    assert sdk.models.list().data  # names no model and generates nothing: admitted at no cost
+    with pytest.raises(openai.PermissionDeniedError) as unnamed:  # writes, names no model: cannot be priced
+        sdk.post("/chat/completions", body={"messages": MESSAGES}, cast_to=object)
+    assert "The request names no model, so it has no price" in unnamed.value.message
     sdk.close()
     allowing = make_gateway(BUDGET_UNPRICED="allow")
     patch(allowing, "/teams/team_unpriced", {"limits": {"budgetUsd": 10}})
