@@ -5,7 +5,7 @@ Shape of one process::
     RequestContext                       request id, timing, the error boundary, the access line
     └── (CORS, when CORS_ALLOW_ORIGINS)
         └── Gateway                      prefix dispatch, no routing table on the proxy path
-            ├── /openai, /anthropic, …   ProviderMount → Auth → Metadata (through Cloudflare) → Relay
+            ├── /openai, /anthropic, …   ProviderMount → Auth → AllowLists → Metadata (through Cloudflare) → Relay
             └── everything else          Starlette: token API, /healthz, /readyz, /metrics, JSON 404s
 
 The Starlette app owns the lifespan (``service.lifespan``): it opens the store, the key cache and
@@ -17,6 +17,7 @@ app by its exception handlers below, through the same renderer.
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,15 +29,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings, SettingsError
 from config.logging import configure_logging
+from middleware.allow_lists import AllowLists
 from middleware.auth import Auth
 from middleware.context import RequestContext
 from middleware.metadata import Metadata
 from providers.base import Provider
+from providers.metering import path_model
 from providers.mount import ProviderMount
 from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
-from service import status, tokens, usage
+from service import governance, status, tokens, usage
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -114,10 +117,12 @@ class Gateway:
 def provider_mount(
     provider: Provider, upstream: Upstream | str, settings: Settings, prices: PriceTable | None
 ) -> ProviderMount:
-    """One provider's request path: auth, then (through Cloudflare) metadata, then the relay."""
+    """One provider's request path: auth, allow-lists, then (through Cloudflare) metadata, then the relay."""
     app: ASGIApp = Relay(provider, upstream, settings, prices)
     if isinstance(upstream, Upstream) and upstream.via_gateway:
         app = Metadata(app)  # cf-aig-metadata is for Cloudflare; direct, the access line has the team
+    models_in_path = partial(path_model, provider.slug)
+    app = AllowLists(app, provider=provider.slug, path_model=models_in_path, max_body=settings.max_request_bytes)
     return ProviderMount(provider, upstream, Auth(app, key_headers=provider.team_key_headers))
 
 
@@ -149,6 +154,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     metrics = Metrics(team_labels=settings.metrics_team_labels)
     routes = [
         *tokens.routes,
+        *governance.routes,
         *usage.routes,
         Route("/healthz", status.healthz),
         Route("/readyz", status.readyz),
@@ -173,6 +179,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     starlette.state.settings = settings
     starlette.state.openapi = status.OPENAPI.read_bytes()
     starlette.state.upstreams = {slug: mode(upstream) for slug, (_, upstream) in upstreams.items()}
+    starlette.state.known_providers = tuple(registry)
     mounts = {
         slug: provider_mount(provider, upstream, settings, prices) for slug, (provider, upstream) in upstreams.items()
     }

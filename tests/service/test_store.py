@@ -84,8 +84,8 @@ async def test_store_round_trip(location: str) -> None:
     )
     assert await store.get("a" * 64) is None
     assert await store.replace("a" * 64, "d" * 64, "sk_ddddd") is None
-    assert await store.delete("c" * 64) is True
-    assert await store.delete("c" * 64) is False
+    assert await store.delete("c" * 64) is not None
+    assert await store.delete("c" * 64) is None
     await store.close()
 
 
@@ -125,6 +125,8 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
         (3, "listing"),
         (4, "key_ids"),
         (5, "usage_ledger"),
+        (6, "reserved"),
+        (7, "governance"),
     ]
     assert state == 1
     await probe.close()
