@@ -1,9 +1,14 @@
 """The ``gateway`` command: serve, manage keys on the configured database, check the set-up.
 
     gateway serve [--host H] [--port P] [--workers N]
-    gateway tokens create --team T [--name N] | list [--limit N] [--team T] | show KEY | rotate KEY | revoke KEY
-    gateway keys show KEYID | revoke KEYID
-    gateway teams revoke-keys TEAMID
+    gateway tokens create --team T [--name N] [--expires 30d|12h|2026-12-31T18:00:00Z] [--allow-models gpt-4o*,…]
+                          [--allow-providers openai,…]
+                  | list [--limit N] [--team T] | show KEY | rotate KEY [--grace 1h] | revoke KEY
+    gateway keys show KEYID | revoke KEYID | update KEYID [--expires …|never] [--allow-models …|none]
+                                                         [--allow-providers …|none]
+    gateway teams show TEAMID | update TEAMID [--allow-models …|none] [--allow-providers …|none]
+                | revoke-keys TEAMID
+    gateway audit [--team T] [--key KEYID] [--action key.revoked] [--since 7d] [--until …] [--limit N]
     gateway usage [--team T] [--key KEYID] [--provider P] [--model M] [--since 7d|24h|2026-11-01]
                   [--until …] [--by day,model] [--json|--csv]
     gateway check
@@ -37,20 +42,25 @@ import structlog
 from config import Settings, SettingsError
 from providers.upstream import enabled_upstreams
 from providers.upstream import mode as upstream_mode
+from service import fields
+from service.core import audit
 from service.core.errors import BadRequest
 from service.core.store import StoreUnavailableError, TokenRecord, store_for
 from service.core.store.migrations import latest_version
 from service.core.teams import TeamDirectory
+from service.governance import audit_filters, audit_page, team_json
 from service.tokens import (
     MAX_NAME,
     MAX_PAGE,
     MAX_TEAM_ID,
     check_text,
+    issue,
     issued_json,
+    new_key_fields,
     record_json,
-    team_json,
     whole_number,
 )
+from service.tokens import team_json as key_json
 from service.usage import (
     FILTERS,
     GROUP_FIELDS,
@@ -61,6 +71,7 @@ from service.usage import (
     report_csv,
     report_json,
     time_range,
+    timestamp,
     usd,
 )
 
@@ -78,7 +89,7 @@ def printable(value: object) -> str:
     newlines) as their Python escapes, so stored text cannot drive the terminal."""
     if value is None:
         return ""
-    text = str(value)
+    text = ", ".join(str(item) for item in value) if isinstance(value, list) else str(value)
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
@@ -111,7 +122,42 @@ async def with_directory(settings: Settings, work: Callable[[TeamDirectory], Awa
         await store.close()
 
 
-RECORD_COLUMNS = ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"]
+RECORD_COLUMNS = ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt", "expiresAt", "expired"]
+KEY_COLUMNS = ["keyId", "teamId", "name", "createdAt", "allowedModels", "allowedProviders", "expiresAt", "expired"]
+GOVERNANCE_OPTIONS = {"allowedModels": "--allow-models", "allowedProviders": "--allow-providers"}
+
+
+def governance_options(args: argparse.Namespace, *, creating: bool) -> dict[str, object]:
+    """``--expires``, ``--allow-models`` and ``--allow-providers`` as the API's fields: a duration
+    (``30d``) is ``expiresIn``, a time ``expiresAt``, ``never`` no expiry; lists are comma-separated,
+    ``none`` (or empty) for no list."""
+    payload: dict[str, object] = {}
+    expires = getattr(args, "expires", None)
+    if expires is not None:
+        raw = expires.strip()
+        if raw == "never" and not creating:
+            payload["expiresAt"] = None
+        elif raw[-1:] in ("s", "m", "h", "d") and raw[:-1].isdigit():
+            payload["expiresIn"] = raw
+        else:
+            payload["expiresAt"] = raw
+    for name, option in GOVERNANCE_OPTIONS.items():
+        value = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            payload[name] = None if items in ([], ["none"]) else items
+    return payload
+
+
+def option_message(message: str) -> str:
+    """An API message in the CLI's terms: ``'expiresIn'`` → ``--expires``."""
+    for field_name, option in (*GOVERNANCE_OPTIONS.items(), ("expiresIn", "--expires"), ("expiresAt", "--expires")):
+        message = message.replace(f"'{field_name}'", option)
+    return message
+
+
+def known_providers(settings: Settings) -> tuple[str, ...]:
+    return tuple(enabled_upstreams(settings)[1])
 
 
 def checked(value: str, option: str, limit: int) -> str:
@@ -123,12 +169,17 @@ def checked(value: str, option: str, limit: int) -> str:
 
 
 def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
-    team_columns = ["apiKey", "keyId", "teamId", "name", "createdAt"]
+    team_columns = ["apiKey", *KEY_COLUMNS]
 
     async def create(directory: TeamDirectory) -> int:
         team_id = checked(args.team, "--team", MAX_TEAM_ID)
         name = team_id if args.name is None else checked(args.name, "--name", MAX_NAME)
-        key, team = await directory.issue(team_id, name)
+        payload = {"teamId": team_id, "name": name, **governance_options(args, creating=True)}
+        try:
+            team_id, name, change = new_key_fields(payload, known_providers(settings))
+        except BadRequest as exc:
+            raise CommandFailed(option_message(exc.message), USAGE) from None
+        key, team = await issue(directory, team_id, name, change, audit.CLI)
         emit(args, [issued_json(key, team)], team_columns, single=True)
         return OK
 
@@ -142,11 +193,20 @@ def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
         team = await directory.resolve(args.key)
         if team is None:
             raise CommandFailed("no such key", NOT_FOUND)
-        emit(args, [team_json(team)], ["keyId", "teamId", "name", "createdAt"], single=True)
+        emit(args, [key_json(team)], KEY_COLUMNS, single=True)
         return OK
 
     async def rotate(directory: TeamDirectory) -> int:
-        rotated = await directory.rotate(args.key)
+        grace = None
+        if args.grace is not None:
+            raw = args.grace.strip()
+            try:
+                grace = int(raw) if raw.isascii() and raw.isdigit() else fields.duration_seconds(raw, "--grace")
+            except BadRequest as exc:
+                raise CommandFailed(exc.message, USAGE) from None
+            if grace > fields.MAX_GRACE_SECONDS:
+                raise CommandFailed("--grace must be at most 7 days (604800 seconds)", USAGE)
+        rotated = await directory.rotate(args.key, audit.CLI, grace)
         if rotated is None:
             raise CommandFailed("no such key", NOT_FOUND)
         key, team = rotated
@@ -179,7 +239,29 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
         emit(args, [{"revoked": True, "keyId": args.key_id}], ["revoked", "keyId"], single=True)
         return OK
 
-    return asyncio.run(with_directory(settings, {"show": show, "revoke": revoke}[args.action]))
+    async def update(directory: TeamDirectory) -> int:
+        before = await directory.find(args.key_id)
+        if before is None:
+            raise CommandFailed("no such key", NOT_FOUND)
+        try:
+            change = fields.apply(
+                governance_options(args, creating=False),
+                fields.KEY_FIELDS,
+                fields.Change(known_providers=known_providers(settings)),
+            )
+        except BadRequest as exc:
+            raise CommandFailed(option_message(exc.message), USAGE) from None
+        changes = audit.diff(fields.key_view(before), change.view)
+        record = await directory.update_key(args.key_id, change.columns, changes, audit.CLI)
+        if record is None:
+            raise CommandFailed("no such key", NOT_FOUND)
+        emit(args, [record_json(record)], [*RECORD_COLUMNS[:6], *KEY_COLUMNS[4:]], single=True)
+        return OK
+
+    return asyncio.run(with_directory(settings, {"show": show, "revoke": revoke, "update": update}[args.action]))
+
+
+TEAM_COLUMNS = ["teamId", "allowedModels", "allowedProviders", "updatedAt", "keys"]
 
 
 def teams_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -190,7 +272,59 @@ def teams_command(args: argparse.Namespace, settings: Settings) -> int:
         emit(args, [{"teamId": team_id, "revoked": revoked}], ["teamId", "revoked"], single=True)
         return OK
 
-    return asyncio.run(with_directory(settings, revoke_keys))
+    async def show(directory: TeamDirectory) -> int:
+        shown = await team_json(directory.store, team_id)
+        if shown is None:
+            raise CommandFailed("no such team (no keys and no settings)", NOT_FOUND)
+        emit(args, [shown], TEAM_COLUMNS, single=True)
+        return OK
+
+    async def update(directory: TeamDirectory) -> int:
+        try:
+            change = fields.apply(
+                governance_options(args, creating=False),
+                fields.TEAM_FIELDS,
+                fields.Change(known_providers=known_providers(settings)),
+            )
+        except BadRequest as exc:
+            raise CommandFailed(option_message(exc.message), USAGE) from None
+        before = fields.team_view(team_id, await directory.store.team_settings(team_id))
+        await directory.update_team(team_id, change.columns, audit.diff(before, change.view), audit.CLI)
+        return await show(directory)
+
+    work = {"revoke-keys": revoke_keys, "show": show, "update": update}[args.action]
+    return asyncio.run(with_directory(settings, work))
+
+
+AUDIT_COLUMNS = ["at", "action", "actor", "teamId", "keyId", "changes", "clientAddress", "requestId"]
+AUDIT_OPTIONS = {"teamId": "--team", "keyId": "--key", "action": "--action"}
+
+
+def audit_command(args: argparse.Namespace, settings: Settings) -> int:
+    """The audit trail, newest first, on the database directly (as ``GET /audit`` answers it)."""
+    now = datetime.now(UTC)
+    try:
+        start = None if args.since is None else usage_time(args.since, "--since", now)
+        end = None if args.until is None else usage_time(args.until, "--until", now)
+        filters = audit_filters({"teamId": args.team, "keyId": args.key, "action": args.action})
+    except BadRequest as exc:
+        message = exc.message
+        for name, option in AUDIT_OPTIONS.items():
+            message = message.replace(f"'{name}'", option)
+        raise CommandFailed(message, USAGE) from None
+    start_text = None if start is None else timestamp(start)
+    end_text = None if end is None else timestamp(end)
+
+    async def listing(directory: TeamDirectory) -> int:
+        page = await audit_page(directory.store, args.limit, None, filters, start_text, end_text)
+        rows = [{**event, "changes": orjson.dumps(event["changes"]).decode()} for event in page["events"]]
+        if args.json:
+            print(orjson.dumps(page["events"], option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(table(rows, AUDIT_COLUMNS))
+        return OK
+
+    return asyncio.run(with_directory(settings, listing))
 
 
 _RELATIVE = re.compile(r"([0-9]{1,5})([dh])")
@@ -380,6 +514,15 @@ def port_number(raw: str) -> int:
     return value
 
 
+def add_governance_options(command: argparse.ArgumentParser, *, expires: bool) -> None:
+    if expires:
+        command.add_argument(
+            "--expires", help="30d, 12h, 15m, 90s from now, or a time like 2026-12-31T18:00:00Z (never: no expiry)"
+        )
+    command.add_argument("--allow-models", help="comma-separated model globs: gpt-4o*,claude-3-5-* (none: no list)")
+    command.add_argument("--allow-providers", help="comma-separated provider slugs: openai,anthropic (none: no list)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gateway", description="AI gateway: serve, manage team keys, check set-up.")
     top.add_argument("--json", action="store_true", help="machine-readable output")
@@ -396,21 +539,30 @@ def parser() -> argparse.ArgumentParser:
     create = actions.add_parser("create", help="issue a key for a team")
     create.add_argument("--team", required=True, help="team id (1-128 characters)")
     create.add_argument("--name", help="team name (defaults to the team id)")
+    add_governance_options(create, expires=True)
     listing = actions.add_parser("list", help="list keys (ids and prefixes only, never the keys)")
     listing.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
     listing.add_argument("--team", help="only this team's keys")
     for name, text in (("show", "show a key's team"), ("rotate", "replace a key"), ("revoke", "delete a key")):
         action = actions.add_parser(name, help=text)
         action.add_argument("key", help="the team key, sk_…")
+    actions.choices["rotate"].add_argument(
+        "--grace", help="the old secret keeps working this long beside the new one: 3600, 1h, 2d (at most 7d)"
+    )
     for action in (*actions.choices.values(), tokens):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     tokens.set_defaults(run=tokens_command)
 
     keys = commands.add_parser("keys", help="show and revoke keys by their id (key_…), without the key")
     key_actions = keys.add_subparsers(dest="action", required=True)
-    for name, text in (("show", "show a key by its id"), ("revoke", "revoke a key by its id")):
+    for name, text in (
+        ("show", "show a key by its id"),
+        ("revoke", "revoke a key by its id"),
+        ("update", "change a key's allow-lists or expiry"),
+    ):
         action = key_actions.add_parser(name, help=text)
         action.add_argument("key_id", metavar="KEYID", help="the key's id, key_…")
+    add_governance_options(key_actions.choices["update"], expires=True)
     for action in (*key_actions.choices.values(), keys):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     keys.set_defaults(run=keys_command)
@@ -419,9 +571,24 @@ def parser() -> argparse.ArgumentParser:
     team_actions = teams.add_subparsers(dest="action", required=True)
     revoke_keys = team_actions.add_parser("revoke-keys", help="revoke every key of a team")
     revoke_keys.add_argument("team_id", metavar="TEAMID")
-    for action in (revoke_keys, teams):
+    team_show = team_actions.add_parser("show", help="a team's allow-lists and how many keys it has")
+    team_show.add_argument("team_id", metavar="TEAMID")
+    team_update = team_actions.add_parser("update", help="change a team's allow-lists (for all its keys)")
+    team_update.add_argument("team_id", metavar="TEAMID")
+    add_governance_options(team_update, expires=False)
+    for action in (*team_actions.choices.values(), teams):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     teams.set_defaults(run=teams_command)
+
+    trail = commands.add_parser("audit", help="the audit trail of key and team changes, newest first")
+    trail.add_argument("--team", help="only this team")
+    trail.add_argument("--key", metavar="KEYID", help="only this key (its id, key_…)")
+    trail.add_argument("--action", help=f"only this action ({', '.join(audit.ACTIONS)})")
+    trail.add_argument("--since", help="7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z")
+    trail.add_argument("--until", help="excluded, same forms")
+    trail.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
+    trail.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    trail.set_defaults(run=audit_command)
 
     usage = commands.add_parser("usage", help="usage and cost from the ledger, grouped and filtered")
     usage.add_argument("--team", help="only this team")
