@@ -208,7 +208,9 @@ class TeamDirectory:
             return None
         digest = keys.digest(key)
         team = self.peek(digest) or await self.load(digest)
-        return None if team is UNKNOWN else team
+        if team is UNKNOWN or (team.grace_until is not None and time.time() >= team.grace_until):
+            return None  # unknown, or a previous secret whose grace period is over
+        return team
 
     # Writes (token API, CLI): through to the store, then drop what this process cached, then the
     # audit trail (the change is made first: an audit write that fails leaves it made, and says so).
