@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -37,6 +38,22 @@ from service.usage import parse_time, timestamp
 TEAM_NOT_FOUND_MESSAGE = "Team not found"
 AUDIT_FILTERS = {"teamId": "team_id", "keyId": "key_id", "action": "action"}
 """Query parameter → the store's filter."""
+
+
+class TeamPath(Convertor[str]):
+    """A team id in a path, ``/`` included (percent-encoded by clients), but never ending in
+    ``/keys``: that is ``/teams/{teamId}/keys``, whose other methods must stay a 405."""
+
+    regex = ".*(?<!/keys)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("team", TeamPath())
 
 
 def _teams(request: Request) -> TeamDirectory:
@@ -72,9 +89,8 @@ async def update_team(request: Request) -> Response:
     change = fields.apply(payload, fields.TEAM_FIELDS, fields.Change(known_providers=known_providers(request)))
     before = fields.team_view(team_id, await teams.store.team_settings(team_id))
     await teams.update_team(team_id, change.columns, audit.diff(before, change.view), actor(request))
-    shown = await team_json(teams.store, team_id)
-    assert shown is not None  # its settings row exists now
-    return JSONResponse(shown)
+    settings = await teams.store.team_settings(team_id)  # none yet when nothing was set
+    return JSONResponse({**fields.team_view(team_id, settings), "keys": await teams.store.count_keys(team_id)})
 
 
 def event_json(event: AuditEvent) -> dict[str, Any]:
@@ -146,6 +162,6 @@ async def list_audit(request: Request) -> Response:
 
 
 routes = [
-    route("/teams/{team_id:path}", {"GET": show_team, "PATCH": update_team}),
+    route("/teams/{team_id:team}", {"GET": show_team, "PATCH": update_team}),
     route("/audit", {"GET": list_audit}),
 ]

@@ -99,7 +99,7 @@ def test_body_model(body: bytes, model: str) -> None:
         b'"gpt-4o"',
         b'{"model": "a", "n": Infinity}',
         b"\xef\xbb\xbf{}",
-        "{\"model\": \"a\"}".encode("utf-16"),
+        '{"model": "a"}'.encode("utf-16"),
         b"[" * 100_000 + b"]" * 100_000,
     ],
 )

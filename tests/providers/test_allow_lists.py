@@ -119,7 +119,9 @@ def test_gemini_model_in_the_path(gateway: GatewayProcess, upstream: MockUpstrea
 def test_workers_ai_by_path(gateway: GatewayProcess, upstream: MockUpstream) -> None:
     key = issue(gateway, "team_allow_workers", allowedModels=["@cf/meta/*"])
     headers = {"authorization": f"Bearer {key}"}
-    allowed = httpx.post(f"{gateway.url}/workers-ai/@cf/meta/llama-3.1-8b-instruct", json={"prompt": "hi"}, headers=headers)
+    allowed = httpx.post(
+        f"{gateway.url}/workers-ai/@cf/meta/llama-3.1-8b-instruct", json={"prompt": "hi"}, headers=headers
+    )
     assert allowed.status_code == 200 and allowed.json()["success"] is True
     before = count(upstream)
     refused = httpx.post(f"{gateway.url}/workers-ai/@cf/mistral/mistral-7b", json={"prompt": "hi"}, headers=headers)

@@ -233,11 +233,22 @@ def test_expiry_allow_lists_rotation_grace_and_the_audit_trail(tmp_path: Path) -
     env = gateway_env(None, tmp_path)
     created = orjson.loads(
         gateway(
-            env, "tokens", "create", "--team", "team_gov", "--expires", "12h", "--allow-models", "gpt-4o*, o3-*", "--json"
+            env,
+            "tokens",
+            "create",
+            "--team",
+            "team_gov",
+            "--expires",
+            "12h",
+            "--allow-models",
+            "gpt-4o*, o3-*",
+            "--json",
         ).stdout
     )
     assert created["allowedModels"] == ["gpt-4o*", "o3-*"] and created["expiresAt"] > created["createdAt"]
-    at = orjson.loads(gateway(env, "tokens", "create", "--team", "team_gov", "--expires", "2030-06-01", "--json").stdout)
+    at = orjson.loads(
+        gateway(env, "tokens", "create", "--team", "team_gov", "--expires", "2030-06-01", "--json").stdout
+    )
     assert at["expiresAt"] == "2030-06-01T00:00:00.000Z"
     key_id = created["keyId"]
     for args, named in (

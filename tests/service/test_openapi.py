@@ -43,6 +43,7 @@ def test_every_route_of_the_app_is_documented(tmp_path: Path, monkeypatch: pytes
         "{api_key}": "{apiKey}",
         "{key_id}": "{keyId}",
         "{team_id:path}": "{teamId}",
+        "{team_id:team}": "{teamId}",
         "{request_id}": "{requestId}",
     }
 
@@ -134,7 +135,12 @@ def check_governance(gateway: GatewayProcess, produced: set[tuple[str, str, str]
     url = gateway.url
     issued = httpx.post(
         f"{url}/tokens",
-        json={"teamId": "team_doc_gov", "allowedModels": ["gpt-4o*"], "allowedProviders": ["openai"], "expiresIn": "30d"},
+        json={
+            "teamId": "team_doc_gov",
+            "allowedModels": ["gpt-4o*"],
+            "allowedProviders": ["openai"],
+            "expiresIn": "30d",
+        },
         headers=ADMIN,
     )
     check(issued, "/tokens", "POST", produced)

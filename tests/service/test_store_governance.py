@@ -17,7 +17,16 @@ from service.core.store import Team, TokenStore
 from service.core.store.base import TeamSettings, prune_old_usage, timestamp_at, utc_timestamp
 from service.core.store.governance import update_key, update_team
 from service.core.teams import TeamDirectory
-from tests.service.test_store import location, open_store  # noqa: F401 (the two stores' fixture)
+from tests.service.test_store import open_store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A SQLite file path, or a PostgreSQL DSN with a schema of its own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "g.db")
+    dsn: str = request.getfixturevalue("pg_dsn")
+    return dsn
 
 
 async def test_lists_expiry_and_team_settings(location: str) -> None:
@@ -25,7 +34,11 @@ async def test_lists_expiry_and_team_settings(location: str) -> None:
     directory = TeamDirectory(store)
     try:
         key, team = await directory.issue(
-            "team_g", "G", allowed_models=("gpt-4o*",), allowed_providers=("openai",), expires_at="2999-01-01T00:00:00.000Z"
+            "team_g",
+            "G",
+            allowed_models=("gpt-4o*",),
+            allowed_providers=("openai",),
+            expires_at="2999-01-01T00:00:00.000Z",
         )
         found = await directory.resolve(key)
         assert found is not None and found.key_id == team.key_id
@@ -35,7 +48,10 @@ async def test_lists_expiry_and_team_settings(location: str) -> None:
 
         await directory.update_team("team_g", {"allowed_models": '["claude*"]'}, {"allowedModels": {}}, audit.CLI)
         assert await store.team_settings("team_g") == TeamSettings(
-            "team_g", (await store.team_settings("team_g")).updated_at, ("claude*",), None  # type: ignore[union-attr]
+            "team_g",
+            (await store.team_settings("team_g")).updated_at,
+            ("claude*",),
+            None,  # type: ignore[union-attr]
         )
         again = await directory.resolve(key)
         assert again is not None and again.access is not None and again.access.team_models == ("claude*",)
