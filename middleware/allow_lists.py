@@ -7,7 +7,8 @@ For a key with a model list the model is the one that goes upstream:
 
 - in the path, for the providers that put it there (Gemini ``models/{m}:generateContent`` and
   ``:streamGenerateContent``, Workers AI ``@cf/…``, Azure deployments): the mount's ``path_model``,
-  percent-decoded as the upstream will read it; the body is not read;
+  percent-decoded as the upstream will read it, refused unless made of letters, digits and ``._@/-``
+  (so that the upstream cannot read another name in it); the body is not read;
 - otherwise the body's top-level ``model``: the whole body is read (bounded by
   ``MAX_REQUEST_BYTES``), parsed by a real JSON parser, and passed on as the very bytes received
   (no re-serialisation). A body that is not a JSON object of UTF-8 text, repeats a key, or whose
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -33,6 +35,11 @@ from service.core.errors import NotAllowed, PayloadTooLarge
 from service.core.request import REST_KEY, SCOPE_KEY, RequestInfo
 
 PARSE_IN_THREAD_BYTES = 256 * 1024
+PATH_MODEL_CHARS = 200
+"""``path_model`` reads at most this many characters of a Gemini model: one that long may be longer."""
+_PATH_MODEL = re.compile(r"[A-Za-z0-9@][A-Za-z0-9._@/-]*")
+"""What a model named in a path is made of (Gemini, Workers AI ``@cf/…``, Azure deployments): nothing
+an upstream could read as a path or method separator."""
 """Bodies larger than this are parsed off the event loop."""
 UNKNOWN_MODEL = (
     "This key allows only some models, and this request's model could not be determined: send a JSON "
@@ -107,9 +114,11 @@ class AllowLists:
         model = self.path_model(scope[REST_KEY])
         if model is not None:
             model = unquote(model) if "%" in model else model
+            if not _PATH_MODEL.fullmatch(model) or len(model) >= PATH_MODEL_CHARS:
+                raise NotAllowed(UNKNOWN_MODEL)  # possibly cut short, or read otherwise upstream
         else:
             try:
-                body = await self.read_body(receive)
+                body = await self.read_body(scope, receive)
             except ClientLeft:
                 return
             try:
@@ -131,8 +140,15 @@ class AllowLists:
             return await asyncio.to_thread(body_model, body)
         return body_model(body)
 
-    async def read_body(self, receive: Receive) -> bytes:
-        """The whole request body, at most ``max_body`` bytes (over: 413); one chunk is not copied."""
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
+
+    async def read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The whole request body, at most ``max_body`` bytes (over: 413, before reading it when its
+        length says so); one chunk is not copied."""
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                raise self.too_large()
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -142,7 +158,7 @@ class AllowLists:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
+                raise self.too_large()
             if chunk:
                 chunks.append(chunk)
             if not message.get("more_body", False):

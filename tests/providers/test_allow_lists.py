@@ -113,6 +113,9 @@ def test_gemini_model_in_the_path(gateway: GatewayProcess, upstream: MockUpstrea
     # percent-encoded as the upstream would decode it: still the refused model
     encoded = httpx.post(f"{base}/gemini-1.5%2Dpro{method}", json=body, headers=headers)
     assert encoded.status_code == 403 and "'gemini-1.5-pro'" in encoded.json()["error"]["message"]
+    for odd in ("gemini-2.0-flash%3Ax", "gemini-2.0-flash" + "h" * 200):
+        response = httpx.post(f"{base}/{odd}{method}", json=body, headers=headers)
+        assert response.status_code == 403 and "could not be determined" in response.json()["error"]["message"]
     refused_upstream_untouched(upstream, before)
 
 
@@ -258,3 +261,5 @@ def test_oversized_body_is_413_for_a_listed_key(make_gateway: Callable[..., Gate
     headers = {"authorization": f"Bearer {key}"}
     response = httpx.post(f"{gw.url}/openai/v1/chat/completions", content=pieces(), headers=headers)  # type: ignore[arg-type]
     assert response.status_code == 413
+    declared = httpx.post(f"{gw.url}/openai/v1/chat/completions", content=body, headers=headers)
+    assert declared.status_code == 413
