@@ -569,12 +569,13 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def _create_key(base: str, timeout: float = 20) -> str:
+def _create_key(base: str, timeout: float = 20, fields: dict[str, object] | None = None) -> str:
+    """A team key made through the token API (``fields``: its allow-lists or expiry, say)."""
     import urllib.request
 
     request = urllib.request.Request(
         f"{base}/tokens",
-        data=b'{"teamId": "team_bench", "name": "Bench"}',
+        data=json.dumps({"teamId": "team_bench", "name": "Bench", **(fields or {})}).encode(),
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         method="POST",
     )

@@ -13,14 +13,16 @@ The brake on key guessing (``UNKNOWN_KEY_LIMIT``) is ``middleware.key_guard``.
 from __future__ import annotations
 
 import math
+import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware.key_guard import UnknownKeyGuard
 from service.core import keys
-from service.core.errors import AuthenticationFailed, TooManyRequests
+from service.core.errors import AuthenticationFailed, KeyExpired, TooManyRequests
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.store import Team
 from service.core.teams import UNKNOWN, TeamDirectory
 
 MISSING = AuthenticationFailed(
@@ -28,6 +30,16 @@ MISSING = AuthenticationFailed(
 )
 INVALID = AuthenticationFailed("Invalid API key: the key is unknown, rotated or revoked.")
 FLOODING = "Too many unknown API keys from this address; try again later."
+
+
+def check_deadlines(team: Team) -> None:
+    """Refuse a key past its expiry (401 "expired", not "unknown"), or a previous secret past its
+    rotation's grace period (401 as any rotated key)."""
+    now = time.time()
+    if team.expires is not None and now >= team.expires:
+        raise KeyExpired(f"API key expired at {team.expires_at} (keyId {team.key_id}); ask for a new key.")
+    if team.grace_until is not None and now >= team.grace_until:
+        raise INVALID
 
 
 def presented_key(headers: list[tuple[bytes, bytes]], key_headers: frozenset[bytes]) -> str | None:
@@ -85,6 +97,8 @@ class Auth:
                 raise INVALID
         else:
             metrics.cache_hits += 1
+        if team.expires is not None or team.grace_until is not None:
+            check_deadlines(team)
         teams.used(digest)
         info.team = team
         await self.app(scope, receive, send)

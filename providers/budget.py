@@ -15,9 +15,9 @@ from starlette.types import Scope
 
 from providers.metering import cost_micro_usd, request_model
 from providers.prices import PriceTable
-from providers.relay import REST_KEY
 from providers.usage import Usage
 from service.core.limits.outcome import Estimate
+from service.core.request import REST_KEY
 
 BYTES_PER_TOKEN = 4
 MAX_OUTPUT_TOKENS = 10_000_000

@@ -7,10 +7,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from providers.base import Provider
 from providers.paths import safe_rest
-from providers.relay import REST_KEY
 from providers.upstream import Upstream
 from service.core.errors import BadRequest
-from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.request import REST_KEY, SCOPE_KEY, RequestInfo
 
 
 class ProviderMount:

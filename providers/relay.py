@@ -43,11 +43,10 @@ from service.core.errors import (
     UpstreamUnavailable,
 )
 from service.core.metrics import Metrics
-from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.request import REST_KEY, SCOPE_KEY, RequestInfo
 
 log = structlog.get_logger("gateway.relay")
 
-REST_KEY = "gateway.rest"
 MAX_CACHED_URLS = 1024
 MAX_CACHED_PATH = 512
 MAX_UNPRICED_LOGGED = 1000

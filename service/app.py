@@ -5,7 +5,8 @@ Shape of one process::
     RequestContext                       request id, timing, the error boundary, the access line
     └── (CORS, when CORS_ALLOW_ORIGINS)
         └── Gateway                      prefix dispatch, no routing table on the proxy path
-            ├── /openai, /anthropic, …   ProviderMount → Auth → LimitsGate → Metadata (through Cloudflare) → Relay
+            ├── /openai, /anthropic, …   ProviderMount → Auth → AllowLists → LimitsGate → Metadata (through
+            │                            Cloudflare) → Relay
             ├── /admin, /admin/…          the admin console (service.console), unless ADMIN_CONSOLE=false
             └── everything else          Starlette: token API, /healthz, /readyz, /metrics, JSON 404s
 
@@ -18,6 +19,7 @@ app by its exception handlers below, through the same renderer.
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,17 +31,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from config import Settings, SettingsError
 from config.logging import configure_logging
+from middleware.allow_lists import AllowLists
 from middleware.auth import Auth
 from middleware.context import RequestContext
 from middleware.limits import LimitsGate
 from middleware.metadata import Metadata
 from providers.base import Provider
 from providers.budget import BudgetEstimator
+from providers.metering import path_model
 from providers.mount import ProviderMount
 from providers.prices import PriceTable, load_prices
 from providers.relay import Relay
 from providers.upstream import Upstream, enabled_upstreams, mode
-from service import status, teams_api, tokens, usage
+from service import governance, status, teams_api, tokens, usage
 from service.console import Console, SecurityHeaders
 from service.core.errors import GatewayError, NotFound, error_head, render, store_unavailable
 from service.core.metrics import Metrics
@@ -124,7 +128,8 @@ class Gateway:
 def provider_mount(
     provider: Provider, upstream: Upstream | str, settings: Settings, prices: PriceTable | None
 ) -> ProviderMount:
-    """One provider's request path: auth, limits, then (through Cloudflare) metadata, then the relay."""
+    """One provider's request path: auth, allow-lists, limits, then (through Cloudflare) metadata, then
+    the relay. A request an allow-list refuses reserves nothing against the limits."""
     app: ASGIApp = Relay(provider, upstream, settings, prices)
     if isinstance(upstream, Upstream) and upstream.via_gateway:
         app = Metadata(app)  # cf-aig-metadata is for Cloudflare; direct, the access line has the team
@@ -134,6 +139,8 @@ def provider_mount(
         max_body=settings.max_request_bytes,
         unpriced_allowed=settings.budget_unpriced == "allow",
     )
+    models_in_path = partial(path_model, provider.slug)
+    app = AllowLists(app, provider=provider.slug, path_model=models_in_path, max_body=settings.max_request_bytes)
     return ProviderMount(provider, upstream, Auth(app, key_headers=provider.team_key_headers))
 
 
@@ -167,6 +174,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
         *teams_api.routes,
         *tokens.routes,
         *teams_api.team_routes,
+        *governance.routes,
         *usage.routes,
         Route("/healthz", status.healthz),
         Route("/readyz", status.readyz),
@@ -191,6 +199,7 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     starlette.state.settings = settings
     starlette.state.openapi = status.OPENAPI.read_bytes()
     starlette.state.upstreams = {slug: mode(upstream) for slug, (_, upstream) in upstreams.items()}
+    starlette.state.known_providers = tuple(registry)
     mounts = {
         slug: provider_mount(provider, upstream, settings, prices) for slug, (provider, upstream) in upstreams.items()
     }

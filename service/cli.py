@@ -1,11 +1,16 @@
 """The ``gateway`` command: serve, manage keys on the configured database, check the set-up.
 
     gateway serve [--host H] [--port P] [--workers N]
-    gateway tokens create --team T [--name N] | list [--limit N] [--team T] | show KEY | rotate KEY | revoke KEY
+    gateway tokens create --team T [--name N] [--expires 30d|12h|2026-12-31T18:00:00Z] [--allow-models gpt-4o*,…]
+                          [--allow-providers openai,…]
+                  | list [--limit N] [--team T] | show KEY | rotate KEY [--grace 1h] | revoke KEY
     gateway keys show KEYID | revoke KEYID | set-limits KEYID [limit options]
-    gateway teams list [--limit N] | show TEAMID | set-limits TEAMID [limit options] | revoke-keys TEAMID
+                 | update KEYID [--expires …|never] [--allow-models …|none] [--allow-providers …|none]
+    gateway teams list [--limit N] | show TEAMID | set-limits TEAMID [limit options]
+                  | update TEAMID [--allow-models …|none] [--allow-providers …|none] | revoke-keys TEAMID
         limit options: --requests-per-minute N, --tokens-per-minute N, --max-concurrent N,
                        --budget-usd USD, --budget-period day|week|month|total (each 'none' to clear)
+    gateway audit [--team T] [--key KEYID] [--action key.revoked] [--since 7d] [--until …] [--limit N]
     gateway usage [--team T] [--key KEYID] [--provider P] [--model M] [--since 7d|24h|2026-11-01]
                   [--until …] [--by day,model] [--json|--csv]
     gateway check
@@ -39,6 +44,8 @@ import structlog
 from config import Settings, SettingsError
 from providers.upstream import enabled_upstreams
 from providers.upstream import mode as upstream_mode
+from service import fields
+from service.core import audit
 from service.core.errors import BadRequest, Conflict, NotFound
 from service.core.limits.limiter import Limiter, limiter_for
 from service.core.limits.model import NO_LIMITS, Limits
@@ -47,17 +54,20 @@ from service.core.store import StoreUnavailableError, TokenRecord, TokenStore, s
 from service.core.store.base import TeamSummary
 from service.core.store.migrations import latest_version
 from service.core.teams import TeamDirectory
-from service.teams_api import LIMIT_FIELDS, limits_field
+from service.governance import audit_filters, audit_page
+from service.teams_api import LIMIT_FIELDS, apply_patch, limits_field, team_settings_json
 from service.tokens import (
     MAX_NAME,
     MAX_PAGE,
     MAX_TEAM_ID,
     check_text,
+    issue,
     issued_json,
+    new_key_fields,
     record_json,
-    team_json,
     whole_number,
 )
+from service.tokens import team_json as key_json
 from service.usage import (
     FILTERS,
     GROUP_FIELDS,
@@ -68,6 +78,7 @@ from service.usage import (
     report_csv,
     report_json,
     time_range,
+    timestamp,
     usd,
 )
 
@@ -85,7 +96,7 @@ def printable(value: object) -> str:
     newlines) as their Python escapes, so stored text cannot drive the terminal."""
     if value is None:
         return ""
-    text = str(value)
+    text = ", ".join(str(item) for item in value) if isinstance(value, list) else str(value)
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
@@ -118,7 +129,42 @@ async def with_directory(settings: Settings, work: Callable[[TeamDirectory], Awa
         await store.close()
 
 
-RECORD_COLUMNS = ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"]
+RECORD_COLUMNS = ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt", "expiresAt", "expired"]
+KEY_COLUMNS = ["keyId", "teamId", "name", "createdAt", "allowedModels", "allowedProviders", "expiresAt", "expired"]
+GOVERNANCE_OPTIONS = {"allowedModels": "--allow-models", "allowedProviders": "--allow-providers"}
+
+
+def governance_options(args: argparse.Namespace, *, creating: bool) -> dict[str, object]:
+    """``--expires``, ``--allow-models`` and ``--allow-providers`` as the API's fields: a duration
+    (``30d``) is ``expiresIn``, a time ``expiresAt``, ``never`` no expiry; lists are comma-separated,
+    ``none`` (or empty) for no list."""
+    payload: dict[str, object] = {}
+    expires = getattr(args, "expires", None)
+    if expires is not None:
+        raw = expires.strip()
+        if raw == "never" and not creating:
+            payload["expiresAt"] = None
+        elif raw[-1:] in ("s", "m", "h", "d") and raw[:-1].isdigit():
+            payload["expiresIn"] = raw
+        else:
+            payload["expiresAt"] = raw
+    for name, option in GOVERNANCE_OPTIONS.items():
+        value = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            payload[name] = None if items in ([], ["none"]) else items
+    return payload
+
+
+def option_message(message: str) -> str:
+    """An API message in the CLI's terms: ``'expiresIn'`` → ``--expires``."""
+    for field_name, option in (*GOVERNANCE_OPTIONS.items(), ("expiresIn", "--expires"), ("expiresAt", "--expires")):
+        message = message.replace(f"'{field_name}'", option)
+    return message
+
+
+def known_providers(settings: Settings) -> tuple[str, ...]:
+    return tuple(enabled_upstreams(settings)[1])
 
 
 def checked(value: str, option: str, limit: int) -> str:
@@ -130,12 +176,17 @@ def checked(value: str, option: str, limit: int) -> str:
 
 
 def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
-    team_columns = ["apiKey", "keyId", "teamId", "name", "createdAt"]
+    team_columns = ["apiKey", *KEY_COLUMNS]
 
     async def create(directory: TeamDirectory) -> int:
         team_id = checked(args.team, "--team", MAX_TEAM_ID)
         name = team_id if args.name is None else checked(args.name, "--name", MAX_NAME)
-        key, team = await directory.issue(team_id, name)
+        payload = {"teamId": team_id, "name": name, **governance_options(args, creating=True)}
+        try:
+            team_id, name, change = new_key_fields(payload, known_providers(settings))
+        except BadRequest as exc:
+            raise CommandFailed(option_message(exc.message), USAGE) from None
+        key, team = await issue(directory, team_id, name, change, audit.CLI)
         emit(args, [issued_json(key, team)], team_columns, single=True)
         return OK
 
@@ -149,11 +200,20 @@ def tokens_command(args: argparse.Namespace, settings: Settings) -> int:
         team = await directory.resolve(args.key)
         if team is None:
             raise CommandFailed("no such key", NOT_FOUND)
-        emit(args, [team_json(team)], ["keyId", "teamId", "name", "createdAt"], single=True)
+        emit(args, [key_json(team)], KEY_COLUMNS, single=True)
         return OK
 
     async def rotate(directory: TeamDirectory) -> int:
-        rotated = await directory.rotate(args.key)
+        grace = None
+        if args.grace is not None:
+            raw = args.grace.strip()
+            try:
+                grace = int(raw) if raw.isascii() and raw.isdigit() else fields.duration_seconds(raw, "--grace")
+            except BadRequest as exc:
+                raise CommandFailed(exc.message, USAGE) from None
+            if grace > fields.MAX_GRACE_SECONDS:
+                raise CommandFailed("--grace must be at most 7 days (604800 seconds)", USAGE)
+        rotated = await directory.rotate(args.key, audit.CLI, grace)
         if rotated is None:
             raise CommandFailed("no such key", NOT_FOUND)
         key, team = rotated
@@ -195,10 +255,33 @@ def keys_command(args: argparse.Namespace, settings: Settings) -> int:
     async def set_limits(directory: TeamDirectory) -> int:
         if await directory.find(args.key_id) is None:
             raise CommandFailed("no such key", NOT_FOUND)
-        await apply_limits(args, settings, directory.store, "key", args.key_id)
+        await apply_limits(args, settings, directory, "key", args.key_id)
         return await show(directory)
 
-    work = {"show": show, "revoke": revoke, "set-limits": set_limits}[args.action]
+    async def update(directory: TeamDirectory) -> int:
+        before = await directory.find(args.key_id)
+        if before is None:
+            raise CommandFailed("no such key", NOT_FOUND)
+        try:
+            change = fields.apply(
+                governance_options(args, creating=False),
+                fields.KEY_FIELDS,
+                fields.Change(known_providers=known_providers(settings)),
+            )
+        except BadRequest as exc:
+            raise CommandFailed(option_message(exc.message), USAGE) from None
+        try:
+            limiter = cli_limiter(settings, directory.store)
+            await apply_patch(directory, limiter, "key", args.key_id, change, [], audit.CLI)
+        except NotFound:
+            raise CommandFailed("no such key", NOT_FOUND) from None
+        record = await directory.find(args.key_id)
+        if record is None:
+            raise CommandFailed("no such key", NOT_FOUND)
+        emit(args, [record_json(record)], [*RECORD_COLUMNS[:6], *KEY_COLUMNS[4:]], single=True)
+        return OK
+
+    work = {"show": show, "revoke": revoke, "set-limits": set_limits, "update": update}[args.action]
     return asyncio.run(with_directory(settings, work))
 
 
@@ -224,14 +307,18 @@ def limit_value(field: str, raw: str) -> object:
     return float(raw) if "." in raw else int(raw)
 
 
-async def apply_limits(args: argparse.Namespace, settings: Settings, store: TokenStore, kind: str, ident: str) -> None:
-    """Set the limits given as options, checked and applied exactly as ``PATCH`` does."""
+async def apply_limits(
+    args: argparse.Namespace, settings: Settings, directory: TeamDirectory, kind: str, ident: str
+) -> None:
+    """Set the limits given as options, checked and applied (and audited) exactly as ``PATCH`` does."""
     given = {f: limit_value(f, getattr(args, o)) for f, o in LIMIT_OPTIONS.items() if getattr(args, o) is not None}
     if not given:
         options = ", ".join("--" + option.replace("_", "-") for option in LIMIT_OPTIONS.values())
         raise CommandFailed(f"set-limits needs at least one of {options}", USAGE)
     try:
-        await limits_field(given)(store, cli_limiter(settings, store), kind, ident)
+        apply = limits_field(given)
+        limiter = cli_limiter(settings, directory.store)
+        await apply_patch(directory, limiter, kind, ident, fields.Change(), [apply], audit.CLI)
     except BadRequest as exc:
         raise CommandFailed(exc.message, USAGE) from None
     except Conflict as exc:
@@ -279,6 +366,7 @@ def emit_limited(args: argparse.Namespace, row: dict[str, Any], columns: Sequenc
 
 
 TEAM_COLUMNS = ["teamId", "name", "keyCount"]
+TEAM_SETTINGS_COLUMNS = ["allowedModels", "allowedProviders", "updatedAt"]
 
 
 def teams_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -291,6 +379,7 @@ def teams_command(args: argparse.Namespace, settings: Settings) -> int:
             "keyCount": team.key_count,
             "limits": (team.limits or NO_LIMITS).json(),
             "state": await subject_state(settings, store, "team", team.team_id, team.limits),
+            **team_settings_json(team),
         }
 
     async def listing(directory: TeamDirectory) -> int:
@@ -299,7 +388,7 @@ def teams_command(args: argparse.Namespace, settings: Settings) -> int:
         for t in found:
             limits = (t.limits or NO_LIMITS).json()
             team = {"teamId": t.team_id, "name": t.name, "keyCount": t.key_count}
-            rows.append({**team, "limits": limits} if args.json else {**team, **limits})
+            rows.append({**team, "limits": limits, **team_settings_json(t)} if args.json else {**team, **limits})
         emit(args, rows, [*TEAM_COLUMNS, *LIMIT_FIELDS], single=False)
         return OK
 
@@ -307,11 +396,11 @@ def teams_command(args: argparse.Namespace, settings: Settings) -> int:
         team = await directory.store.team(team_id)
         if team is None:
             raise CommandFailed("no such team", NOT_FOUND)
-        emit_limited(args, await team_row(directory.store, team), TEAM_COLUMNS)
+        emit_limited(args, await team_row(directory.store, team), [*TEAM_COLUMNS, *TEAM_SETTINGS_COLUMNS])
         return OK
 
     async def set_limits(directory: TeamDirectory) -> int:
-        await apply_limits(args, settings, directory.store, "team", team_id)
+        await apply_limits(args, settings, directory, "team", team_id)
         return await show(directory)
 
     async def revoke_keys(directory: TeamDirectory) -> int:
@@ -319,8 +408,58 @@ def teams_command(args: argparse.Namespace, settings: Settings) -> int:
         emit(args, [{"teamId": team_id, "revoked": revoked}], ["teamId", "revoked"], single=True)
         return OK
 
-    work = {"list": listing, "show": show, "set-limits": set_limits, "revoke-keys": revoke_keys}[args.action]
+    async def update(directory: TeamDirectory) -> int:
+        try:
+            change = fields.apply(
+                governance_options(args, creating=False),
+                fields.TEAM_FIELDS,
+                fields.Change(known_providers=known_providers(settings)),
+            )
+        except BadRequest as exc:
+            raise CommandFailed(option_message(exc.message), USAGE) from None
+        limiter = cli_limiter(settings, directory.store)
+        await apply_patch(directory, limiter, "team", team_id, change, [], audit.CLI)
+        return await show(directory)
+
+    work = {
+        "list": listing,
+        "show": show,
+        "set-limits": set_limits,
+        "update": update,
+        "revoke-keys": revoke_keys,
+    }[args.action]
     return asyncio.run(with_directory(settings, work))
+
+
+AUDIT_COLUMNS = ["at", "action", "actor", "teamId", "keyId", "changes", "clientAddress", "requestId"]
+AUDIT_OPTIONS = {"teamId": "--team", "keyId": "--key", "action": "--action"}
+
+
+def audit_command(args: argparse.Namespace, settings: Settings) -> int:
+    """The audit trail, newest first, on the database directly (as ``GET /audit`` answers it)."""
+    now = datetime.now(UTC)
+    try:
+        start = None if args.since is None else usage_time(args.since, "--since", now)
+        end = None if args.until is None else usage_time(args.until, "--until", now)
+        filters = audit_filters({"teamId": args.team, "keyId": args.key, "action": args.action})
+    except BadRequest as exc:
+        message = exc.message
+        for name, option in AUDIT_OPTIONS.items():
+            message = message.replace(f"'{name}'", option)
+        raise CommandFailed(message, USAGE) from None
+    start_text = None if start is None else timestamp(start)
+    end_text = None if end is None else timestamp(end)
+
+    async def listing(directory: TeamDirectory) -> int:
+        page = await audit_page(directory.store, args.limit, None, filters, start_text, end_text)
+        rows = [{**event, "changes": orjson.dumps(event["changes"]).decode()} for event in page["events"]]
+        if args.json:
+            print(orjson.dumps(page["events"], option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(table(rows, AUDIT_COLUMNS))
+        return OK
+
+    return asyncio.run(with_directory(settings, listing))
 
 
 _RELATIVE = re.compile(r"([0-9]{1,5})([dh])")
@@ -518,6 +657,15 @@ def limit_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--budget-period", metavar="PERIOD", help="day, week, month (default) or total")
 
 
+def add_governance_options(command: argparse.ArgumentParser, *, expires: bool) -> None:
+    if expires:
+        command.add_argument(
+            "--expires", help="30d, 12h, 15m, 90s from now, or a time like 2026-12-31T18:00:00Z (never: no expiry)"
+        )
+    command.add_argument("--allow-models", help="comma-separated model globs: gpt-4o*,claude-3-5-* (none: no list)")
+    command.add_argument("--allow-providers", help="comma-separated provider slugs: openai,anthropic (none: no list)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gateway", description="AI gateway: serve, manage team keys, check set-up.")
     top.add_argument("--json", action="store_true", help="machine-readable output")
@@ -534,12 +682,16 @@ def parser() -> argparse.ArgumentParser:
     create = actions.add_parser("create", help="issue a key for a team")
     create.add_argument("--team", required=True, help="team id (1-128 characters)")
     create.add_argument("--name", help="team name (defaults to the team id)")
+    add_governance_options(create, expires=True)
     listing = actions.add_parser("list", help="list keys (ids and prefixes only, never the keys)")
     listing.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
     listing.add_argument("--team", help="only this team's keys")
     for name, text in (("show", "show a key's team"), ("rotate", "replace a key"), ("revoke", "delete a key")):
         action = actions.add_parser(name, help=text)
         action.add_argument("key", help="the team key, sk_…")
+    actions.choices["rotate"].add_argument(
+        "--grace", help="the old secret keeps working this long beside the new one: 3600, 1h, 2d (at most 7d)"
+    )
     for action in (*actions.choices.values(), tokens):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     tokens.set_defaults(run=tokens_command)
@@ -547,13 +699,15 @@ def parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="show, limit and revoke keys by their id (key_…), without the key")
     key_actions = keys.add_subparsers(dest="action", required=True)
     for name, text in (
-        ("show", "show a key by its id, with its limits"),
+        ("show", "show a key by its id, with its allow-lists, expiry and limits"),
         ("revoke", "revoke a key by its id"),
         ("set-limits", "set a key's limits ('none' clears one)"),
+        ("update", "change a key's allow-lists or expiry"),
     ):
         action = key_actions.add_parser(name, help=text)
         action.add_argument("key_id", metavar="KEYID", help="the key's id, key_…")
     limit_options(key_actions.choices["set-limits"])
+    add_governance_options(key_actions.choices["update"], expires=True)
     for action in (*key_actions.choices.values(), keys):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     keys.set_defaults(run=keys_command)
@@ -563,16 +717,28 @@ def parser() -> argparse.ArgumentParser:
     team_list = team_actions.add_parser("list", help="teams that have keys, with their limits")
     team_list.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
     for name, text in (
-        ("show", "show a team's limits (and state, with REDIS_URL)"),
+        ("show", "show a team's limits (and state, with REDIS_URL) and allow-lists"),
         ("set-limits", "set a team's limits ('none' clears one)"),
+        ("update", "change a team's allow-lists (for all its keys)"),
         ("revoke-keys", "revoke every key of a team"),
     ):
         action = team_actions.add_parser(name, help=text)
         action.add_argument("team_id", metavar="TEAMID")
     limit_options(team_actions.choices["set-limits"])
+    add_governance_options(team_actions.choices["update"], expires=False)
     for action in (*team_actions.choices.values(), teams):
         action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     teams.set_defaults(run=teams_command)
+
+    trail = commands.add_parser("audit", help="the audit trail of key and team changes, newest first")
+    trail.add_argument("--team", help="only this team")
+    trail.add_argument("--key", metavar="KEYID", help="only this key (its id, key_…)")
+    trail.add_argument("--action", help=f"only this action ({', '.join(audit.ACTIONS)})")
+    trail.add_argument("--since", help="7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z")
+    trail.add_argument("--until", help="excluded, same forms")
+    trail.add_argument("--limit", type=page_limit, default=100, help=f"1-{MAX_PAGE} (default 100)")
+    trail.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    trail.set_defaults(run=audit_command)
 
     usage = commands.add_parser("usage", help="usage and cost from the ledger, grouped and filtered")
     usage.add_argument("--team", help="only this team")

@@ -1,6 +1,6 @@
 """What a worker opens at start and closes at stop: the store and its key cache, the one aiohttp
-session, metrics (and their own port), the unknown-key guard; handed to every request through
-lifespan state (``scope["state"]``)."""
+session, metrics (and their own port), the unknown-key guard, the sweeps (usage retention, key
+expiries into the audit trail); handed to every request through lifespan state (``scope["state"]``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 
 from config import Settings
 from middleware.key_guard import UnknownKeyGuard
+from service.core.audit import record_expiries
 from service.core.ledger import Ledger
 from service.core.limits.limiter import NEEDS_REDIS, limiter_for
 from service.core.limits.outcome import Subject
@@ -30,6 +31,7 @@ log = structlog.get_logger("gateway")
 
 GC_YOUNG_THRESHOLD = 20_000
 PRUNE_EVERY_SECONDS = 24 * 3600
+EXPIRY_SWEEP_SECONDS = 5.0
 STARTUP_FAILURE = 3  # uvicorn's supervisor stops instead of restarting a worker that exits with it
 
 
@@ -100,6 +102,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
             await ledger.start()
             metrics.dropped_probe = lambda: ledger.dropped
             pruning = asyncio.create_task(prune_daily(store, settings.usage_retention_days), name="usage-prune")
+        expiries = asyncio.create_task(sweep_expiries(store), name="expiry-sweep")
         tune_gc()
         try:
             guard = UnknownKeyGuard(settings.unknown_key_limit, settings.trusted_proxies)
@@ -115,6 +118,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         finally:
             if metrics_server is not None:
                 await metrics_server.cleanup()
+            expiries.cancel()
             if pruning is not None:
                 pruning.cancel()
             if ledger is not None:
@@ -139,6 +143,18 @@ async def prune_daily(store: TokenStore, retention_days: int) -> None:
         except StoreUnavailableError as exc:
             log.warning("usage_prune_failed", error=str(exc))
         await asyncio.sleep(PRUNE_EVERY_SECONDS)
+
+
+async def sweep_expiries(store: TokenStore) -> None:
+    """Record each key's expiry in the audit trail (``key.expired``, actor ``system``) within
+    ``EXPIRY_SWEEP_SECONDS`` of its time, once whichever worker or replica notices it first. The
+    key is refused from its expiry time on regardless: the request path compares the time itself."""
+    while True:
+        await asyncio.sleep(EXPIRY_SWEEP_SECONDS)
+        try:
+            await record_expiries(store)
+        except StoreUnavailableError as exc:
+            log.warning("expiry_sweep_failed", error=str(exc))
 
 
 async def serve_metrics(metrics: Metrics, port: int) -> Any:

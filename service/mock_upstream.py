@@ -1,6 +1,6 @@
 """A fake Cloudflare AI Gateway for tests, demos and benchmarks: a real aiohttp server.
 
-It serves Cloudflare's provider paths (any ``…/chat/completions`` in OpenAI's shape,
+It serves Cloudflare's provider paths (any ``…/chat/completions`` in OpenAI's shape, ``…/responses``,
 ``/anthropic/v1/messages``, ``/workers-ai/@cf/…``, Gemini's ``…:generateContent``, Cohere's
 ``/cohere/v2/chat``, ``…/models``), plain and streaming (``"stream": true``), and records what it
 received (method, path, query, headers, body digest) so a test can check what reached the
@@ -149,6 +149,8 @@ class MockUpstream:
             return await (self._openai_stream(request, body) if stream else _openai_completion(body))
         if path.endswith("/v1/messages"):
             return await (self._anthropic_stream(request, body) if stream else _anthropic_message(body))
+        if path.endswith("/responses") and record.method == "POST":
+            return _json(_openai_response(body))
         if "/@cf/" in path:
             return _json(
                 {
@@ -328,6 +330,28 @@ async def _openai_completion(body: Any) -> web.Response:
 
 
 MOCK_STREAM_USAGE = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+def _openai_response(body: Any) -> dict[str, object]:
+    """A Responses API answer (``POST …/responses``), not streamed."""
+    model = body.get("model", "gpt-4o-mini") if isinstance(body, dict) else "gpt-4o-mini"
+    return {
+        "id": "resp_mock",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": "completed",
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_mock",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello from the mock upstream", "annotations": []}],
+            }
+        ],
+        "usage": {"input_tokens": 5, "output_tokens": 6, "total_tokens": 11},
+    }
 
 
 def _openai_events(include_usage: bool = False) -> list[bytes]:

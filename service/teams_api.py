@@ -1,12 +1,16 @@
-"""Teams and keys with their limits (admin):
+"""Teams and keys with their limits and governance (admin):
 
-- ``GET /teams``: every team that has keys, a page at a time, with its name, key count, limits and state;
-- ``GET /teams/{teamId}``, ``PATCH /teams/{teamId}``: one team's limits and state, and setting them;
-- ``GET /keys/{keyId}``, ``PATCH /keys/{keyId}``: the same for one key (with ``DELETE`` from the token API).
+- ``GET /teams``: every team that has keys, a page at a time, with its name, key count, limits, state
+  and allow-lists;
+- ``GET /teams/{teamId}``, ``PATCH /teams/{teamId}``: one team's limits, state and allow-lists, and
+  setting them;
+- ``GET /keys/{keyId}``, ``PATCH /keys/{keyId}``: the same for one key, with its expiry (with
+  ``DELETE`` from the token API).
 
-A PATCH body is an object whose fields are each checked and applied by their own function
-(``TEAM_FIELDS``, ``KEY_FIELDS``): an unknown field is a 400 naming it, and nothing is written
-unless every field is valid.
+A PATCH body is an object whose fields are each checked by their own function (``TEAM_FIELDS``,
+``KEY_FIELDS``): ``limits`` here, the allow-lists and expiry from ``service.fields``. An unknown
+field is a 400 naming it, and nothing is written unless every field is valid. Every change is
+recorded in the audit trail (``key.updated``, ``team.updated``) with its before and after.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from service import fields
+from service.core import audit
+from service.core.audit import Actor
 from service.core.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from service.core.limits.limiter import NEEDS_REDIS, Limiter
 from service.core.limits.model import MICRO, NO_LIMITS, PERIODS, Limits
@@ -33,8 +40,10 @@ from service.tokens import (
     KEY_NOT_FOUND_MESSAGE,
     MAX_PAGE,
     MAX_TEAM_ID,
+    actor,
     check_text,
     json_object,
+    known_providers,
     record_json,
     require_admin,
     revoke_key,
@@ -113,12 +122,15 @@ _CHECKS: dict[str, tuple[str, Callable[[object, str], int | str | None]]] = {
     "budgetPeriod": ("budget_period", _period),
 }
 
-Apply = Callable[[TokenStore, Limiter, str, str], Awaitable[None]]
-"""A checked field's change: (store, limiter, ``team`` or ``key``, id) → written (the CLI applies
-them too, without a request)."""
+Apply = Callable[[TokenStore, Limiter, str, str], Awaitable[dict[str, Any]]]
+"""A checked field's change: (store, limiter, ``team`` or ``key``, id) → written; what changed, as
+the audit trail records it (the CLI applies them too, without a request)."""
+Field = Callable[[object, fields.Change], Apply | None]
+"""A PATCH field's check: its value → its ``Apply``, or ``None`` for a field that only adds columns
+to the body's shared ``fields.Change`` (allow-lists and expiry, written together)."""
 
 
-def limits_field(value: object) -> Apply:
+def limits_field(value: object, change: fields.Change | None = None) -> Apply:
     """``limits``: the given limits replace the stored ones, each ``null`` clearing one; those not
     given stay. A budget without a period runs per calendar month."""
     if not isinstance(value, dict):
@@ -128,7 +140,7 @@ def limits_field(value: object) -> Apply:
             raise BadRequest(f"Unknown field 'limits.{name}'; the limits are {', '.join(LIMIT_FIELDS)}.")
     changes = {attribute: check(value[name], name) for name, (attribute, check) in _CHECKS.items() if name in value}
 
-    async def apply(store: TokenStore, limiter: Limiter, kind: str, ident: str) -> None:
+    async def apply(store: TokenStore, limiter: Limiter, kind: str, ident: str) -> dict[str, Any]:
         current = await store.limits_of(kind, ident) or NO_LIMITS
         merged = Limits(**{**_as_dict(current), **changes})
         if merged.budget_micro_usd is not None and merged.budget_period is None:
@@ -137,6 +149,7 @@ def limits_field(value: object) -> Apply:
             raise Conflict(NEEDS_REDIS)
         if not await store.set_limits(kind, ident, merged):
             raise NotFound(KEY_NOT_FOUND_MESSAGE)
+        return audit.diff({"limits": current.json()}, {"limits": merged.json()})
 
     return apply
 
@@ -145,20 +158,72 @@ def _as_dict(limits: Limits) -> dict[str, Any]:
     return {name: getattr(limits, name) for name in Limits.__slots__}
 
 
-TEAM_FIELDS: dict[str, Callable[[object], Apply]] = {"limits": limits_field}
-KEY_FIELDS: dict[str, Callable[[object], Apply]] = {"limits": limits_field}
+def governance_field(setter: fields.Setter) -> Field:
+    """An allow-list or expiry field of ``service.fields``: checked into the shared change."""
+
+    def check(value: object, change: fields.Change | None = None) -> Apply | None:
+        setter(value, change if change is not None else fields.Change())
+        return None
+
+    return check
 
 
-async def _patch(request: Request, fields: dict[str, Callable[[object], Apply]], kind: str, ident: str) -> None:
-    payload = await json_object(request)
+TEAM_FIELDS: dict[str, Field] = {
+    "limits": limits_field,
+    **{name: governance_field(setter) for name, setter in fields.TEAM_FIELDS.items()},
+}
+KEY_FIELDS: dict[str, Field] = {
+    "limits": limits_field,
+    **{name: governance_field(setter) for name, setter in fields.KEY_FIELDS.items()},
+}
+
+
+def check_patch(payload: dict[str, Any], table: dict[str, Field], change: fields.Change) -> list[Apply]:
+    """Every field of a PATCH body through its check (an unknown field is refused, named): the
+    ``Apply`` of each, and the allow-lists and expiry in ``change``."""
     for name in payload:
-        if name not in fields:
-            raise BadRequest(f"Unknown field '{name}'; this object takes {', '.join(fields)}.")
-    changes = [fields[name](value) for name, value in payload.items()]
-    for apply in changes:
-        await apply(_store(request), _limiter(request), kind, ident)
-    teams: TeamDirectory = request.state.teams
+        if name not in table:
+            shown = name if len(name) <= 40 else name[:40] + "…"
+            raise BadRequest(f"Unknown field {shown!r}; this object takes {', '.join(table)}.")
+    return [apply for name, value in payload.items() if (apply := table[name](value, change)) is not None]
+
+
+async def apply_patch(
+    teams: TeamDirectory,
+    limiter: Limiter,
+    kind: str,
+    ident: str,
+    change: fields.Change,
+    applies: list[Apply],
+    by: Actor,
+) -> None:
+    """Write a checked PATCH (the API's or the CLI's): the limits, then the allow-lists and expiry,
+    and one audit event with every field that changed."""
+    store = teams.store
+    if kind == "key":
+        record = await teams.find(ident)
+        if record is None:
+            raise NotFound(KEY_NOT_FOUND_MESSAGE)
+        changes = audit.diff(fields.key_view(record), change.view)
+    else:
+        changes = audit.diff(fields.team_view(ident, await store.team_settings(ident)), change.view)
+    for apply in applies:
+        changes.update(await apply(store, limiter, kind, ident))
+    if kind == "key":
+        if await teams.update_key(ident, change.columns, changes, by) is None:
+            raise NotFound(KEY_NOT_FOUND_MESSAGE)
+    else:
+        await teams.update_team(ident, change.columns, changes, by)
     teams.clear()  # this process at once; the others within their cache's refresh
+
+
+async def _patch(request: Request, table: dict[str, Field], kind: str, ident: str) -> None:
+    payload = await json_object(request)
+    change = fields.Change(known_providers=known_providers(request))
+    applies = check_patch(payload, table, change)
+    _store(request)  # 503 while the store cannot be reached
+    teams: TeamDirectory = request.state.teams
+    await apply_patch(teams, _limiter(request), kind, ident, change, applies, actor(request))
 
 
 # -- teams ----------------------------------------------------------------------------------------
@@ -171,6 +236,16 @@ async def _team_json(request: Request, team: TeamSummary) -> dict[str, object]:
         "keyCount": team.key_count,
         "limits": (team.limits or NO_LIMITS).json(),
         "state": await _state(request, "team", team.team_id, team.limits),
+        **team_settings_json(team),
+    }
+
+
+def team_settings_json(team: TeamSummary) -> dict[str, Any]:
+    """A team's allow-lists (for all its keys) and when its settings last changed."""
+    return {
+        "allowedModels": None if team.allowed_models is None else list(team.allowed_models),
+        "allowedProviders": None if team.allowed_providers is None else list(team.allowed_providers),
+        "updatedAt": team.updated_at,
     }
 
 
@@ -242,7 +317,8 @@ async def _key_json(request: Request, key_id: str) -> dict[str, object]:
 
 
 async def show_key(request: Request) -> Response:
-    """Admin: a key by its id (team, name, id, prefix, creation, last use, limits, state), never the key."""
+    """Admin: a key by its id (team, name, id, prefix, creation, last use, allow-lists, expiry, limits,
+    state), never the key."""
     require_admin(request)
     return JSONResponse(await _key_json(request, request.path_params["key_id"]))
 

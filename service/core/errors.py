@@ -5,7 +5,9 @@ Hierarchy::
     GatewayError                 status, a message safe to show, never exception text
     ├── BadRequest               400 malformed path, body or field
     ├── AuthenticationFailed     401 missing or unknown key, missing or wrong admin bearer
+    │   └── KeyExpired           401 the key's expiry time has passed
     ├── Forbidden                403 the feature is switched off
+    │   └── NotAllowed           403 the key's (or team's) allow-list refuses the model or provider
     ├── NotFound                 404 unknown route or token
     ├── Conflict                 409 the change cannot work in this deployment
     ├── PayloadTooLarge          413 body over the limit
@@ -59,11 +61,19 @@ class AuthenticationFailed(GatewayError):
     code = "invalid_api_key"
 
 
+class KeyExpired(AuthenticationFailed):
+    code = "expired_api_key"
+
+
 class Forbidden(GatewayError):
     status = 403
     openai_type = "invalid_request_error"
     anthropic_type = "permission_error"
     code = "forbidden"
+
+
+class NotAllowed(Forbidden):
+    code = "not_allowed"
 
 
 class NotFound(GatewayError):

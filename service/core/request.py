@@ -7,6 +7,8 @@ from service.core.store import Team
 
 SCOPE_KEY = "gateway"
 """``scope[SCOPE_KEY]`` holds the request's ``RequestInfo`` (set by ``RequestContext``)."""
+REST_KEY = "gateway.rest"
+"""``scope[REST_KEY]`` holds the path after the provider prefix (set by the provider's mount)."""
 
 
 class RequestInfo:

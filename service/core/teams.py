@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
-from service.core import keys
+from service.core import audit, keys
+from service.core.audit import Actor
 from service.core.store import StoreUnavailableError, Team, TokenRecord, TokenStore
-from service.core.store.base import utc_timestamp
+from service.core.store.base import Removed, timestamp_at, utc_timestamp
 
 log = structlog.get_logger("gateway.teams")
 
@@ -207,29 +208,66 @@ class TeamDirectory:
             return None
         digest = keys.digest(key)
         team = self.peek(digest) or await self.load(digest)
-        return None if team is UNKNOWN else team
+        if team is UNKNOWN or (team.grace_until is not None and time.time() >= team.grace_until):
+            return None  # unknown, or a previous secret whose grace period is over
+        return team
 
-    # Writes (token API): through to the store, then drop what this process cached.
+    # Writes (token API, CLI): through to the store, then drop what this process cached, then the
+    # audit trail (the change is made first: an audit write that fails leaves it made, and says so).
 
-    async def issue(self, team_id: str, name: str) -> tuple[str, Team]:
-        team = Team(team_id=team_id, name=name, created_at=utc_timestamp(), key_id=keys.new_key_id())
+    async def issue(
+        self,
+        team_id: str,
+        name: str,
+        actor: Actor = audit.CLI,
+        *,
+        allowed_models: tuple[str, ...] | None = None,
+        allowed_providers: tuple[str, ...] | None = None,
+        expires_at: str | None = None,
+    ) -> tuple[str, Team]:
+        team = Team(
+            team_id=team_id,
+            name=name,
+            created_at=utc_timestamp(),
+            key_id=keys.new_key_id(),
+            allowed_models=allowed_models,
+            allowed_providers=allowed_providers,
+            expires_at=expires_at,
+        )
         key = keys.new_key()
         digest = keys.digest(key)
         await self.store.create(digest, team, key[:8])
         self.forget(digest)  # a cached miss for this key would otherwise refuse it
+        created = {
+            "teamId": team_id,
+            "name": name,
+            "allowedModels": None if allowed_models is None else list(allowed_models),
+            "allowedProviders": None if allowed_providers is None else list(allowed_providers),
+            "expiresAt": expires_at,
+        }
+        changes = audit.diff({}, created)
+        await audit.record(self.store, "key.created", actor, team_id=team_id, key_id=team.key_id, changes=changes)
         return key, team
 
-    async def rotate(self, key: str) -> tuple[str, Team] | None:
-        """A new secret for the same key: same id, team, name and creation time."""
+    async def rotate(
+        self, key: str, actor: Actor = audit.CLI, grace_seconds: int | None = None
+    ) -> tuple[str, Team] | None:
+        """A new secret for the same key: same id, team, name and creation time. With
+        ``grace_seconds`` the old secret keeps working that long beside the new one."""
         if not keys.is_well_formed(key):
             return None
         new_key = keys.new_key()
         old, new = keys.digest(key), keys.digest(new_key)
-        team = await self.store.replace(old, new, new_key[:8])
+        until = timestamp_at(time.time() + grace_seconds) if grace_seconds else None
+        team = await self.store.replace(old, new, new_key[:8], until)
         self.forget(old, new)
-        return None if team is None else (new_key, team)
+        if team is None:
+            return None
+        changes = {"previousSecretUntil": {"before": None, "after": until}}
+        await audit.record(self.store, "key.rotated", actor, team_id=team.team_id, key_id=team.key_id, changes=changes)
+        return new_key, team
 
-    async def rotate_id(self, key_id: str) -> tuple[str, Team] | None:
+    async def rotate_id(self, key_id: str, actor: Actor = audit.CLI) -> tuple[str, Team] | None:
         """Rotate a key by its id, without its secret (the admin console): as ``rotate``."""
         record = await self.find(key_id)
         if record is None:
@@ -243,18 +281,42 @@ class TeamDirectory:
                     new = keys.digest(new_key)
                     team = await self.store.replace(digest, new, new_key[:8])
                     self.forget(digest, new)
-                    return None if team is None else (new_key, team)
+                    if team is None:
+                        return None
+                    changes = {"previousSecretUntil": {"before": None, "after": None}}
+                    await audit.record(
+                        self.store, "key.rotated", actor, team_id=team.team_id, key_id=key_id, changes=changes
+                    )
+                    return new_key, team
             if len(page) < 500:
                 return None
             after = (page[-1][0].created_at, page[-1][1])
 
-    async def revoke(self, key: str) -> bool:
+    async def _revoked(self, removed: list[Removed], actor: Actor) -> None:
+        for gone in removed:
+            self.forget(*gone.digests)
+        events = [
+            audit.new_event(
+                "key.revoked",
+                actor,
+                team_id=gone.team_id,
+                key_id=gone.key_id,
+                changes={"revoked": {"before": False, "after": True}},
+            )
+            for gone in removed
+        ]
+        await audit.record_events(self.store, events)
+
+    async def revoke(self, key: str, actor: Actor = audit.CLI) -> bool:
         if not keys.is_well_formed(key):
             return False
         digest = keys.digest(key)
-        deleted = await self.store.delete(digest)
+        removed = await self.store.delete(digest)
         self.forget(digest)
-        return deleted
+        if removed is None:
+            return False
+        await self._revoked([removed], actor)
+        return True
 
     async def find(self, key_id: str) -> TokenRecord | None:
         """The key with this id (``key_…``), or ``None`` when it is malformed or unknown."""
@@ -262,18 +324,45 @@ class TeamDirectory:
             return None
         return await self.store.find(key_id)
 
-    async def revoke_id(self, key_id: str) -> bool:
+    async def revoke_id(self, key_id: str, actor: Actor = audit.CLI) -> bool:
         """Revoke a key by its id, without its secret."""
         if not keys.is_key_id(key_id):
             return False
-        digest = await self.store.delete_id(key_id)
-        if digest is None:
+        removed = await self.store.delete_id(key_id)
+        if removed is None:
             return False
-        self.forget(digest)
+        await self._revoked([removed], actor)
         return True
 
-    async def revoke_team(self, team_id: str) -> int:
+    async def revoke_team(self, team_id: str, actor: Actor = audit.CLI) -> int:
         """Revoke every key of a team; how many there were."""
-        digests = await self.store.delete_team(team_id)
-        self.forget(*digests)
-        return len(digests)
+        removed = await self.store.delete_team(team_id)
+        await self._revoked(removed, actor)
+        return len(removed)
+
+    async def update_key(
+        self, key_id: str, columns: dict[str, object], changes: dict[str, Any], actor: Actor = audit.CLI
+    ) -> TokenRecord | None:
+        """Set a key's governance columns (allow-lists, expiry); the key as it now is, or ``None``
+        when unknown. ``changes`` is what the audit trail records (``audit.diff`` of the API's views)."""
+        if not keys.is_key_id(key_id):
+            return None
+        if columns:
+            digests = await self.store.update_key(key_id, columns)
+            if digests is None:
+                return None
+            self.forget(*digests)
+        record = await self.store.find(key_id)
+        if record is not None and changes:
+            await audit.record(self.store, "key.updated", actor, team_id=record.team_id, key_id=key_id, changes=changes)
+        return record
+
+    async def update_team(
+        self, team_id: str, columns: dict[str, object], changes: dict[str, Any], actor: Actor = audit.CLI
+    ) -> None:
+        """Set a team's own settings (its allow-lists), for every key it has and will have."""
+        if columns:
+            await self.store.update_team(team_id, columns, utc_timestamp())
+            self.clear()  # any of this process's cached keys may be the team's
+        if changes:
+            await audit.record(self.store, "team.updated", actor, team_id=team_id, changes=changes)

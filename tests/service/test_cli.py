@@ -27,7 +27,9 @@ def test_key_lifecycle_on_the_database_directly(tmp_path: Path, upstream: MockUp
     assert "team_cli" in created.stdout and "CLI Team" in created.stdout
 
     as_json = orjson.loads(gateway(env, "tokens", "create", "--team", "team_two", "--json").stdout)
-    assert set(as_json) == {"apiKey", "keyId", "teamId", "name", "createdAt"} and as_json["name"] == "team_two"
+    governance = {"allowedModels", "allowedProviders", "expiresAt", "expired"}
+    assert set(as_json) == {"apiKey", "keyId", "teamId", "name", "createdAt", *governance}
+    assert as_json["name"] == "team_two" and as_json["expired"] is False
     assert re.fullmatch(r"key_[0-9a-f]{16}", as_json["keyId"])
 
     listed = gateway(env, "tokens", "list", "--json")
@@ -36,7 +38,8 @@ def test_key_lifecycle_on_the_database_directly(tmp_path: Path, upstream: MockUp
     assert rows[0]["keyPrefix"] == key[:8] + "…" and key not in listed.stdout
     assert rows[1]["keyId"] == as_json["keyId"]
     table = gateway(env, "tokens", "list").stdout.splitlines()
-    assert table[0].split() == ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"] and len(table) == 3
+    header = ["keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt", "expiresAt", "expired"]
+    assert table[0].split() == header and len(table) == 3
     only = orjson.loads(gateway(env, "tokens", "list", "--team", "team_two", "--json").stdout)
     assert [row["keyId"] for row in only] == [as_json["keyId"]]
 
@@ -270,3 +273,69 @@ def test_team_and_key_limits_on_the_database_directly(
         assert failed.returncode == code and message in failed.stderr, failed.stderr
     several = gateway({**env, "WEB_CONCURRENCY": "2"}, "teams", "set-limits", "team_lim", "--max-concurrent", "2")
     assert several.returncode == 3 and "REDIS_URL" in several.stderr
+
+
+def test_expiry_allow_lists_rotation_grace_and_the_audit_trail(tmp_path: Path) -> None:
+    env = gateway_env(None, tmp_path)
+    created = orjson.loads(
+        gateway(
+            env,
+            "tokens",
+            "create",
+            "--team",
+            "team_gov",
+            "--expires",
+            "12h",
+            "--allow-models",
+            "gpt-4o*, o3-*",
+            "--json",
+        ).stdout
+    )
+    assert created["allowedModels"] == ["gpt-4o*", "o3-*"] and created["expiresAt"] > created["createdAt"]
+    at = orjson.loads(
+        gateway(env, "tokens", "create", "--team", "team_gov", "--expires", "2030-06-01", "--json").stdout
+    )
+    assert at["expiresAt"] == "2030-06-01T00:00:00.000Z"
+    key_id = created["keyId"]
+    for args, named in (
+        (("tokens", "create", "--team", "t", "--expires", "soon"), "--expires"),
+        (("tokens", "create", "--team", "t", "--expires", "2999-01-01"), "--expires"),
+        (("tokens", "create", "--team", "t", "--expires", "never"), "--expires"),
+        (("tokens", "create", "--team", "t", "--allow-providers", "nope"), "--allow-providers"),
+        (("keys", "update", key_id, "--allow-models", "a\tb"), "--allow-models"),
+        (("tokens", "rotate", created["apiKey"], "--grace", "8d"), "--grace"),
+        (("tokens", "rotate", created["apiKey"], "--grace", "soon"), "--grace"),
+        (("audit", "--action", "nope"), "--action"),
+        (("audit", "--since", "soon"), "--since"),
+    ):
+        failed = gateway(env, *args)
+        assert failed.returncode == 2 and named in failed.stderr, (args, failed.stderr)
+    assert gateway(env, "keys", "update", "key_0000000000000000", "--expires", "never").returncode == 1
+    assert gateway(env, "teams", "show", "team_nobody").returncode == 1
+
+    updated = orjson.loads(
+        gateway(env, "keys", "update", key_id, "--expires", "never", "--allow-models", "none", "--json").stdout
+    )
+    assert (updated["expiresAt"], updated["allowedModels"]) == (None, None)
+    team = gateway(env, "teams", "update", "team_gov", "--allow-providers", "openai,anthropic")
+    assert team.returncode == 0 and "openai, anthropic" in team.stdout
+    shown = orjson.loads(gateway(env, "teams", "show", "team_gov", "--json").stdout)
+    assert shown["allowedProviders"] == ["openai", "anthropic"] and shown["keyCount"] == 2
+    rotated = gateway(env, "tokens", "rotate", created["apiKey"], "--grace", "1h", "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    new_key = orjson.loads(rotated.stdout)["apiKey"]
+    old_shown = gateway(env, "tokens", "show", created["apiKey"], "--json")
+    assert old_shown.returncode == 0  # still accepted during the grace period
+
+    trail = orjson.loads(gateway(env, "audit", "--team", "team_gov", "--json").stdout)
+    assert [(e["action"], e["actor"]) for e in reversed(trail)] == [
+        ("key.created", "cli"),
+        ("key.created", "cli"),
+        ("key.updated", "cli"),
+        ("team.updated", "cli"),
+        ("key.rotated", "cli"),
+    ]
+    listed = gateway(env, "audit", "--key", key_id, "--since", "1h", "--limit", "2")
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 3  # header + 2 newest
+    everything = orjson.dumps(trail).decode() + listed.stdout
+    assert created["apiKey"] not in everything and new_key not in everything and new_key[3:20] not in everything

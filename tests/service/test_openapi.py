@@ -43,6 +43,7 @@ def test_every_route_of_the_app_is_documented(tmp_path: Path, monkeypatch: pytes
         "{api_key}": "{apiKey}",
         "{key_id}": "{keyId}",
         "{team_id:path}": "{teamId}",
+        "{team_id:team}": "{teamId}",
         "{request_id}": "{requestId}",
     }
 
@@ -165,6 +166,52 @@ def check_limits(url: str, key_id: str, produced: set[tuple[str, str, str]]) -> 
     check(httpx.get(f"{url}/keys/{key_id}", headers=ADMIN), key, "GET", produced)
 
 
+def check_governance(gateway: GatewayProcess, produced: set[tuple[str, str, str]]) -> None:
+    """Allow-lists, expiry, rotation grace, team settings and the audit trail."""
+    url = gateway.url
+    issued = httpx.post(
+        f"{url}/tokens",
+        json={
+            "teamId": "team_doc_gov",
+            "allowedModels": ["gpt-4o*"],
+            "allowedProviders": ["openai"],
+            "expiresIn": "30d",
+        },
+        headers=ADMIN,
+    )
+    check(issued, "/tokens", "POST", produced)
+    key, key_id = issued.json()["apiKey"], issued.json()["keyId"]
+    path = "/tokens/{apiKey}/refresh"
+    check(httpx.post(f"{url}/tokens/{key}/refresh", json={"graceSeconds": -1}), path, "POST", produced)
+    check(httpx.post(f"{url}/tokens/{key}/refresh", content=b" " * 70_000), path, "POST", produced)
+    rotated = httpx.post(f"{url}/tokens/{key}/refresh", json={"graceSeconds": 60})
+    check(rotated, path, "POST", produced)
+    check(httpx.get(f"{url}/tokens/{key}"), "/tokens/{apiKey}", "GET", produced)  # the previous secret, in grace
+    path = "/keys/{keyId}"
+    check(httpx.patch(f"{url}/keys/{key_id}", json={"expiresAt": None}, headers=ADMIN), path, "PATCH", produced)
+    check(httpx.get(f"{url}/keys/{key_id}", headers=ADMIN), path, "GET", produced)
+    check(httpx.patch(f"{url}/keys/{key_id}", json={"nope": 1}, headers=ADMIN), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/keys/{key_id}", json={}), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/keys/key_0000000000000000", json={}, headers=ADMIN), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/keys/{key_id}", content=b" " * 70_000, headers=ADMIN), path, "PATCH", produced)
+    path = "/teams/{teamId}"
+    check(httpx.get(f"{url}/teams/team_doc_gov", headers=ADMIN), path, "GET", produced)
+    check(httpx.get(f"{url}/teams/%20", headers=ADMIN), path, "GET", produced)
+    check(httpx.get(f"{url}/teams/team_doc_gov"), path, "GET", produced)
+    check(httpx.get(f"{url}/teams/team_doc_nobody", headers=ADMIN), path, "GET", produced)
+    team = {"allowedModels": ["gpt-*"], "allowedProviders": None}
+    check(httpx.patch(f"{url}/teams/team_doc_gov", json=team, headers=ADMIN), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_doc_gov", json={"expiresIn": "1d"}, headers=ADMIN), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_doc_gov", json=team), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/a%0Ab", json=team, headers=ADMIN), path, "PATCH", produced)
+    check(httpx.patch(f"{url}/teams/team_doc_gov", content=b" " * 70_000, headers=ADMIN), path, "PATCH", produced)
+    page = httpx.get(f"{url}/audit", params={"teamId": "team_doc_gov", "limit": "2"}, headers=ADMIN)
+    assert page.json()["nextCursor"] is not None
+    check(page, "/audit", "GET", produced)
+    check(httpx.get(f"{url}/audit", params={"action": "nope"}, headers=ADMIN), "/audit", "GET", produced)
+    check(httpx.get(f"{url}/audit"), "/audit", "GET", produced)
+
+
 def test_every_documented_response_is_produced(
     gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess], pg_dsn: str, pg_proxy: TcpProxy
 ) -> None:
@@ -204,6 +251,7 @@ def test_every_documented_response_is_produced(
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
     check(httpx.delete(f"{url}/tokens/{new_key}", headers=ADMIN), "/tokens/{apiKey}", "DELETE", produced)
     check_usage(gateway, produced)
+    check_governance(gateway, produced)
     check(httpx.get(f"{url}/healthz"), "/healthz", "GET", produced)
     check(httpx.get(f"{url}/readyz"), "/readyz", "GET", produced)
     check(httpx.get(f"{url}/metrics"), "/metrics", "GET", produced)

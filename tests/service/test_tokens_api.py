@@ -16,6 +16,8 @@ KEY_RE = re.compile(r"sk_[0-9a-f]{64}")
 KEY_ID_RE = re.compile(r"key_[0-9a-f]{16}")
 TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+GOVERNANCE = ("allowedModels", "allowedProviders", "expiresAt", "expired")
+NO_GOVERNANCE = {"allowedModels": None, "allowedProviders": None, "expiresAt": None, "expired": False}
 
 
 def error_of(response: httpx.Response) -> str:
@@ -30,7 +32,8 @@ def test_create_returns_key_team_name_and_time(gateway: GatewayProcess) -> None:
     response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_123", "name": "Acme Corp"}, headers=ADMIN)
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"apiKey", "keyId", "teamId", "name", "createdAt"}
+    assert set(body) == {"apiKey", "keyId", "teamId", "name", "createdAt", *GOVERNANCE}
+    assert {name: body[name] for name in GOVERNANCE} == NO_GOVERNANCE
     assert KEY_RE.fullmatch(body["apiKey"]) and KEY_ID_RE.fullmatch(body["keyId"])
     assert body["keyId"][4:] not in body["apiKey"]
     assert body["teamId"] == "team_123" and body["name"] == "Acme Corp"
@@ -139,6 +142,7 @@ def test_show_refresh_and_revoke(gateway: GatewayProcess) -> None:
         "teamId": "team_life",
         "name": "Life",
         "createdAt": created["createdAt"],
+        **NO_GOVERNANCE,
     }
 
     refreshed = httpx.post(f"{gateway.url}/tokens/{key}/refresh")
@@ -211,7 +215,7 @@ def test_listing_pages_and_never_shows_keys(make_gateway) -> None:  # type: igno
     page = first.json()
     assert [t["teamId"] for t in page["tokens"]] == ["team_0", "team_1"] and page["nextCursor"]
     assert page["tokens"][0]["keyPrefix"] == keys[0][:8] + "…"
-    assert set(page["tokens"][0]) == {"keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt"}
+    assert set(page["tokens"][0]) == {"keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt", *GOVERNANCE}
     rest = httpx.get(f"{gw.url}/tokens", params={"limit": 10, "cursor": page["nextCursor"]}, headers=ADMIN).json()
     assert [t["teamId"] for t in rest["tokens"]] == ["team_2", "team_3", "team_4"] and rest["nextCursor"] is None
     everything = first.text + httpx.get(f"{gw.url}/tokens?limit=10", headers=ADMIN).text
@@ -259,7 +263,17 @@ def test_a_key_rotated_by_whoever_leaked_it_can_be_found_and_revoked_by_key_id(
     assert shown.status_code == 200
     body = shown.json()
     assert body["keyId"] == key_id and body["teamId"] == "team_leak" and body["keyPrefix"] == stolen[:8] + "…"
-    assert set(body) == {"keyId", "keyPrefix", "teamId", "name", "createdAt", "lastUsedAt", "limits", "state"}
+    assert set(body) == {
+        "keyId",
+        "keyPrefix",
+        "teamId",
+        "name",
+        "createdAt",
+        "lastUsedAt",
+        "limits",
+        "state",
+        *GOVERNANCE,
+    }
     assert stolen not in shown.text
 
     assert httpx.get(f"{gw.url}/keys/{key_id}").status_code == 401

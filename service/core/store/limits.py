@@ -10,18 +10,25 @@ import re
 from typing import Any
 
 from service.core.limits.model import Limits
-from service.core.store.base import Team, TeamSummary
+from service.core.store.base import TEAM_SELECT, Team, TeamSummary, list_value
+from service.core.store.base import team_from_row as governance_team
 from service.core.store.migrations import ParamStyle
 
 LIMIT_COLUMNS = ("limit_rpm", "limit_tpm", "limit_concurrent", "budget_micro_usd", "budget_period")
 
 GET_TEAM = (
-    "SELECT t.team_id, t.name, t.created_at, t.key_id, "
-    + ", ".join(f"t.{c}" for c in LIMIT_COLUMNS)
+    "SELECT "
+    + TEAM_SELECT
+    + ", CASE WHEN k.digest = ? THEN NULL ELSE k.previous_until END, "
+    + ", ".join(f"k.{c}" for c in LIMIT_COLUMNS)
     + ", "
-    + ", ".join(f"m.{c}" for c in LIMIT_COLUMNS)
-    + " FROM tokens t LEFT JOIN teams m ON m.team_id = t.team_id WHERE t.digest = ?"
+    + ", ".join(f"t.{c}" for c in LIMIT_COLUMNS)
+    + " FROM tokens k LEFT JOIN teams t ON t.team_id = k.team_id"
+    " WHERE k.digest = ? OR (k.previous_digest = ? AND k.previous_until > ?) LIMIT 1"
 )
+"""A key by its digest, or by its previous one while a rotation's grace period runs (then that
+deadline): its governance (``TEAM_SELECT``), its own limits and its team's. Params: digest, digest,
+digest, now."""
 SET_TEAM = (
     "INSERT INTO teams (team_id, updated_at, " + ", ".join(LIMIT_COLUMNS) + ") VALUES (?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (team_id) DO UPDATE SET updated_at = excluded.updated_at, "
@@ -31,9 +38,11 @@ SET_TEAM = (
 SET_KEY = "UPDATE tokens SET " + ", ".join(f"{c} = ?" for c in LIMIT_COLUMNS) + " WHERE key_id = ? RETURNING digest"
 TEAM_LIMITS = "SELECT " + ", ".join(LIMIT_COLUMNS) + " FROM teams WHERE team_id = ?"
 KEY_LIMITS = "SELECT " + ", ".join(LIMIT_COLUMNS) + " FROM tokens WHERE key_id = ?"
+TEAM_EXTRA = ("allowed_models", "allowed_providers", "updated_at")
+"""A team's own settings beside its limits (``TeamSummary``)."""
 _TEAMS = (
     "SELECT k.team_id, k.name, k.keys, "
-    + ", ".join(f"m.{c}" for c in LIMIT_COLUMNS)
+    + ", ".join(f"m.{c}" for c in (*LIMIT_COLUMNS, *TEAM_EXTRA))
     + " FROM (SELECT team_id, MIN(name) AS name, COUNT(*) AS keys FROM tokens {where} GROUP BY team_id) k"
     " LEFT JOIN teams m ON m.team_id = k.team_id ORDER BY k.team_id LIMIT ?"
 )
@@ -42,7 +51,7 @@ TEAMS_AFTER = _TEAMS.format(where="WHERE team_id > ?")
 TEAM = (
     "SELECT CAST(? AS TEXT), (SELECT MIN(name) FROM tokens WHERE team_id = ?),"
     " (SELECT COUNT(*) FROM tokens WHERE team_id = ?), "
-    + ", ".join(LIMIT_COLUMNS)
+    + ", ".join((*LIMIT_COLUMNS, *TEAM_EXTRA))
     + " FROM (SELECT 1) one LEFT JOIN teams ON team_id = ?"
 )
 ANY_LIMITS = (
@@ -68,18 +77,15 @@ def numbered(sql: str, style: ParamStyle) -> str:
 
 
 def team_from_row(row: Any) -> Team:
-    return Team(
-        str(row[0]),
-        str(row[1]),
-        str(row[2]),
-        str(row[3]),
-        key_limits=Limits.from_row(tuple(row[4:9])),
-        team_limits=Limits.from_row(tuple(row[9:14])),
-    )
+    """A ``GET_TEAM`` row: governance, the previous secret's deadline, then both sets of limits."""
+    return governance_team(row, row[9], Limits.from_row(tuple(row[10:15])), Limits.from_row(tuple(row[15:20])))
 
 
 def summary_from_row(row: Any) -> TeamSummary | None:
+    """A team from its keys and its row of settings; ``None`` when it has no key and nothing set."""
     limits = Limits.from_row(tuple(row[3:8]))
-    if not row[2] and limits is None:
+    models, providers, updated_at = list_value(row[8]), list_value(row[9]), row[10]
+    if not row[2] and limits is None and models is None and providers is None:
         return None
-    return TeamSummary(str(row[0]), str(row[1] if row[1] is not None else row[0]), int(row[2]), limits)
+    name = str(row[1] if row[1] is not None else row[0])
+    return TeamSummary(str(row[0]), name, int(row[2]), limits, models, providers, updated_at)

@@ -19,8 +19,25 @@ import asyncpg
 import structlog
 
 from service.core.limits.model import Limits
-from service.core.store import limits as sql
-from service.core.store.base import StoreUnavailableError, Team, TeamSummary, TokenRecord, unavailable_on, utc_timestamp
+from service.core.store import governance as sql
+from service.core.store import limits as limits_sql
+from service.core.store.base import (
+    RECORD_COLUMNS,
+    AuditEvent,
+    Removed,
+    StoreUnavailableError,
+    Team,
+    TeamSettings,
+    TeamSummary,
+    TokenRecord,
+    audit_from_row,
+    audit_params,
+    list_column,
+    list_value,
+    record_from_row,
+    unavailable_on,
+    utc_timestamp,
+)
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
     FAILURES,
@@ -49,16 +66,25 @@ CHANNEL = "gateway_tokens"
 MIGRATION_LOCK = 0x6761_7465_7761_79  # "gateway": one advisory lock id for every replica
 DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 RECONNECT_SECONDS = 1.0
-RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
-_GET_TEAM = sql.numbered(sql.GET_TEAM, "numeric")
-_SET_TEAM = sql.numbered(sql.SET_TEAM, "numeric")
-_SET_KEY = sql.numbered(sql.SET_KEY, "numeric")
-_TEAM_LIMITS = sql.numbered(sql.TEAM_LIMITS, "numeric")
-_KEY_LIMITS = sql.numbered(sql.KEY_LIMITS, "numeric")
-_TEAMS_FIRST = sql.numbered(sql.TEAMS_FIRST, "numeric")
-_TEAMS_AFTER = sql.numbered(sql.TEAMS_AFTER, "numeric")
-_TEAM = sql.numbered(sql.TEAM, "numeric")
-_SPENT = {scope: sql.numbered(query, "numeric") for scope, query in sql.SPENT.items()}
+_GET_TEAM = limits_sql.numbered(limits_sql.GET_TEAM, "numeric")
+_SET_TEAM = limits_sql.numbered(limits_sql.SET_TEAM, "numeric")
+_SET_KEY = limits_sql.numbered(limits_sql.SET_KEY, "numeric")
+_TEAM_LIMITS = limits_sql.numbered(limits_sql.TEAM_LIMITS, "numeric")
+_KEY_LIMITS = limits_sql.numbered(limits_sql.KEY_LIMITS, "numeric")
+_TEAMS_FIRST = limits_sql.numbered(limits_sql.TEAMS_FIRST, "numeric")
+_TEAMS_AFTER = limits_sql.numbered(limits_sql.TEAMS_AFTER, "numeric")
+_TEAM = limits_sql.numbered(limits_sql.TEAM, "numeric")
+_SPENT = {scope: limits_sql.numbered(query, "numeric") for scope, query in limits_sql.SPENT.items()}
+
+REPLACE = sql.numbered(sql.REPLACE, "numeric")
+DELETE = sql.numbered(sql.DELETE, "numeric")
+DELETE_ID = sql.numbered(sql.DELETE_ID, "numeric")
+DELETE_TEAM = sql.numbered(sql.DELETE_TEAM, "numeric")
+TEAM_SETTINGS = sql.numbered(sql.TEAM_SETTINGS, "numeric")
+COUNT_KEYS = sql.numbered(sql.COUNT_KEYS, "numeric")
+INSERT_AUDIT = sql.numbered(sql.INSERT_AUDIT, "numeric")
+ANY_EXPIRED = sql.numbered(sql.ANY_EXPIRED, "numeric")
+NOTE_EXPIRED = sql.numbered(sql.NOTE_EXPIRED, "numeric")
 
 
 def secrets_in(dsn: str) -> list[str]:
@@ -155,13 +181,15 @@ class PostgresStore:
 
     async def _write_all(self, query: str, *args: Any, notify: str | None) -> list[Any]:
         """Run a write returning the rows it changed; if any, bump the change counter and notify
-        once: ``notify``, else the one row's digest (first column), else ``''`` (anything changed)."""
+        once: ``notify``, else the one row's digest (first column), else ``''`` (anything changed:
+        several rows, or a key whose previous secret is still accepted)."""
         with self._unavailable:
             async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 rows = list(await conn.fetch(query, *args))
                 if rows:
                     if notify is None:
-                        notify = str(rows[0][0]) if len(rows) == 1 else ""
+                        single = len(rows) == 1 and rows[0].get("previous_digest") is None
+                        notify = str(rows[0][0]) if single else ""
                     await conn.execute("UPDATE gateway_state SET version = version + 1 WHERE id = 1")
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, notify)
                 return rows
@@ -171,20 +199,23 @@ class PostgresStore:
 
     async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         await self._write(
-            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix, key_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1",
+            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix, key_id, allowed_models,"
+            " allowed_providers, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING 1",
             digest,
             team.team_id,
             team.name,
             team.created_at,
             key_prefix,
             team.key_id,
+            list_column(team.allowed_models),
+            list_column(team.allowed_providers),
+            team.expires_at,
             notify=digest,
         )
 
     async def get(self, digest: str) -> Team | None:
-        row = await self._fetchrow(_GET_TEAM, digest)
-        return sql.team_from_row(row) if row else None
+        row = await self._fetchrow(_GET_TEAM, digest, digest, digest, utc_timestamp())
+        return limits_sql.team_from_row(row) if row else None
 
     async def set_limits(self, scope: str, ident: str, limits: Limits) -> bool:
         if scope == "team":  # every key of the team may have changed: notify without a digest
@@ -199,46 +230,76 @@ class PostgresStore:
 
     async def teams(self, limit: int, after: str | None = None) -> list[TeamSummary]:
         rows = await (self._fetch(_TEAMS_FIRST, limit) if after is None else self._fetch(_TEAMS_AFTER, after, limit))
-        return [summary for row in rows if (summary := sql.summary_from_row(row)) is not None]
+        return [summary for row in rows if (summary := limits_sql.summary_from_row(row)) is not None]
 
     async def team(self, team_id: str) -> TeamSummary | None:
         row = await self._fetchrow(_TEAM, *(team_id,) * 4)
-        return sql.summary_from_row(row) if row else None
+        return limits_sql.summary_from_row(row) if row else None
 
     async def any_limits(self) -> bool:
-        return await self._fetchrow(sql.ANY_LIMITS) is not None
+        return await self._fetchrow(limits_sql.ANY_LIMITS) is not None
 
     async def spent(self, scope: str, ident: str, since: str | None) -> int:
-        row = await self._fetchrow(_SPENT[scope], ident, since or sql.EVER)
+        row = await self._fetchrow(_SPENT[scope], ident, since or limits_sql.EVER)
         return int(row[0]) if row else 0
 
-    async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
-        row = await self._write(
-            "UPDATE tokens SET digest = $1, key_prefix = $3 WHERE digest = $2"
-            " RETURNING team_id, name, created_at, key_id",
-            new_digest,
-            old_digest,
-            new_prefix,
-            notify=old_digest,
-        )
-        return Team(row[0], row[1], row[2], row[3]) if row else None
+    async def replace(
+        self, old_digest: str, new_digest: str, new_prefix: str, grace_until: str | None = None
+    ) -> Team | None:
+        previous = old_digest if grace_until is not None else None
+        row = await self._write(REPLACE, new_digest, new_prefix, previous, grace_until, old_digest, notify=old_digest)
+        return await self.get(new_digest) if row else None
 
-    async def delete(self, digest: str) -> bool:
-        row = await self._write("DELETE FROM tokens WHERE digest = $1 RETURNING 1", digest, notify=digest)
-        return row is not None
+    async def delete(self, digest: str) -> Removed | None:
+        row = await self._write(DELETE, digest, digest, utc_timestamp(), notify=None)
+        return sql.removed(row) if row else None
 
     async def find(self, key_id: str) -> TokenRecord | None:
         query = "SELECT " + RECORD_COLUMNS + " FROM tokens WHERE key_id = $1"  # noqa: S608 (constants only)
         row = await self._fetchrow(query, key_id)
-        return TokenRecord(*row[:6]) if row else None
+        return record_from_row(row) if row else None
 
-    async def delete_id(self, key_id: str) -> str | None:
-        row = await self._write("DELETE FROM tokens WHERE key_id = $1 RETURNING digest", key_id, notify=None)
-        return str(row[0]) if row else None
+    async def delete_id(self, key_id: str) -> Removed | None:
+        row = await self._write(DELETE_ID, key_id, notify=None)
+        return sql.removed(row) if row else None
 
-    async def delete_team(self, team_id: str) -> list[str]:
-        rows = await self._write_all("DELETE FROM tokens WHERE team_id = $1 RETURNING digest", team_id, notify=None)
-        return [str(row[0]) for row in rows]
+    async def delete_team(self, team_id: str) -> list[Removed]:
+        return [sql.removed(row) for row in await self._write_all(DELETE_TEAM, team_id, notify=None)]
+
+    async def update_key(self, key_id: str, columns: Mapping[str, object]) -> tuple[str, ...] | None:
+        query, params = sql.update_key(columns)
+        row = await self._write(sql.numbered(query, "numeric"), *params, key_id, notify=None)
+        if row is None:
+            return None
+        return (str(row[0]),) if row[1] is None else (str(row[0]), str(row[1]))
+
+    async def team_settings(self, team_id: str) -> TeamSettings | None:
+        row = await self._fetchrow(TEAM_SETTINGS, team_id)
+        return TeamSettings(row[0], row[1], list_value(row[2]), list_value(row[3])) if row else None
+
+    async def update_team(self, team_id: str, columns: Mapping[str, object], updated_at: str) -> None:
+        query, params = sql.update_team(columns)
+        await self._write(sql.numbered(query, "numeric"), team_id, updated_at, *params, notify="")
+
+    async def count_keys(self, team_id: str) -> int:
+        row = await self._fetchrow(COUNT_KEYS, team_id)
+        return int(row[0]) if row else 0
+
+    async def record_audit(self, events: Sequence[AuditEvent]) -> None:
+        with self._unavailable:
+            await self.pool.executemany(INSERT_AUDIT, [audit_params(event) for event in events])
+
+    async def audit(
+        self, limit: int, after: tuple[str, str] | None, filters: Mapping[str, str], start: str | None, end: str | None
+    ) -> list[AuditEvent]:
+        query, params = sql.audit_query(limit, after, filters, start, end)
+        return [audit_from_row(row) for row in await self._fetch(sql.numbered(query, "numeric"), *params)]
+
+    async def note_expired(self, now: str) -> list[tuple[str, str, str]]:
+        if await self._fetchrow(ANY_EXPIRED, now) is None:
+            return []
+        rows = await self._fetch(NOTE_EXPIRED, now)
+        return [(str(row[0]), str(row[1]), str(row[2])) for row in rows]
 
     async def list(
         self, limit: int, after: tuple[str, str] | None = None, team_id: str | None = None
@@ -256,7 +317,7 @@ class PostgresStore:
         order = f" ORDER BY created_at, digest LIMIT ${len(args)}"
         query = "SELECT " + RECORD_COLUMNS + " FROM tokens" + where + order  # noqa: S608 (constants and $n only)
         rows = await self._fetch(query, *args)
-        return [(TokenRecord(*row[:6]), row[6]) for row in rows]
+        return [(record_from_row(row), row[9]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
         with self._unavailable:

@@ -26,8 +26,25 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from service.core.limits.model import Limits
-from service.core.store import limits as sql
-from service.core.store.base import StoreUnavailableError, Team, TeamSummary, TokenRecord, unavailable_on, utc_timestamp
+from service.core.store import governance as sql
+from service.core.store import limits as limits_sql
+from service.core.store.base import (
+    RECORD_COLUMNS,
+    AuditEvent,
+    Removed,
+    StoreUnavailableError,
+    Team,
+    TeamSettings,
+    TeamSummary,
+    TokenRecord,
+    audit_from_row,
+    audit_params,
+    list_column,
+    list_value,
+    record_from_row,
+    unavailable_on,
+    utc_timestamp,
+)
 from service.core.store.migrations import Dialect, ParamStyle, migrate
 from service.core.store.usage import (
     ADD_DAILY_SQLITE,
@@ -48,7 +65,6 @@ from service.core.store.usage import (
 if TYPE_CHECKING:
     from service.core.ledger import LedgerRow
 
-RECORD_COLUMNS = "key_id, key_prefix, team_id, name, created_at, last_used_at, digest"
 BUSY_TIMEOUT_SECONDS = 10.0
 unavailable = unavailable_on(sqlite3.Error)
 """Every SQLite error a store method meets becomes ``StoreUnavailableError``."""
@@ -201,64 +217,111 @@ class SQLiteStore:
 
     async def create(self, digest: str, team: Team, key_prefix: str) -> None:
         await self._write(
-            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix, key_id) VALUES (?, ?, ?, ?, ?, ?)"
-            " RETURNING 1",
-            (digest, team.team_id, team.name, team.created_at, key_prefix, team.key_id),
+            "INSERT INTO tokens (digest, team_id, name, created_at, key_prefix, key_id, allowed_models,"
+            " allowed_providers, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING 1",
+            (
+                digest,
+                team.team_id,
+                team.name,
+                team.created_at,
+                key_prefix,
+                team.key_id,
+                list_column(team.allowed_models),
+                list_column(team.allowed_providers),
+                team.expires_at,
+            ),
         )
 
     async def get(self, digest: str) -> Team | None:
-        row = await self._read_one(sql.GET_TEAM, (digest,))
-        return sql.team_from_row(row) if row else None
+        row = await self._read_one(limits_sql.GET_TEAM, (digest, digest, digest, utc_timestamp()))
+        return limits_sql.team_from_row(row) if row else None
 
     async def set_limits(self, scope: str, ident: str, limits: Limits) -> bool:
         if scope == "team":
-            return await self._write(sql.SET_TEAM, (ident, utc_timestamp(), *limits.row())) is not None
-        return await self._write(sql.SET_KEY, (*limits.row(), ident)) is not None
+            return await self._write(limits_sql.SET_TEAM, (ident, utc_timestamp(), *limits.row())) is not None
+        return await self._write(limits_sql.SET_KEY, (*limits.row(), ident)) is not None
 
     async def limits_of(self, scope: str, ident: str) -> Limits | None:
-        row = await self._read_one(sql.TEAM_LIMITS if scope == "team" else sql.KEY_LIMITS, (ident,))
+        row = await self._read_one(limits_sql.TEAM_LIMITS if scope == "team" else limits_sql.KEY_LIMITS, (ident,))
         return Limits.from_row(tuple(row)) if row else None
 
     async def teams(self, limit: int, after: str | None = None) -> list[TeamSummary]:
         if after is None:
-            rows = await self._read_all(sql.TEAMS_FIRST, (limit,))
+            rows = await self._read_all(limits_sql.TEAMS_FIRST, (limit,))
         else:
-            rows = await self._read_all(sql.TEAMS_AFTER, (after, limit))
-        return [summary for row in rows if (summary := sql.summary_from_row(row)) is not None]
+            rows = await self._read_all(limits_sql.TEAMS_AFTER, (after, limit))
+        return [summary for row in rows if (summary := limits_sql.summary_from_row(row)) is not None]
 
     async def team(self, team_id: str) -> TeamSummary | None:
-        row = await self._read_one(sql.TEAM, (team_id,) * 4)
-        return sql.summary_from_row(row) if row else None
+        row = await self._read_one(limits_sql.TEAM, (team_id,) * 4)
+        return limits_sql.summary_from_row(row) if row else None
 
     async def any_limits(self) -> bool:
-        return await self._read_one(sql.ANY_LIMITS) is not None
+        return await self._read_one(limits_sql.ANY_LIMITS) is not None
 
     async def spent(self, scope: str, ident: str, since: str | None) -> int:
-        row = await self._read_one(sql.SPENT[scope], (ident, since or sql.EVER))
+        row = await self._read_one(limits_sql.SPENT[scope], (ident, since or limits_sql.EVER))
         return int(row[0]) if row else 0
 
-    async def replace(self, old_digest: str, new_digest: str, new_prefix: str) -> Team | None:
-        row = await self._write(
-            "UPDATE tokens SET digest = ?, key_prefix = ? WHERE digest = ? RETURNING team_id, name, created_at, key_id",
-            (new_digest, new_prefix, old_digest),
-        )
-        return Team(row[0], row[1], row[2], row[3]) if row else None
+    async def replace(
+        self, old_digest: str, new_digest: str, new_prefix: str, grace_until: str | None = None
+    ) -> Team | None:
+        previous = old_digest if grace_until is not None else None
+        row = await self._write(sql.REPLACE, (new_digest, new_prefix, previous, grace_until, old_digest))
+        return await self.get(new_digest) if row else None
 
-    async def delete(self, digest: str) -> bool:
-        return await self._write("DELETE FROM tokens WHERE digest = ? RETURNING 1", (digest,)) is not None
+    async def delete(self, digest: str) -> Removed | None:
+        row = await self._write(sql.DELETE, (digest, digest, utc_timestamp()))
+        return sql.removed(row) if row else None
 
     async def find(self, key_id: str) -> TokenRecord | None:
         query = "SELECT " + RECORD_COLUMNS + " FROM tokens WHERE key_id = ?"  # noqa: S608 (constants only)
         row = await self._read_one(query, (key_id,))
-        return TokenRecord(*row[:6]) if row else None
+        return record_from_row(row) if row else None
 
-    async def delete_id(self, key_id: str) -> str | None:
-        row = await self._write("DELETE FROM tokens WHERE key_id = ? RETURNING digest", (key_id,))
-        return str(row[0]) if row else None
+    async def delete_id(self, key_id: str) -> Removed | None:
+        row = await self._write(sql.DELETE_ID, (key_id,))
+        return sql.removed(row) if row else None
 
-    async def delete_team(self, team_id: str) -> list[str]:
-        rows = await self._write_all("DELETE FROM tokens WHERE team_id = ? RETURNING digest", (team_id,))
-        return [str(row[0]) for row in rows]
+    async def delete_team(self, team_id: str) -> list[Removed]:
+        return [sql.removed(row) for row in await self._write_all(sql.DELETE_TEAM, (team_id,))]
+
+    async def update_key(self, key_id: str, columns: Mapping[str, object]) -> tuple[str, ...] | None:
+        query, params = sql.update_key(columns)
+        row = await self._write(query, (*params, key_id))
+        if row is None:
+            return None
+        return (str(row[0]),) if row[1] is None else (str(row[0]), str(row[1]))
+
+    async def team_settings(self, team_id: str) -> TeamSettings | None:
+        row = await self._read_one(sql.TEAM_SETTINGS, (team_id,))
+        return TeamSettings(row[0], row[1], list_value(row[2]), list_value(row[3])) if row else None
+
+    async def update_team(self, team_id: str, columns: Mapping[str, object], updated_at: str) -> None:
+        query, params = sql.update_team(columns)
+        await self._write(query, (team_id, updated_at, *params))
+
+    async def count_keys(self, team_id: str) -> int:
+        row = await self._read_one(sql.COUNT_KEYS, (team_id,))
+        return int(row[0]) if row else 0
+
+    async def record_audit(self, events: Sequence[AuditEvent]) -> None:
+        with unavailable:
+            async with self._transaction() as db:
+                await db.executemany(sql.INSERT_AUDIT, [audit_params(event) for event in events])
+
+    async def audit(
+        self, limit: int, after: tuple[str, str] | None, filters: Mapping[str, str], start: str | None, end: str | None
+    ) -> list[AuditEvent]:
+        query, params = sql.audit_query(limit, after, filters, start, end)
+        return [audit_from_row(row) for row in await self._read_all(query, params)]
+
+    async def note_expired(self, now: str) -> list[tuple[str, str, str]]:
+        if await self._read_one(sql.ANY_EXPIRED, (now,)) is None:
+            return []  # the common case: no write lock taken
+        with unavailable:
+            async with self._transaction() as db, db.execute(sql.NOTE_EXPIRED, (now,)) as cur:
+                return [(str(row[0]), str(row[1]), str(row[2])) for row in await cur.fetchall()]
 
     async def list(
         self, limit: int, after: tuple[str, str] | None = None, team_id: str | None = None
@@ -274,7 +337,7 @@ class SQLiteStore:
         where = " WHERE " + " AND ".join(conditions) if conditions else ""
         query = "SELECT " + RECORD_COLUMNS + " FROM tokens" + where + " ORDER BY created_at, digest LIMIT ?"  # noqa: S608
         rows = await self._read_all(query, (*params, limit))
-        return [(TokenRecord(*row[:6]), row[6]) for row in rows]
+        return [(record_from_row(row), row[9]) for row in rows]
 
     async def touch(self, used: dict[str, str]) -> None:
         """A write like the others (under the write lock, in a transaction of its own), so that it

@@ -1,0 +1,144 @@
+"""Allow-lists: which models and providers a key (and its team) may call.
+
+A list is a tuple of patterns: model patterns are globs in which ``*`` stands for any run of
+characters and ``?`` for one (``gpt-4o*``, ``claude-3-5-*``, ``@cf/meta/*``), everything else literal
+and case-sensitive; provider patterns are slugs (``openai``). A key may carry both lists, and so may
+its team: a request must pass every list there is (the key's and the team's). ``None`` is no list.
+
+``Access`` is the compiled form the request path holds (on the cached ``Team``): keys without any
+list have none, so the request path pays one attribute read for them.
+
+Matching is a linear-time wildcard walk (no regular expressions built from patterns, so no pattern
+can make matching slow), over a model name of at most ``MAX_MODEL_CHARS``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MAX_PATTERNS = 100
+MAX_PATTERN_CHARS = 256
+MAX_MODEL_CHARS = 512
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+COMPAT = "compat"
+"""Cloudflare's unified endpoint: models are ``{provider}/{model}``."""
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches ``pattern`` (``*`` any run, ``?`` one character), in O(len * len)
+    at worst: on a mismatch after a ``*``, only the last ``*`` is retried one character further."""
+    p = t = 0
+    star = -1
+    mark = 0
+    while t < len(text):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            t = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
+
+
+def check_patterns(value: object, field: str) -> tuple[str, ...] | None:
+    """A model allow-list as the API takes it: ``null`` or a list of at most ``MAX_PATTERNS``
+    non-empty printable strings; an empty list is no list. ``ValueError`` naming ``field`` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError(f"'{field}' must be a list of strings or null.")
+    if len(value) > MAX_PATTERNS:
+        raise ValueError(f"'{field}' must have at most {MAX_PATTERNS} entries.")
+    patterns: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip() or not item.isprintable():
+            raise ValueError(f"'{field}' entries must be non-empty strings of printable characters.")
+        if len(item) > MAX_PATTERN_CHARS:
+            raise ValueError(f"'{field}' entries must be at most {MAX_PATTERN_CHARS} characters.")
+        if item not in patterns:
+            patterns.append(item)
+    return tuple(patterns) or None
+
+
+def check_providers(value: object, field: str, known: Sequence[str] | None = None) -> tuple[str, ...] | None:
+    """A provider allow-list: ``null`` or a list of slugs (of ``known`` ones, when given); an
+    empty list is no list. ``ValueError`` naming ``field`` (and the unknown slug) otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError(f"'{field}' must be a list of provider slugs or null.")
+    if len(value) > MAX_PATTERNS:
+        raise ValueError(f"'{field}' must have at most {MAX_PATTERNS} entries.")
+    slugs: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not _SLUG.fullmatch(item):
+            raise ValueError(f"'{field}' entries must be provider slugs such as 'openai'.")
+        if known is not None and item not in known:
+            raise ValueError(f"'{field}': unknown provider '{item}' (known: {', '.join(known)}).")
+        if item not in slugs:
+            slugs.append(item)
+    return tuple(slugs) or None
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """The allow-lists that apply to one key: its own and its team's (each ``None`` when absent)."""
+
+    key_models: tuple[str, ...] | None = None
+    key_providers: tuple[str, ...] | None = None
+    team_models: tuple[str, ...] | None = None
+    team_providers: tuple[str, ...] | None = None
+
+    @property
+    def limits_models(self) -> bool:
+        return self.key_models is not None or self.team_models is not None
+
+    def provider_refusal(self, provider: str, model: str | None = None) -> str | None:
+        """Why ``provider`` is refused (``None``: allowed). Through ``compat`` the provider is also
+        the model's own prefix (``openai/gpt-4o`` is OpenAI's), and either may be listed."""
+        names = {provider}
+        if provider == COMPAT and model is not None and "/" in model:
+            names.add(model.partition("/")[0])
+        for whose, allowed in (("key", self.key_providers), ("team", self.team_providers)):
+            if allowed is not None and names.isdisjoint(allowed):
+                shown = model.partition("/")[0] if provider == COMPAT and model and "/" in model else provider
+                return f"This {whose}'s allow-list does not include the provider '{shown}'."
+        return None
+
+    def model_refusal(self, provider: str, model: str) -> str | None:
+        """Why ``model`` is refused (``None``: allowed). Through ``compat`` a pattern may name the
+        whole ``provider/model`` or the model alone (``gpt-4o*`` allows ``openai/gpt-4o-mini``)."""
+        names = [model]
+        if provider == COMPAT and "/" in model:
+            names.append(model.partition("/")[2])
+        for whose, patterns in (("key", self.key_models), ("team", self.team_models)):
+            if patterns is not None and not any(glob_match(p, name) for p in patterns for name in names):
+                return f"This {whose} does not allow the model '{shown_model(model)}'."
+        return None
+
+
+def shown_model(model: str) -> str:
+    """A model name as an error message may show it: at most 100 characters."""
+    return model if len(model) <= 100 else model[:100] + "…"
+
+
+def access_for(
+    key_models: tuple[str, ...] | None,
+    key_providers: tuple[str, ...] | None,
+    team_models: tuple[str, ...] | None,
+    team_providers: tuple[str, ...] | None,
+) -> Access | None:
+    """The compiled allow-lists of a key, or ``None`` when neither it nor its team has any."""
+    if key_models is None and key_providers is None and team_models is None and team_providers is None:
+        return None
+    return Access(key_models, key_providers, team_models, team_providers)
