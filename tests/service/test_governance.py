@@ -256,3 +256,30 @@ def test_cli_changes_are_audited_as_cli(gateway: GatewayProcess) -> None:
         [str(BIN / "gateway"), "audit", "--team", "team_cli_audit"], env=env, capture_output=True, text=True, check=True
     )
     assert "key.created" in listed.stdout and "cli" in listed.stdout
+
+
+def test_limits_and_lists_change_in_one_patch_and_one_audit_event(gateway: GatewayProcess) -> None:
+    key_id = create(gateway, teamId="team_both")["keyId"]
+    body = {"limits": {"maxConcurrent": 3}, "allowedModels": ["gpt-4o*"], "expiresIn": "30d"}
+    patched = httpx.patch(f"{gateway.url}/keys/{key_id}", json=body, headers=ADMIN)
+    assert patched.status_code == 200, patched.text
+    shown = httpx.get(f"{gateway.url}/keys/{key_id}", headers=ADMIN).json()
+    assert shown["limits"]["maxConcurrent"] == 3 and shown["allowedModels"] == ["gpt-4o*"] and shown["expiresAt"]
+    (updated,) = events(gateway, keyId=key_id, action="key.updated")
+    assert updated["actor"] == "admin-api" and set(updated["changes"]) == {"limits", "allowedModels", "expiresAt"}
+    assert updated["changes"]["limits"]["before"]["maxConcurrent"] is None
+    assert updated["changes"]["limits"]["after"]["maxConcurrent"] == 3
+
+    bad = httpx.patch(
+        f"{gateway.url}/keys/{key_id}", json={"limits": {"maxConcurrent": 0}, "allowedModels": []}, headers=ADMIN
+    )
+    assert bad.status_code == 400 and httpx.get(f"{gateway.url}/keys/{key_id}", headers=ADMIN).json()["allowedModels"]
+
+    team = {"limits": {"requestsPerMinute": 60}, "allowedProviders": ["openai"]}
+    team_patched = httpx.patch(f"{gateway.url}/teams/team_both", json=team, headers=ADMIN).json()
+    assert team_patched["limits"]["requestsPerMinute"] == 60 and team_patched["allowedProviders"] == ["openai"]
+    assert team_patched["keyCount"] == 1 and team_patched["updatedAt"] is not None
+    (changed,) = events(gateway, teamId="team_both", action="team.updated")
+    assert set(changed["changes"]) == {"limits", "allowedProviders"}
+    listed = httpx.get(f"{gateway.url}/teams", headers=ADMIN).json()["teams"]
+    assert [t["allowedProviders"] for t in listed if t["teamId"] == "team_both"] == [["openai"]]
