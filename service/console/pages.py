@@ -37,8 +37,9 @@ from service.core.limits.limiter import Limiter
 from service.core.limits.model import MICRO, NO_LIMITS, PERIODS
 from service.core.store import StoreUnavailableError
 from service.core.teams import TeamDirectory
+from service.fields import Change
 from service.governance import AUDIT_FILTERS, audit_filters, audit_page
-from service.teams_api import LIMIT_FIELDS, limits_field
+from service.teams_api import LIMIT_FIELDS, apply_patch, limits_field
 from service.tokens import MAX_TEAM_ID, actor, check_text, grace_seconds, issue, new_key_fields
 from service.usage import (
     FILTERS,
@@ -336,12 +337,13 @@ class Console:
         form_error, status = None, 200
         if request.method == "POST":
             try:
-                apply = limits_field(data.limits_form(request.scope["console.form"]))
-                await apply(teams.store, self._limiter(request), "team", team_id)
+                change = Change(known_providers=self.known_providers)
+                applies = [limits_field(data.limits_form(request.scope["console.form"]), change)]
+                # as PATCH /teams/{teamId}: one audit event; this process at once, the others on their refresh
+                await apply_patch(teams, self._limiter(request), "team", team_id, change, applies, actor(request))
             except (BadRequest, Conflict) as error:
                 form_error, status = error.message, error.status
             else:
-                teams.clear()  # as PATCH /teams/{teamId}: this process at once, the others on their refresh
                 log.info("console_limits_set", team_id=team_id)
                 path = f"/admin/teams/{quote(team_id, safe='')}?saved=1"
                 return RedirectResponse(path, status_code=303)

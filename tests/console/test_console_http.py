@@ -373,6 +373,12 @@ def test_keys_with_expiry_allow_lists_and_a_rotation_grace(gateway: GatewayProce
     for secret in (key[1], new_key[1], ADMIN_KEY):
         assert secret not in audit_page.text and secret[:20] not in audit_page.text
 
+    limits = client.post("/admin/teams/team_gov", data={"maxConcurrent": "3", "csrf_token": token})
+    assert limits.status_code == 303, limits.text
+    updates = httpx.get(f"{gateway.url}/audit", params={"teamId": "team_gov", "action": "team.updated"}, headers=admin)
+    latest = updates.json()["events"][0]
+    assert latest["actor"] == "admin-api" and latest["changes"]["limits"]["after"]["maxConcurrent"] == 3
+
 
 def test_the_audit_page_filters_and_pages(gateway: GatewayProcess, client: httpx.Client) -> None:
     for n in range(51):
