@@ -203,7 +203,11 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     mounts = {
         slug: provider_mount(provider, upstream, settings, prices) for slug, (provider, upstream) in upstreams.items()
     }
-    console = SecurityHeaders(Console(settings, starlette.state.upstreams)) if settings.admin_console else None
+    console = (
+        SecurityHeaders(Console(settings, starlette.state.upstreams, tuple(registry)))
+        if settings.admin_console
+        else None
+    )
     app: ASGIApp = Gateway(mounts, set(registry) - set(mounts), starlette, console)
     if settings.cors_allow_origins:
         app = cors(app, settings.cors_allow_origins)

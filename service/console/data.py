@@ -23,6 +23,7 @@ from service.core.limits.limiter import Limiter
 from service.core.limits.model import MICRO, NO_LIMITS, Limits, usd
 from service.core.limits.outcome import Subject, SubjectState
 from service.core.store import TokenRecord, TokenStore
+from service.core.store.base import TeamSummary as StoredTeam
 from service.teams_api import LIMIT_FIELDS
 from service.tokens import whole_number
 from service.usage import build_report, timestamp
@@ -55,17 +56,35 @@ async def scan_keys(store: TokenStore, team_id: str | None = None) -> tuple[list
     return found, True
 
 
-def expires_at(record: TokenRecord) -> str | None:
-    """When the key expires. Extension point: keys carry no expiry until key governance lands."""
-    value = getattr(record, "expires_at", None)
-    return value if isinstance(value, str) else None
-
-
-def allowed(record: TokenRecord) -> str | None:
-    """The key's allow-lists, shown as text. Extension point, as ``expires_at``."""
-    lists = [getattr(record, name, None) for name in ("allowed_models", "allowed_providers")]
-    shown = [", ".join(value) for value in lists if isinstance(value, list | tuple) and value]
+def allowed(item: TokenRecord | StoredTeam) -> str | None:
+    """A key's or team's allow-lists as text (``None``: neither list is set, anything is allowed)."""
+    lists = [("models", item.allowed_models), ("providers", item.allowed_providers)]
+    shown = [f"{label}: {', '.join(value) or 'none'}" for label, value in lists if value is not None]
     return "; ".join(shown) or None
+
+
+def json_number(raw: str) -> object:
+    """A form field read as JSON reads a number (``"60"`` is 60); anything else stays text, for the
+    API's checks to refuse with their own message."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    return value if isinstance(value, int | float) else raw
+
+
+def key_form(form: Mapping[str, str]) -> dict[str, Any]:
+    """The key creation form as the JSON body of ``POST /tokens``: an empty field is left out; the
+    allow-lists are comma-separated."""
+    body: dict[str, Any] = {}
+    for name in ("teamId", "name", "expiresIn"):
+        if value := form.get(name, "").strip():
+            body[name] = value
+    body.setdefault("teamId", "")
+    for name in ("allowedModels", "allowedProviders"):
+        if value := form.get(name, "").strip():
+            body[name] = [item.strip() for item in value.split(",")]
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +99,7 @@ class KeyView:
 def key_view(record: TokenRecord, now: datetime) -> KeyView:
     """A key with what the filters look at: expired (past ``expiresAt``), idle (neither used nor
     created in the last ``IDLE_DAYS`` days)."""
-    expiry = expires_at(record)
+    expiry = record.expires_at
     now_text = timestamp(now)
     idle_since = timestamp(now - timedelta(days=IDLE_DAYS))
     return KeyView(

@@ -1,9 +1,13 @@
-"""The console's pages: sign-in, overview, keys, teams, usage explorer, status.
+"""The console's pages: sign-in, overview, keys, teams, usage explorer, audit trail, status.
 
 Plain HTML forms (they work without JavaScript); every change is a POST carrying the session's
 CSRF token; a key is shown once, on the page that answers its creation or rotation, never again.
 A team's limits are set through the same checks and writes as ``PATCH /teams/{teamId}``
 (``service.teams_api.limits_field``), so the console refuses what the API refuses, in its words.
+Keys are issued, rotated and revoked through the token API's own functions (``service.tokens``):
+the same checks of ``expiresIn``, ``allowedModels``, ``allowedProviders`` and ``graceSeconds``, and
+the same audit records, with the actor ``admin-api`` (the console signs in with the admin key).
+The audit page reads the trail through ``GET /audit``'s ``service.governance.audit_page``.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from service.console import data
 from service.console.charts import MEASURES, stacked
 from service.console.session import FAILURE_DELAY_SECONDS, Session, Sessions, SignInThrottle
 from service.console.web import Handler, guarded, html, read_form, same_origin, static_files, templates
+from service.core import audit
 from service.core.errors import AuthenticationFailed, BadRequest, Conflict, Forbidden, GatewayError, NotFound
 from service.core.limits.limiter import Limiter
 from service.core.limits.model import MICRO, NO_LIMITS, PERIODS
 from service.core.store import StoreUnavailableError
 from service.core.teams import TeamDirectory
-from service.teams_api import LIMIT_FIELDS, limits_field
-from service.tokens import MAX_NAME, MAX_TEAM_ID, check_text
+from service.fields import Change
+from service.governance import AUDIT_FILTERS, audit_filters, audit_page
+from service.teams_api import LIMIT_FIELDS, apply_patch, limits_field
+from service.tokens import MAX_TEAM_ID, actor, check_text, grace_seconds, issue, new_key_fields
 from service.usage import (
     FILTERS,
     build_report,
@@ -42,12 +49,15 @@ from service.usage import (
     parse_time,
     report_csv,
     time_range,
+    timestamp,
 )
 from service.usage import GROUP_FIELDS as USAGE_GROUP_FIELDS
 
 log = structlog.get_logger("gateway.console")
 
 KEYS_PER_PAGE = 100
+AUDIT_PER_PAGE = 50
+AUDIT_FIELDS = ("teamId", "keyId", "action", "from", "to")
 KEY_STATES = {"": "all keys", "expired": "expired", "idle": f"idle for {data.IDLE_DAYS} days"}
 
 
@@ -61,9 +71,13 @@ def version() -> str:
 class Console:
     """The admin console at ``/admin``, an ASGI app the ``Gateway`` dispatches ``/admin`` paths to."""
 
-    def __init__(self, settings: Settings, upstreams: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, upstreams: dict[str, str], known_providers: tuple[str, ...] | None = None
+    ) -> None:
         self.settings = settings
         self.upstreams = upstreams
+        self.known_providers = known_providers
+        """Every provider slug the gateway knows (enabled or not), as ``POST /tokens`` checks them."""
         self.sessions = (
             Sessions(settings.admin_api_key, settings.console_session_secret, settings.trusted_proxies)
             if settings.admin_api_key
@@ -74,8 +88,7 @@ class Console:
         self.env.filters["dollars"] = data.dollars
         self.static = static_files()
         self.version = version()
-        self.audit_enabled = False
-        """Extension point: an Audit page once the audit trail (``GET /audit``) is on this gateway."""
+        self.audit_enabled = True
         page = self.page
         self.router = Router(
             routes=[
@@ -89,6 +102,7 @@ class Console:
                 Route("/admin/teams/{team_id:path}", page(self.team), methods=["GET", "POST"]),
                 Route("/admin/usage", page(self.usage)),
                 Route("/admin/usage.csv", page(self.usage_csv)),
+                Route("/admin/audit", page(self.audit)),
                 Route("/admin/status", page(self.status)),
                 Route("/admin/static/{name}", self.static_file),
                 Route("/admin/{rest:path}", guarded(self.not_found, self.error_page), methods=["GET", "POST"]),
@@ -233,15 +247,14 @@ class Console:
         form_error = None
         status = 200
         if request.method == "POST":
-            form = request.scope["console.form"]
             try:
-                team_id = check_text(form.get("teamId", ""), "teamId", MAX_TEAM_ID)
-                name = form.get("name", "").strip() or team_id
-                check_text(name, "name", MAX_NAME)
+                team_id, name, change = new_key_fields(
+                    data.key_form(request.scope["console.form"]), self.known_providers
+                )
             except BadRequest as error:
                 form_error, status = error.message, 400
             else:
-                key, team = await teams.issue(team_id, name)
+                key, team = await issue(teams, team_id, name, change, actor(request))
                 log.info("console_key_created", key_id=team.key_id, team_id=team.team_id)
                 return self.render(request, "key_secret.html", 201, action="created", key=key, team=team)
         if team_filter is not None:
@@ -283,18 +296,25 @@ class Console:
         record = await self._record(request)
         if request.method == "GET":
             return self.render(request, "confirm.html", action="rotate", record=record)
-        rotated = await self._teams(request).rotate_id(record.key_id)
+        raw = request.scope["console.form"].get("graceSeconds", "").strip()
+        try:  # read as the JSON body of POST /tokens/{key}/refresh reads it, and checked there
+            grace = grace_seconds({"graceSeconds": data.json_number(raw)} if raw else {})
+        except BadRequest as error:
+            return self.render(
+                request, "confirm.html", 400, action="rotate", record=record, form_error=error.message, grace=raw
+            )
+        rotated = await self._teams(request).rotate_id(record.key_id, actor(request), grace)
         if rotated is None:
             raise NotFound("There is no key with this id (it may have been revoked).")
         key, team = rotated
-        log.info("console_key_rotated", key_id=team.key_id, team_id=team.team_id)
-        return self.render(request, "key_secret.html", action="rotated", key=key, team=team)
+        log.info("console_key_rotated", key_id=team.key_id, team_id=team.team_id, grace_seconds=grace)
+        return self.render(request, "key_secret.html", action="rotated", key=key, team=team, grace=grace)
 
     async def revoke(self, request: Request) -> Response:
         record = await self._record(request)
         if request.method == "GET":
             return self.render(request, "confirm.html", action="revoke", record=record)
-        if not await self._teams(request).revoke_id(record.key_id):
+        if not await self._teams(request).revoke_id(record.key_id, actor(request)):
             raise NotFound("There is no key with this id (it may have been revoked).")
         log.info("console_key_revoked", key_id=record.key_id, team_id=record.team_id)
         return RedirectResponse("/admin/keys?" + urlencode({"revoked": record.key_id}), status_code=303)
@@ -317,16 +337,18 @@ class Console:
         form_error, status = None, 200
         if request.method == "POST":
             try:
-                apply = limits_field(data.limits_form(request.scope["console.form"]))
-                await apply(teams.store, self._limiter(request), "team", team_id)
+                change = Change(known_providers=self.known_providers)
+                applies = [limits_field(data.limits_form(request.scope["console.form"]), change)]
+                # as PATCH /teams/{teamId}: one audit event; this process at once, the others on their refresh
+                await apply_patch(teams, self._limiter(request), "team", team_id, change, applies, actor(request))
             except (BadRequest, Conflict) as error:
                 form_error, status = error.message, error.status
             else:
-                teams.clear()  # as PATCH /teams/{teamId}: this process at once, the others on their refresh
                 log.info("console_limits_set", team_id=team_id)
                 path = f"/admin/teams/{quote(team_id, safe='')}?saved=1"
                 return RedirectResponse(path, status_code=303)
         limits = await teams.store.limits_of("team", team_id)
+        summary = await teams.store.team(team_id)
         standing = await data.standing(self._limiter(request), "team", team_id, limits)
         if form_error is None:
             stored = (limits or NO_LIMITS).json()
@@ -353,6 +375,7 @@ class Console:
             "team.html",
             status,
             team_id=team_id,
+            team_allowed=None if summary is None else data.allowed(summary),
             standing=standing,
             values=values,
             periods=PERIODS,
@@ -431,6 +454,40 @@ class Console:
             report_csv(report),
             media_type="text/csv; charset=utf-8",
             headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
+
+    async def audit(self, request: Request) -> Response:
+        """The audit trail, newest first, a page at a time: ``GET /audit`` as a page, with its checks."""
+        query = request.query_params
+        values = {name: query.get(name, "").strip() for name in AUDIT_FIELDS}
+        context: dict[str, Any] = {
+            "values": values,
+            "actions": audit.ACTIONS,
+            "events": [],
+            "next_query": None,
+            "first_query": None,
+        }
+        try:
+            filters = audit_filters({name: values[name] or None for name in AUDIT_FILTERS})
+            start = timestamp(parse_time(values["from"], "from")) if values["from"] else None
+            end = timestamp(parse_time(values["to"], "to")) if values["to"] else None
+            if start is not None and end is not None and start > end:
+                raise BadRequest("'from' must not be after 'to'.")
+            cursor = query.get("cursor") or None
+            found = await audit_page(self._teams(request).store, AUDIT_PER_PAGE, cursor, filters, start, end)
+        except BadRequest as error:
+            return self.render(request, "audit.html", 400, error=error.message, **context)
+        shown = {name: value for name, value in values.items() if value}
+        next_cursor = found["nextCursor"]
+        return self.render(
+            request,
+            "audit.html",
+            **{
+                **context,
+                "events": found["events"],
+                "next_query": urlencode({**shown, "cursor": next_cursor}) if next_cursor else None,
+                "first_query": urlencode(shown) if cursor else None,
+            },
         )
 
     async def status(self, request: Request) -> Response:

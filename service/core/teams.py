@@ -267,7 +267,9 @@ class TeamDirectory:
         await audit.record(self.store, "key.rotated", actor, team_id=team.team_id, key_id=team.key_id, changes=changes)
         return new_key, team
 
-    async def rotate_id(self, key_id: str, actor: Actor = audit.CLI) -> tuple[str, Team] | None:
+    async def rotate_id(
+        self, key_id: str, actor: Actor = audit.CLI, grace_seconds: int | None = None
+    ) -> tuple[str, Team] | None:
         """Rotate a key by its id, without its secret (the admin console): as ``rotate``."""
         record = await self.find(key_id)
         if record is None:
@@ -279,11 +281,12 @@ class TeamDirectory:
                 if listed.key_id == key_id:
                     new_key = keys.new_key()
                     new = keys.digest(new_key)
-                    team = await self.store.replace(digest, new, new_key[:8])
+                    until = timestamp_at(time.time() + grace_seconds) if grace_seconds else None
+                    team = await self.store.replace(digest, new, new_key[:8], until)
                     self.forget(digest, new)
                     if team is None:
                         return None
-                    changes = {"previousSecretUntil": {"before": None, "after": None}}
+                    changes = {"previousSecretUntil": {"before": None, "after": until}}
                     await audit.record(
                         self.store, "key.rotated", actor, team_id=team.team_id, key_id=key_id, changes=changes
                     )

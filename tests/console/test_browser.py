@@ -325,6 +325,14 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
         rotated.models.list()
     assert httpx.get(f"{gateway.url}/keys/{key_id}", headers=ADMIN).status_code == 404
 
+    # the audit trail: the console's changes, by admin-api, and no secret on the page
+    page.goto(f"/admin/audit?keyId={key_id}")
+    actions = page.locator("table.audit tbody tr td:nth-child(2)").all_inner_texts()
+    assert actions == ["key.revoked", "key.rotated", "key.created"]
+    assert set(page.locator("table.audit tbody tr td:nth-child(3)").all_inner_texts()) == {"admin-api"}
+    assert key not in page.content() and new_key not in page.content() and ADMIN_KEY not in page.content()
+    check_page(session, "audit", axe)
+
     # signing out ends the session: the pages send you back to sign in
     with page.expect_navigation():
         page.get_by_role("button", name="Sign out").click()
@@ -342,6 +350,7 @@ PAGES = {
     "team": f"/admin/teams/{TEAM}_narrow",
     "usage": "/admin/usage?groupBy=day&groupBy=provider",
     "status": "/admin/status",
+    "audit": "/admin/audit",
 }
 
 

@@ -16,7 +16,7 @@ from service.console.session import MAX_FAILURES
 from tests.postgres import TcpProxy
 from tests.support import ADMIN_KEY, GatewayProcess, wait_until
 
-PAGES = ["/admin", "/admin/keys", "/admin/teams", "/admin/usage", "/admin/status"]
+PAGES = ["/admin", "/admin/keys", "/admin/teams", "/admin/usage", "/admin/status", "/admin/audit"]
 
 
 def signed_in(gateway: GatewayProcess, **headers: str) -> httpx.Client:
@@ -239,6 +239,19 @@ def test_the_keys_filters_and_the_usage_csv(gateway: GatewayProcess, client: htt
     assert team_page.status_code == 200 and team_page.text.count('data-key-id="') == 1
     assert "No keys match these filters" in client.get("/admin/keys", params={"state": "idle"}).text
     assert "No keys match these filters" in client.get("/admin/keys", params={"state": "expired"}).text
+    key_id = httpx.get(f"{gateway.url}/tokens/{gateway.keys[-1]}").json()["keyId"]
+    ended = httpx.patch(
+        f"{gateway.url}/keys/{key_id}",
+        json={"expiresAt": "2020-01-01"},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert ended.status_code == 200, ended.text
+    expired = client.get("/admin/keys", params={"state": "expired"}).text
+    assert expired.count('data-key-id="') == 1 and f'data-key-id="{key_id}"' in expired
+    assert (
+        '<time datetime="2020-01-01T00:00:00.000Z">2020-01-01 00:00</time> <span class="tag warn">expired</span>'
+        in expired
+    )
     csv = client.get("/admin/usage.csv", params={"groupBy": ["day", "team"], "teamId": "team_filters"})
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
     assert csv.headers["content-disposition"].startswith('attachment; filename="usage-')
@@ -302,3 +315,98 @@ def test_a_store_outage_is_a_503_page(
     finally:
         pg_proxy.up()
         client.close()
+
+
+def test_keys_with_expiry_allow_lists_and_a_rotation_grace(gateway: GatewayProcess, client: httpx.Client) -> None:
+    token = csrf(client)
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    for form, message in [
+        ({"expiresIn": "soon"}, "&#39;expiresIn&#39; must be a duration like 30d"),
+        ({"allowedProviders": "nowhere"}, "nowhere"),
+        ({"allowedModels": "gpt-4o, "}, "allowedModels"),
+    ]:
+        refused = client.post("/admin/keys", data={"teamId": "team_gov", "csrf_token": token, **form})
+        assert refused.status_code == 400 and message in refused.text, refused.text
+    assert httpx.get(f"{gateway.url}/tokens", params={"teamId": "team_gov"}, headers=admin).json()["tokens"] == []
+    form = {"teamId": "team_gov", "expiresIn": "30d", "allowedModels": "gpt-4o*, o3", "allowedProviders": "openai"}
+    created = client.post("/admin/keys", data={**form, "csrf_token": token})
+    assert created.status_code == 201, created.text
+    key = re.search(r'value="(sk_[0-9a-f]{64})"', created.text)
+    key_id = re.search(r"Key <code>(key_[0-9a-z]+)</code>", created.text)
+    assert key is not None and key_id is not None
+    shown = httpx.get(f"{gateway.url}/keys/{key_id[1]}", headers=admin).json()
+    assert shown["allowedModels"] == ["gpt-4o*", "o3"] and shown["allowedProviders"] == ["openai"]
+    assert shown["expiresAt"] is not None and shown["expired"] is False
+    listing = client.get("/admin/keys", params={"team": "team_gov"}).text
+    assert "models: gpt-4o*, o3; providers: openai" in listing
+    assert f'<time datetime="{shown["expiresAt"]}">' in listing and 'warn">expired<' not in listing
+
+    rotate = f"/admin/keys/{key_id[1]}/rotate"
+    assert 'name="graceSeconds"' in client.get(rotate).text
+    for grace in ("1h", "604801", "-5", "1.5"):
+        refused = client.post(rotate, data={"graceSeconds": grace, "csrf_token": token})
+        assert refused.status_code == 400 and "&#39;graceSeconds&#39; must be a whole number" in refused.text, grace
+    assert httpx.get(f"{gateway.url}/tokens/{key[1]}").status_code == 200  # refused rotations changed nothing
+    rotated = client.post(rotate, data={"graceSeconds": "600", "csrf_token": token})
+    assert rotated.status_code == 200 and "keeps working for 600 more seconds" in rotated.text
+    new_key = re.search(r'value="(sk_[0-9a-f]{64})"', rotated.text)
+    assert new_key is not None and new_key[1] != key[1]
+    for secret in (key[1], new_key[1]):  # the old secret still works during its grace period
+        assert httpx.get(f"{gateway.url}/tokens/{secret}").json()["keyId"] == key_id[1]
+    events = httpx.get(f"{gateway.url}/audit", params={"keyId": key_id[1]}, headers=admin).json()["events"]
+    assert [(e["action"], e["actor"]) for e in events] == [("key.rotated", "admin-api"), ("key.created", "admin-api")]
+    assert events[0]["changes"]["previousSecretUntil"]["after"] is not None
+    assert events[1]["changes"]["allowedProviders"] == {"before": None, "after": ["openai"]}
+
+    team_page = client.get("/admin/teams/team_gov").text
+    assert "Any model, any provider" in team_page
+    patch = {"allowedModels": ["gpt-4o*"]}
+    assert httpx.patch(f"{gateway.url}/teams/team_gov", json=patch, headers=admin).status_code == 200
+    assert "<p data-team-allowed>models: gpt-4o*</p>" in client.get("/admin/teams/team_gov").text
+
+    audit_page = client.get("/admin/audit", params={"teamId": "team_gov"})
+    assert audit_page.status_code == 200
+    rows = re.findall(
+        r'<tr data-audit-id="aud_[0-9a-f]+">\s*<td>.*?</td>\s*<td>([a-z.]+)</td>\s*<td>([a-z-]+)</td>', audit_page.text
+    )
+    assert rows == [("team.updated", "admin-api"), ("key.rotated", "admin-api"), ("key.created", "admin-api")]
+    for secret in (key[1], new_key[1], ADMIN_KEY):
+        assert secret not in audit_page.text and secret[:20] not in audit_page.text
+
+    limits = client.post("/admin/teams/team_gov", data={"maxConcurrent": "3", "csrf_token": token})
+    assert limits.status_code == 303, limits.text
+    updates = httpx.get(f"{gateway.url}/audit", params={"teamId": "team_gov", "action": "team.updated"}, headers=admin)
+    latest = updates.json()["events"][0]
+    assert latest["actor"] == "admin-api" and latest["changes"]["limits"]["after"]["maxConcurrent"] == 3
+
+
+def test_the_audit_page_filters_and_pages(gateway: GatewayProcess, client: httpx.Client) -> None:
+    for n in range(51):
+        gateway.create_key("team_audit_pages", f"Key {n}")
+    first = client.get("/admin/audit", params={"teamId": "team_audit_pages", "action": "key.created"})
+    assert first.status_code == 200 and first.text.count('data-audit-id="') == 50
+    assert '"Key 50"' in first.text and '"Key 0"' not in first.text  # newest first
+    older = re.search(r'href="/admin/audit\?([^"]+)">Older</a>', first.text)
+    assert older is not None and "teamId=team_audit_pages" in older[1]
+    second = client.get("/admin/audit?" + html.unescape(older[1]))
+    assert second.status_code == 200 and second.text.count('data-audit-id="') == 1 and '"Key 0"' in second.text
+    assert "Older</a>" not in second.text and "Newest</a>" in second.text
+    assert (
+        client.get("/admin/audit", params={"action": "key.revoked", "teamId": "team_audit_pages"}).text.count(
+            'data-audit-id="'
+        )
+        == 0
+    )
+    assert client.get("/admin/audit", params={"to": "2000-01-01"}).text.count('data-audit-id="') == 0
+    for query, message in [
+        ({"action": "key.stolen"}, "&#39;action&#39; must be one of"),
+        ({"from": "yesterday"}, "from"),
+        ({"from": "2026-11-02", "to": "2026-11-01"}, "&#39;from&#39; must not be after &#39;to&#39;."),
+        ({"teamId": "a\x1bb"}, "control characters"),
+        ({"keyId": "k" * 129}, "at most 128 characters"),
+        ({"cursor": "nonsense!"}, "&#39;cursor&#39; is not a cursor"),
+    ]:
+        response = client.get("/admin/audit", params=query)
+        assert response.status_code == 400 and message in response.text, (query, response.text)
+        assert response.headers["content-type"].startswith("text/html") and "Traceback" not in response.text
+    assert 'href="/admin/audit"' in client.get("/admin").text
