@@ -10,6 +10,7 @@ budget bar shows the ``spentUsd`` the API answers.
 from __future__ import annotations
 
 import json
+import re
 import time as clock
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ MAX_SCANNED = 10_000
 IDLE_DAYS = 30
 CHART_DAYS = 30
 NEAREST_BUDGETS = 10
+ALLOW_LISTS = ("allowedModels", "allowedProviders")
+_SEPARATORS = re.compile(r"[,\s]+")
 
 
 def midnight(day: date) -> str:
@@ -73,18 +76,35 @@ def json_number(raw: str) -> object:
     return value if isinstance(value, int | float) else raw
 
 
+def list_field(raw: str) -> list[str] | None:
+    """An allow-list typed into a form as the JSON list the API takes: entries separated by commas,
+    spaces or new lines; an empty field is ``null`` (no list). The API's checks judge the entries."""
+    return [item for item in _SEPARATORS.split(raw) if item] or None
+
+
 def key_form(form: Mapping[str, str]) -> dict[str, Any]:
-    """The key creation form as the JSON body of ``POST /tokens``: an empty field is left out; the
-    allow-lists are comma-separated."""
+    """The key creation form as the JSON body of ``POST /tokens``: an empty field is left out."""
     body: dict[str, Any] = {}
     for name in ("teamId", "name", "expiresIn"):
         if value := form.get(name, "").strip():
             body[name] = value
     body.setdefault("teamId", "")
-    for name in ("allowedModels", "allowedProviders"):
-        if value := form.get(name, "").strip():
-            body[name] = [item.strip() for item in value.split(",")]
+    for name in ALLOW_LISTS:
+        if (items := list_field(form.get(name, ""))) is not None:
+            body[name] = items
     return body
+
+
+def allow_lists_form(form: Mapping[str, str]) -> dict[str, Any]:
+    """The allow-lists form as the JSON body of ``PATCH /teams/{teamId}`` (or ``/keys/{keyId}``):
+    both lists, an empty field ``null`` (the list cleared)."""
+    return {name: list_field(form.get(name, "")) for name in ALLOW_LISTS}
+
+
+def allow_lists_values(item: TokenRecord | StoredTeam | None) -> dict[str, str]:
+    """A key's or team's allow-lists as the form shows them (empty: no list)."""
+    models, providers = (None, None) if item is None else (item.allowed_models, item.allowed_providers)
+    return {"allowedModels": ", ".join(models or ()), "allowedProviders": ", ".join(providers or ())}
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,10 +313,10 @@ def nearest_budgets(standings: Mapping[str, Standing]) -> list[Standing]:
     return sorted(budgeted, key=lambda item: (-item.share, item.ident))[:NEAREST_BUDGETS]
 
 
-def limits_form(form: Mapping[str, str]) -> dict[str, object]:
-    """The limits form as the ``limits`` object of ``PATCH /teams/{teamId}``: an empty field is
-    ``null`` (cleared); a number is read as JSON reads it, anything else is passed on as text
-    for the API's checks to refuse with their own message."""
+def limits_form(form: Mapping[str, str]) -> dict[str, Any]:
+    """The limits form as the JSON body of ``PATCH /teams/{teamId}``, ``{"limits": {…}}``: an empty
+    field is ``null`` (cleared); a number is read as JSON reads it, anything else is passed on as
+    text for the API's checks to refuse with their own message."""
     limits: dict[str, object] = {}
     for name in LIMIT_FIELDS:
         raw = form.get(name, "").strip()
@@ -309,4 +329,8 @@ def limits_form(form: Mapping[str, str]) -> dict[str, object]:
                 limits[name] = json.loads(raw)
             except ValueError:
                 limits[name] = raw
-    return limits
+    return {"limits": limits}
+
+
+TEAM_FORMS = {"limits": limits_form, "allow-lists": allow_lists_form}
+"""The forms of a team's page, told apart by their hidden ``form`` field."""

@@ -2,8 +2,10 @@
 
 Plain HTML forms (they work without JavaScript); every change is a POST carrying the session's
 CSRF token; a key is shown once, on the page that answers its creation or rotation, never again.
-A team's limits are set through the same checks and writes as ``PATCH /teams/{teamId}``
-(``service.teams_api.limits_field``), so the console refuses what the API refuses, in its words.
+A team's limits and allow-lists, and a key's allow-lists, are set through the same checks and
+writes as ``PATCH /teams/{teamId}`` and ``PATCH /keys/{keyId}`` (``service.teams_api``'s
+``check_patch`` and ``apply_patch`` with its field tables), so the console refuses what the API
+refuses, in its words, and records the same audit event.
 Keys are issued, rotated and revoked through the token API's own functions (``service.tokens``):
 the same checks of ``expiresIn``, ``allowedModels``, ``allowedProviders`` and ``graceSeconds``, and
 the same audit records, with the actor ``admin-api`` (the console signs in with the admin key).
@@ -39,7 +41,7 @@ from service.core.store import StoreUnavailableError
 from service.core.teams import TeamDirectory
 from service.fields import Change
 from service.governance import AUDIT_FILTERS, audit_filters, audit_page
-from service.teams_api import LIMIT_FIELDS, apply_patch, limits_field
+from service.teams_api import KEY_FIELDS, LIMIT_FIELDS, TEAM_FIELDS, Field, apply_patch, check_patch
 from service.tokens import MAX_TEAM_ID, actor, check_text, grace_seconds, issue, new_key_fields
 from service.usage import (
     FILTERS,
@@ -98,6 +100,7 @@ class Console:
                 Route("/admin/keys", page(self.keys), methods=["GET", "POST"]),
                 Route("/admin/keys/{key_id}/rotate", page(self.rotate), methods=["GET", "POST"]),
                 Route("/admin/keys/{key_id}/revoke", page(self.revoke), methods=["GET", "POST"]),
+                Route("/admin/keys/{key_id}/allow-lists", page(self.key_allow_lists), methods=["GET", "POST"]),
                 Route("/admin/teams", page(self.teams)),
                 Route("/admin/teams/{team_id:path}", page(self.team), methods=["GET", "POST"]),
                 Route("/admin/usage", page(self.usage)),
@@ -219,6 +222,21 @@ class Console:
         limiter: Limiter = request.state.limiter
         return limiter
 
+    async def _patch(
+        self, request: Request, kind: str, ident: str, table: dict[str, Field], body: dict[str, Any]
+    ) -> GatewayError | None:
+        """A form's change, as the JSON body of ``PATCH /teams/{teamId}`` (or ``/keys/{keyId}``)
+        through its checks and writes: one audit event, applied by this process at once and by the
+        others on their key cache's refresh. The API's refusal, if it refused."""
+        teams, change = self._teams(request), Change(known_providers=self.known_providers)
+        try:
+            applies = check_patch(body, table, change)
+            await apply_patch(teams, self._limiter(request), kind, ident, change, applies, actor(request))
+        except (BadRequest, Conflict) as error:
+            return error
+        log.info(f"console_{kind}_updated", **{f"{kind}_id": ident}, fields=sorted(body))
+        return None
+
     async def overview(self, request: Request) -> Response:
         store = self._teams(request).store
         view = await data.overview(store, datetime.now(UTC))
@@ -283,6 +301,7 @@ class Console:
             form_error=form_error,
             form=request.scope.get("console.form", {}),
             notice=query.get("revoked"),
+            saved=query.get("saved"),
             page_query=lambda n: urlencode({"team": team_filter or "", "state": state, "page": n}),
         )
 
@@ -319,6 +338,27 @@ class Console:
         log.info("console_key_revoked", key_id=record.key_id, team_id=record.team_id)
         return RedirectResponse("/admin/keys?" + urlencode({"revoked": record.key_id}), status_code=303)
 
+    async def key_allow_lists(self, request: Request) -> Response:
+        record = await self._record(request)
+        values = data.allow_lists_values(record)
+        error = None
+        if request.method == "POST":
+            form = request.scope["console.form"]
+            error = await self._patch(request, "key", record.key_id, KEY_FIELDS, data.allow_lists_form(form))
+            if error is None:
+                query = urlencode({"team": record.team_id, "saved": record.key_id})
+                return RedirectResponse(f"/admin/keys?{query}", status_code=303)
+            values = {name: form.get(name, "") for name in data.ALLOW_LISTS}
+        return self.render(
+            request,
+            "key_allow_lists.html",
+            200 if error is None else error.status,
+            record=record,
+            values=values,
+            form_error=None if error is None else error.message,
+            providers=self.known_providers,
+        )
+
     async def teams(self, request: Request) -> Response:
         store = self._teams(request).store
         records, truncated = await data.scan_keys(store)
@@ -334,29 +374,32 @@ class Console:
         records, truncated = await data.scan_keys(teams.store, team_id)
         if not records:
             raise NotFound("This team has no keys.")
-        form_error, status = None, 200
+        form = request.scope.get("console.form", {})
+        failed, error = None, None  # the form refused, and why
         if request.method == "POST":
-            try:
-                change = Change(known_providers=self.known_providers)
-                applies = [limits_field(data.limits_form(request.scope["console.form"]), change)]
-                # as PATCH /teams/{teamId}: one audit event; this process at once, the others on their refresh
-                await apply_patch(teams, self._limiter(request), "team", team_id, change, applies, actor(request))
-            except (BadRequest, Conflict) as error:
-                form_error, status = error.message, error.status
-            else:
-                log.info("console_limits_set", team_id=team_id)
-                path = f"/admin/teams/{quote(team_id, safe='')}?saved=1"
+            posted = form.get("form", "")
+            read = data.TEAM_FORMS.get(posted)
+            if read is None:
+                raise BadRequest(f"'form' must be one of {', '.join(data.TEAM_FORMS)}.")
+            error = await self._patch(request, "team", team_id, TEAM_FIELDS, read(form))
+            if error is None:
+                path = f"/admin/teams/{quote(team_id, safe='')}?{urlencode({'saved': posted})}"
                 return RedirectResponse(path, status_code=303)
+            failed = posted
         limits = await teams.store.limits_of("team", team_id)
         summary = await teams.store.team(team_id)
         standing = await data.standing(self._limiter(request), "team", team_id, limits)
-        if form_error is None:
+        if failed == "limits":
+            values = {name: form.get(name, "") for name in LIMIT_FIELDS}
+        else:
             stored = (limits or NO_LIMITS).json()
             values = {name: "" if stored[name] is None else str(stored[name]) for name in stored}
             if limits is not None and limits.budget_micro_usd is not None:
                 values["budgetUsd"] = f"{Decimal(limits.budget_micro_usd) / MICRO:f}"
+        if failed == "allow-lists":
+            allow_values = {name: form.get(name, "") for name in data.ALLOW_LISTS}
         else:
-            values = {name: request.scope["console.form"].get(name, "") for name in LIMIT_FIELDS}
+            allow_values = data.allow_lists_values(summary)
         now = datetime.now(UTC)
         today = now.date()
         first = today + timedelta(days=1) - timedelta(days=data.CHART_DAYS)
@@ -373,14 +416,17 @@ class Console:
         return self.render(
             request,
             "team.html",
-            status,
+            200 if error is None else error.status,
             team_id=team_id,
             team_allowed=None if summary is None else data.allowed(summary),
+            allow_values=allow_values,
+            providers=self.known_providers,
             standing=standing,
             values=values,
             periods=PERIODS,
-            form_error=form_error,
-            saved=request.method == "GET" and request.query_params.get("saved") == "1",
+            failed=failed,
+            form_error=None if error is None else error.message,
+            saved=request.method == "GET" and request.query_params.get("saved"),
             keys=[data.key_view(r, now) for r in records],
             truncated=truncated,
             chart=chart,

@@ -2,12 +2,12 @@
 against a gateway started from its Procfile and the fake upstream, with the real OpenAI SDK.
 
 One walk through the console as an operator would take it, checked as it goes: sign in (a wrong
-key first), issue a key and copy it, give its team a budget, call the gateway with it, find the
-call in the overview and the usage explorer with the figures ``GET /usage`` gives and the budget
-bar moved to the ``spentUsd`` of ``GET /teams/{teamId}``, rotate and revoke, and a forged change
-refused. Every page is checked by axe-core at 1280 and 390 pixels wide (no serious or critical
-violation, nothing wider than the screen), every page's console stays free of errors, and a
-screenshot of each is saved under ``test-artifacts/console/``.
+key first), issue a key and copy it, give its team a budget and allow-lists, call the gateway with
+it, find the call in the overview and the usage explorer with the figures ``GET /usage`` gives and
+the budget bar moved to the ``spentUsd`` of ``GET /teams/{teamId}``, set the key's allow-lists,
+rotate and revoke, and a forged change refused. Every page is checked by axe-core at 1280 and
+390 pixels wide (no serious or critical violation, nothing wider than the screen), every page's
+console stays free of errors, and a screenshot of each is saved under ``test-artifacts/console/``.
 """
 
 from __future__ import annotations
@@ -223,6 +223,30 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
     page.goto("/admin/teams")
     assert budget_bar(page) == (5.0, team_state(gateway)["state"]["spentUsd"] or 0.0) == (5.0, 0.0)
 
+    # and allow-lists, typed into its other form (a click, then the keyboard): shown on its page, set
+    # as GET /teams/{teamId} reads them, refused with the API's message when a provider is unknown
+    page.goto(f"/admin/teams/{TEAM}")
+    assert page.locator("[data-team-allowed]").inner_text() == "Any model, any provider"
+    page.get_by_label("Allowed models").click()
+    page.keyboard.type("gpt-4o*")
+    page.keyboard.press("Tab")
+    page.keyboard.type("openai, nowhere")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert "unknown provider 'nowhere'" in page.locator("#allow-error").inner_text()
+    assert page.get_by_label("Allowed providers").input_value() == "openai, nowhere"
+    session.expected_errors(400, 1)
+    page.get_by_label("Allowed providers").fill("openai")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Save allow-lists").click()
+    assert "Allow-lists saved" in page.locator("[role=status]").inner_text()
+    assert page.locator("[data-team-allowed]").inner_text() == "models: gpt-4o*; providers: openai"
+    assert page.get_by_label("Allowed models").input_value() == "gpt-4o*"
+    check_page(session, "team-allow-lists", axe)
+    allowed = team_state(gateway)
+    assert (allowed["allowedModels"], allowed["allowedProviders"]) == (["gpt-4o*"], ["openai"])
+    assert allowed["limits"]["budgetUsd"] == 5.0  # the other form's settings stay
+
     # the key works through the real OpenAI SDK, and the calls reach the ledger
     client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=key, max_retries=0)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
@@ -312,6 +336,20 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
         client.models.list()
     rotated = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=new_key, max_retries=0)
     rotated.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.PermissionDeniedError):  # outside the team's allow-lists set above
+        rotated.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "Hi"}])
+
+    # the key's own allow-lists, on its page from the keys list
+    page.goto(f"/admin/keys?team={TEAM}")
+    with page.expect_navigation():
+        page.get_by_role("link", name=f"Allow-lists of {key_id}").click()
+    check_page(session, "key-allow-lists", axe)
+    page.get_by_label("Allowed models").fill("gpt-4o-mini")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Save allow-lists").click()
+    assert f"Allow-lists of key {key_id} saved" in page.locator("[role=status]").inner_text()
+    assert page.locator(f"tr[data-key-id='{key_id}']").inner_text().count("models: gpt-4o-mini") == 1
+    assert httpx.get(f"{gateway.url}/keys/{key_id}", headers=ADMIN).json()["allowedModels"] == ["gpt-4o-mini"]
 
     # revoke: a confirmation, then the key is gone and refused
     page.goto(f"/admin/keys?team={TEAM}")
@@ -328,7 +366,7 @@ def test_the_console_end_to_end_in_chromium(chromium: Browser, console_gateway: 
     # the audit trail: the console's changes, by admin-api, and no secret on the page
     page.goto(f"/admin/audit?keyId={key_id}")
     actions = page.locator("table.audit tbody tr td:nth-child(2)").all_inner_texts()
-    assert actions == ["key.revoked", "key.rotated", "key.created"]
+    assert actions == ["key.revoked", "key.updated", "key.rotated", "key.created"]
     assert set(page.locator("table.audit tbody tr td:nth-child(3)").all_inner_texts()) == {"admin-api"}
     assert key not in page.content() and new_key not in page.content() and ADMIN_KEY not in page.content()
     check_page(session, "audit", axe)
@@ -372,8 +410,8 @@ def test_every_page_at_390_px(chromium: Browser, console_gateway: GatewayProcess
     for name, path in PAGES.items():
         page.goto(path)
         check_page(session, name, axe)
-    for action in ("rotate", "revoke"):
+    for name, action in {"key-allow-lists": "allow-lists", "rotate": "rotate", "revoke": "revoke"}.items():
         page.goto(f"/admin/keys/{key_id}/{action}")
-        check_page(session, action, axe)
+        check_page(session, name, axe)
     assert session.errors == []
     session.close()

@@ -8,6 +8,8 @@ import html
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import quote, urlencode
 
 import httpx
 import pytest
@@ -165,8 +167,8 @@ def test_the_team_limits_form(gateway: GatewayProcess, client: httpx.Client) -> 
     cleared = dict.fromkeys(("requestsPerMinute", "tokensPerMinute", "maxConcurrent", "budgetUsd", "budgetPeriod"))
     path = "/admin/teams/team_limits"
     token = csrf(client)
-    form = {"requestsPerMinute": "600", "tokensPerMinute": "", "maxConcurrent": "8", "budgetUsd": "25.5"}
-    form["budgetPeriod"] = "week"
+    form = {"form": "limits", "requestsPerMinute": "600", "tokensPerMinute": "", "maxConcurrent": "8"}
+    form |= {"budgetUsd": "25.5", "budgetPeriod": "week"}
     assert client.post(path, data=form).status_code == 403
     assert client.post(path, data={**form, "csrf_token": "0" * 64}).status_code == 403
     for field, value, message in [
@@ -186,10 +188,13 @@ def test_the_team_limits_form(gateway: GatewayProcess, client: httpx.Client) -> 
         page = html.unescape(response.text)
         assert message in page and 'role="alert"' in page and "Traceback" not in page
         assert field == "budgetPeriod" or f'value="{value}"' in page  # the form keeps what was typed
+    for which in ("", "budget"):  # the page's two forms are told apart by their hidden field
+        response = client.post(path, data={**form, "form": which, "csrf_token": token})
+        assert response.status_code == 400 and "must be one of limits, allow-lists" in html.unescape(response.text)
     assert api_limits() == cleared
 
     saved = client.post(path, data={**form, "csrf_token": token})
-    assert saved.status_code == 303 and saved.headers["location"] == f"{path}?saved=1"
+    assert saved.status_code == 303 and saved.headers["location"] == f"{path}?saved=limits"
     expected = {**cleared, "requestsPerMinute": 600, "maxConcurrent": 8, "budgetUsd": 25.5, "budgetPeriod": "week"}
     assert api_limits() == expected
     shown = client.get(saved.headers["location"]).text
@@ -211,12 +216,94 @@ def test_the_team_limits_form(gateway: GatewayProcess, client: httpx.Client) -> 
     assert f'<td data-limits="{key_id["keyId"]}">5,000 tokens/min</td>' in keys
 
     # a budget without a period runs per month; empty fields clear every limit
-    client.post(path, data={"budgetUsd": "3", "csrf_token": token})
+    client.post(path, data={"form": "limits", "budgetUsd": "3", "csrf_token": token})
     assert api_limits() == {**cleared, "budgetUsd": 3.0, "budgetPeriod": "month"}
-    assert client.post(path, data={"csrf_token": token}).status_code == 303
+    assert client.post(path, data={"form": "limits", "csrf_token": token}).status_code == 303
     assert api_limits() == cleared
     assert 'data-budget="team_limits"' not in client.get("/admin/teams").text
     assert client.post("/admin/teams/team_nobody", data={**form, "csrf_token": token}).status_code == 404
+
+
+@pytest.mark.parametrize("kind", ["team", "key"])
+def test_the_allow_lists_forms(gateway: GatewayProcess, client: httpx.Client, kind: str) -> None:
+    """A team's allow-lists on its page, and a key's on its own page, go through PATCH /teams/{teamId}
+    (PATCH /keys/{keyId}): what the API refuses is a 400 page with its message, the form keeping what
+    was typed and nothing written; what is saved is one audit event and is enforced at once; empty
+    fields clear the lists. The team id holds a slash, as team ids may."""
+    team = f"team/allow-{kind}"
+    key = gateway.create_key(team, "Allowed")
+    key_id = httpx.get(f"{gateway.url}/tokens/{key}").json()["keyId"]
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    if kind == "team":
+        path, api = f"/admin/teams/{team}", f"{gateway.url}/teams/{quote(team, safe='')}"
+        saved_at, hidden = f"/admin/teams/{quote(team, safe='')}?saved=allow-lists", {"form": "allow-lists"}
+    else:
+        path, api = f"/admin/keys/{key_id}/allow-lists", f"{gateway.url}/keys/{key_id}"
+        saved_at, hidden = "/admin/keys?" + urlencode({"team": team, "saved": key_id}), {}
+        assert f'href="{path}"' in client.get("/admin/keys", params={"team": team}).text
+
+    def api_lists() -> tuple[object, object]:
+        shown = httpx.get(api, headers=admin).json()
+        return shown["allowedModels"], shown["allowedProviders"]
+
+    def updates() -> list[dict[str, Any]]:
+        query = {"teamId": team, "action": f"{kind}.updated"}
+        found: list[dict[str, Any]] = httpx.get(f"{gateway.url}/audit", params=query, headers=admin).json()["events"]
+        return found
+
+    def call(model: str) -> int:
+        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+        auth = {"authorization": f"Bearer {key}"}
+        return httpx.post(f"{gateway.url}/openai/v1/chat/completions", json=body, headers=auth).status_code
+
+    token = csrf(client)
+    page = client.get(path)
+    assert page.status_code == 200 and '<label for="allowedModels">Allowed models</label>' in page.text
+    form = {**hidden, "allowedModels": "gpt-4o-mini\nclaude-*", "allowedProviders": "openai, anthropic"}
+    assert client.post(path, data=form).status_code == 403
+    assert client.post(path, data={**form, "csrf_token": "0" * 64}).status_code == 403
+    for field, value, message in [
+        ("allowedModels", "gpt-4o, " + "m" * 257, "'allowedModels' entries must be at most 256 characters."),
+        ("allowedModels", "gpt-\x074o", "'allowedModels' entries must be non-empty strings of printable characters."),
+        ("allowedModels", " ".join(f"m{n}" for n in range(101)), "'allowedModels' must have at most 100 entries."),
+        ("allowedProviders", "openai, nowhere", "'allowedProviders': unknown provider 'nowhere' (known: "),
+        ("allowedProviders", "OpenAI", "'allowedProviders' entries must be provider slugs such as 'openai'."),
+    ]:
+        response = client.post(path, data={**form, field: value, "csrf_token": token})
+        assert response.status_code == 400, (field, value[:20], response.text)
+        shown = html.unescape(response.text)
+        assert message in shown and 'role="alert"' in shown and "Traceback" not in shown
+        assert f'value="{value}"' in shown and 'aria-invalid="true"' in shown  # the form keeps what was typed
+    assert api_lists() == (None, None) and updates() == []
+    assert call("gpt-4o") == 200
+
+    saved = client.post(path, data={**form, "csrf_token": token})
+    assert saved.status_code == 303 and saved.headers["location"] == saved_at
+    assert api_lists() == (["gpt-4o-mini", "claude-*"], ["openai", "anthropic"])
+    (event,) = updates()
+    assert event["actor"] == "admin-api" and event["changes"] == {
+        "allowedModels": {"before": None, "after": ["gpt-4o-mini", "claude-*"]},
+        "allowedProviders": {"before": None, "after": ["openai", "anthropic"]},
+    }
+    assert call("gpt-4o") == 403 and call("gpt-4o-mini") == 200
+    shown = client.get(saved_at).text
+    assert re.search(r'<p class="notice" role="status">Allow-lists (of key <code>key_[0-9a-z]+</code> )?saved', shown)
+    assert "models: gpt-4o-mini, claude-*; providers: openai, anthropic" in shown
+    assert 'value="gpt-4o-mini, claude-*"' in client.get(path).text  # the form shows the lists to edit
+
+    # the same lists again change nothing and record nothing; empty fields clear both lists
+    assert client.post(path, data={**form, "csrf_token": token}).status_code == 303 and len(updates()) == 1
+    cleared = client.post(path, data={**hidden, "allowedModels": " ", "allowedProviders": "", "csrf_token": token})
+    assert cleared.status_code == 303 and api_lists() == (None, None)
+    assert updates()[0]["changes"]["allowedModels"] == {"before": ["gpt-4o-mini", "claude-*"], "after": None}
+    assert call("gpt-4o") == 200
+    if kind == "team":  # the limits form beside it still sets the limits alone
+        limits = client.post(path, data={"form": "limits", "maxConcurrent": "2", "csrf_token": token})
+        assert limits.status_code == 303 and api_lists() == (None, None)
+        assert httpx.get(api, headers=admin).json()["limits"]["maxConcurrent"] == 2
+    else:
+        unknown = client.post("/admin/keys/key_0000000000000000/allow-lists", data={**form, "csrf_token": token})
+        assert unknown.status_code == 404
 
 
 def test_budgets_while_the_limits_store_is_unreachable(make_gateway: Callable[..., GatewayProcess]) -> None:
@@ -323,12 +410,12 @@ def test_keys_with_expiry_allow_lists_and_a_rotation_grace(gateway: GatewayProce
     for form, message in [
         ({"expiresIn": "soon"}, "&#39;expiresIn&#39; must be a duration like 30d"),
         ({"allowedProviders": "nowhere"}, "nowhere"),
-        ({"allowedModels": "gpt-4o, "}, "allowedModels"),
+        ({"allowedModels": "gpt-4o, " + "m" * 257}, "&#39;allowedModels&#39; entries must be at most 256 characters"),
     ]:
         refused = client.post("/admin/keys", data={"teamId": "team_gov", "csrf_token": token, **form})
         assert refused.status_code == 400 and message in refused.text, refused.text
     assert httpx.get(f"{gateway.url}/tokens", params={"teamId": "team_gov"}, headers=admin).json()["tokens"] == []
-    form = {"teamId": "team_gov", "expiresIn": "30d", "allowedModels": "gpt-4o*, o3", "allowedProviders": "openai"}
+    form = {"teamId": "team_gov", "expiresIn": "30d", "allowedModels": "gpt-4o*,\n o3,", "allowedProviders": "openai"}
     created = client.post("/admin/keys", data={**form, "csrf_token": token})
     assert created.status_code == 201, created.text
     key = re.search(r'value="(sk_[0-9a-f]{64})"', created.text)
@@ -373,7 +460,7 @@ def test_keys_with_expiry_allow_lists_and_a_rotation_grace(gateway: GatewayProce
     for secret in (key[1], new_key[1], ADMIN_KEY):
         assert secret not in audit_page.text and secret[:20] not in audit_page.text
 
-    limits = client.post("/admin/teams/team_gov", data={"maxConcurrent": "3", "csrf_token": token})
+    limits = client.post("/admin/teams/team_gov", data={"form": "limits", "maxConcurrent": "3", "csrf_token": token})
     assert limits.status_code == 303, limits.text
     updates = httpx.get(f"{gateway.url}/audit", params={"teamId": "team_gov", "action": "team.updated"}, headers=admin)
     latest = updates.json()["events"][0]
