@@ -11,7 +11,7 @@ import hashlib
 
 from starlette.types import Scope
 
-SKIP_CACHE = ("cf-aig-skip-cache", "true")
+SKIP_CACHE = (b"cf-aig-skip-cache", b"true")
 
 
 def team_cache_key(team_id: str, scope: Scope, client_key: bytes | None, body: bytes, query: bytes) -> str:

@@ -84,7 +84,8 @@ class Outgoing:
     __slots__ = ("cache_key", "declared_length", "headers", "skips_cache", "wants_cache")
 
     def __init__(self) -> None:
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        """As received (bytes, never decoded), without ``content-length``: the connection pool frames the body."""
         self.declared_length: bytes | None = None
         self.cache_key: bytes | None = None
         """The client's ``cf-aig-cache-key`` (replaced by a per-team one under the team cache scope)."""
@@ -126,11 +127,12 @@ class HeaderPolicy:
                 continue
             if name == b"content-length":
                 out.declared_length = value
-            elif name == b"cf-aig-cache-ttl" or name == b"cf-cache-ttl":
+                continue
+            if name == b"cf-aig-cache-ttl" or name == b"cf-cache-ttl":
                 out.wants_cache = True
             elif name == b"cf-aig-skip-cache":
                 out.skips_cache = True
-            headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+            headers.append((name, value))
         if connection is not None:
             out.headers = _without_connection_options(headers, connection)
         return out
@@ -164,10 +166,10 @@ def down(raw: tuple[tuple[bytes, bytes], ...]) -> Down:
     return Down(headers, stream, content_type, content_encoding)
 
 
-def _without_connection_options(headers: list[tuple[str, str]], connection: bytes) -> list[tuple[str, str]]:
+def _without_connection_options(headers: list[tuple[bytes, bytes]], connection: bytes) -> list[tuple[bytes, bytes]]:
     """Drop the headers the client's ``Connection`` header names: they are for this hop only."""
-    named = {token.strip().lower() for token in connection.decode("latin-1").split(",")}
-    named -= {"keep-alive", "close", "upgrade", ""}
+    named = {token.strip().lower() for token in connection.split(b",")}
+    named -= {b"keep-alive", b"close", b"upgrade", b""}
     return [(k, v) for k, v in headers if k not in named] if named else headers
 
 

@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import structlog
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from config import Settings
 from providers import headers as header_policy
 from providers import stream_options
 from providers.base import Provider
 from providers.cache_scope import SKIP_CACHE, team_cache_key
+from providers.connections import ConnectionPool, RequestTargetError, Target, target
 from providers.cuts import ENDED_ON_PURPOSE, error_event, quiet_cuts_on_uvicorn
 from providers.headers import HeaderPolicy, without_credentials
 from providers.metering import cost_micro_usd, request_model
@@ -65,7 +65,7 @@ class Relay:
         self.upstream = upstream if isinstance(upstream, Upstream) else None
         self.unavailable = ServiceUnavailable(upstream) if isinstance(upstream, str) else None
         self.via_gateway = self.upstream is not None and self.upstream.via_gateway
-        self.added = list(self.upstream.headers) if self.upstream else []
+        self.added = [(k.encode(), v.encode()) for k, v in self.upstream.headers] if self.upstream else []
         self.scope_cache = self.via_gateway and settings.cache_scope == "team"
         # every provider's credential headers, not only this one's: a team key put in another
         # provider's header (x-goog-api-key on /openai) must not travel either
@@ -83,23 +83,21 @@ class Relay:
         self.timeout = settings.upstream_timeout_seconds
         self.idle_timeout = settings.stream_idle_timeout_seconds
         self.max_body = settings.max_request_bytes
-        self._urls: dict[str, URL] = {}
+        self._targets: dict[str, Target] = {}
         self._unpriced: set[str | None] = set()
         """Models already logged as having no price (once each, per worker)."""
         quiet_cuts_on_uvicorn()
 
-    def _url(self, upstream: Upstream, rest: str, query: bytes) -> URL:
-        """The upstream URL; the part before the query is built once per path (yarl parsing is not free)."""
-        if query:
-            return URL(upstream.url(rest) + "?" + query.decode("latin-1"), encoded=True)
-        url = self._urls.get(rest)
-        if url is None:
-            url = URL(upstream.url(rest), encoded=True)
+    def _target(self, upstream: Upstream, rest: str) -> Target:
+        """Where the request goes upstream (before its query), parsed once per path."""
+        found = self._targets.get(rest)
+        if found is None:
+            found = target(upstream.url(rest))
             if len(rest) <= MAX_CACHED_PATH:
-                if len(self._urls) >= MAX_CACHED_URLS:
-                    self._urls.clear()
-                self._urls[rest] = url
-        return url
+                if len(self._targets) >= MAX_CACHED_URLS:
+                    self._targets.clear()
+                self._targets[rest] = found
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
@@ -110,13 +108,16 @@ class Relay:
         query = scope["query_string"]
         if query:
             query = without_credentials(query)
-        url = self._url(upstream, scope[REST_KEY], query)
+        try:
+            url = self._target(upstream, scope[REST_KEY])
+        except RequestTargetError:
+            raise BadRequest("The request path has characters that cannot be forwarded.") from None
 
         outgoing = self.policy.up(scope["headers"])
         headers = outgoing.headers
         headers.extend(self.added)
         if self.via_gateway:
-            headers.append(("cf-aig-metadata", info.metadata or ""))
+            headers.append((b"cf-aig-metadata", (info.metadata or "").encode()))
         declared_length = outgoing.declared_length
         if declared_length is not None and (not declared_length.isdigit() or int(declared_length) > self.max_body):
             raise self._too_large()
@@ -144,16 +145,13 @@ class Relay:
             hide_usage = False
             if inject:
                 rewritten = stream_options.with_usage_requested(body)
-                if rewritten is not None:
+                if rewritten is not None:  # the connection pool sends its length
                     body, hide_usage = rewritten, True
-                    headers = [(k, v) for k, v in headers if k != "content-length"]
-                    headers.append(("content-length", str(len(body))))
             if self.scope_cache:
                 if outgoing.wants_cache:
                     team_id = info.team.team_id if info.team is not None else ""
-                    headers.append(
-                        ("cf-aig-cache-key", team_cache_key(team_id, scope, outgoing.cache_key, body, query))
-                    )
+                    cache_key = team_cache_key(team_id, scope, outgoing.cache_key, body, query)
+                    headers.append((b"cf-aig-cache-key", cache_key.encode()))
                 elif not outgoing.skips_cache:  # a gateway-wide cache would key on the shared provider key
                     headers.append(SKIP_CACHE)
             data: bytes | AsyncIterator[bytes] | None
@@ -162,7 +160,9 @@ class Relay:
             else:
                 data = body or None
                 exchange.body_done = True
-            await self._exchange(scope, url, headers, data, send, exchange, info, body, hide_usage)
+            await self._exchange(
+                scope, url, query, headers, declared_length, data, send, exchange, info, body, hide_usage
+            )
         except ClientGone:
             return
         except asyncio.CancelledError:
@@ -208,8 +208,10 @@ class Relay:
     async def _exchange(
         self,
         scope: Scope,
-        url: URL,
-        headers: list[tuple[str, str]],
+        url: Target,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        declared_length: bytes | None,
         data: bytes | AsyncIterator[bytes] | None,
         send: Send,
         exchange: Exchange,
@@ -218,21 +220,21 @@ class Relay:
         hide_usage: bool = False,
     ) -> None:
         state = scope["state"]
-        session: aiohttp.ClientSession = state["http"]
+        pool: ConnectionPool = state["http"]
         metrics: Metrics = state["metrics"]
         error: GatewayError | None = None
         exchange.arm(self.timeout)
         sent_at = time.perf_counter()
         try:
-            response = await session.request(scope["method"], url, headers=headers, data=data, allow_redirects=False)
+            response = await pool.request(scope["method"], url, query, headers, data, declared_length)
         except asyncio.CancelledError:
             if not exchange.timed_out:
                 raise
             exchange.task.uncancel()
             metrics.upstream_error(self.provider.slug, "timeout")
             error = UpstreamTimeout(f"The upstream sent no response within {self.timeout:g} seconds.")
-        except ValueError:  # aiohttp refuses a header value (control or non-UTF-8 characters)
-            error = BadRequest("A request header has characters that cannot be forwarded.")
+        except RequestTargetError:
+            error = BadRequest("The request's query string has characters that cannot be forwarded.")
         except (aiohttp.ClientError, OSError, ClientGone) as exc:
             if exchange.client_gone:
                 return

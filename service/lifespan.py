@@ -1,5 +1,5 @@
-"""What a worker opens at start and closes at stop: the store and its key cache, the one aiohttp
-session, metrics (and their own port), the unknown-key guard, the sweeps (usage retention, key
+"""What a worker opens at start and closes at stop: the store and its key cache, the upstream
+connection pool, metrics (and their own port), the unknown-key guard, the sweeps (usage retention, key
 expiries into the audit trail); handed to every request through lifespan state (``scope["state"]``)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 import structlog
 from starlette.applications import Starlette
 
 from config import Settings
 from middleware.key_guard import UnknownKeyGuard
+from providers.connections import ConnectionPool
 from service.core.audit import record_expiries
 from service.core.ledger import Ledger
 from service.core.limits.limiter import NEEDS_REDIS, limiter_for
@@ -35,18 +35,8 @@ EXPIRY_SWEEP_SECONDS = 5.0
 STARTUP_FAILURE = 3  # uvicorn's supervisor stops instead of restarting a worker that exits with it
 
 
-def http_session(settings: Settings) -> aiohttp.ClientSession:
-    """The worker's one upstream session: no decompression, no cookies, no proxy from the environment."""
-    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        # the relay's own deadline covers connecting and waiting for headers (504), never the stream
-        timeout=aiohttp.ClientTimeout(total=None),
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-        trust_env=False,
-    )
+UPSTREAM_CONNECTIONS = 1024
+UPSTREAM_KEEPALIVE_SECONDS = 30.0
 
 
 def tune_gc() -> None:
@@ -91,7 +81,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         await limiter.start()
         teams = TeamDirectory(store, settings.auth_cache_refresh_seconds, settings.store_outage_grace_seconds)
         await teams.start()
-        session = http_session(settings)
+        pool = ConnectionPool(limit=UPSTREAM_CONNECTIONS, keepalive=UPSTREAM_KEEPALIVE_SECONDS)
         metrics.degraded_probe = lambda: teams.degraded
         metrics.limits_degraded_probe = lambda: limiter.degraded
         await metrics.start()
@@ -107,7 +97,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         try:
             guard = UnknownKeyGuard(settings.unknown_key_limit, settings.trusted_proxies)
             state = {
-                "http": session,
+                "http": pool,
                 "teams": teams,
                 "store": store,
                 "metrics": metrics,
@@ -125,7 +115,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
                 await ledger.stop()  # after the last request: every row is written before the store closes
             await teams.stop()
             await limiter.stop()  # after the last request: its release is sent
-            await session.close()
+            await pool.close()
             await store.close()
             await metrics.stop()
             log.info("gateway_stopped")

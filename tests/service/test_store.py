@@ -616,6 +616,7 @@ async def test_a_request_recorded_twice_counts_once(location: str) -> None:
     await store.record_usage([a, b])
     await store.record_usage([b, c])  # a batch written again after its commit went unacknowledged
     await store.record_usage([d, dataclasses.replace(d, cost_micro_usd=10**9), d])  # one id twice in a batch
+    await store.record_usage([a, c])  # nothing new at all
     expected = expected_report([a, b, c, d], "2026-11-02", "2026-11-03", ["day"])
     assert expected[0]["requests"] == 4
     assert await store.usage_report("2026-11-02", "2026-11-03", ["day"], {}) == expected  # the daily totals

@@ -53,9 +53,11 @@ from service.core.store.usage import (
     LAST_ROWID_SQLITE,
     PRUNE,
     SELECT_REQUEST,
+    UPSERT_DAILY_SQLITE,
     FailureRows,
     ReportRows,
     bound,
+    daily_totals,
     ledger_params,
     ledger_row,
     report_query,
@@ -358,7 +360,7 @@ class SQLiteStore:
     async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
         """The rows, in one transaction on the ledger's own connection, in one hop to a thread: the
         new rows (a request id already recorded, or twice in the batch, is skipped), then the daily
-        totals of exactly the rows inserted, summed by SQLite."""
+        totals of exactly the rows inserted."""
         if not rows:
             return
         with unavailable:
@@ -372,8 +374,11 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 (last,) = db.execute(LAST_ROWID_SQLITE).fetchone()
-                db.executemany(INSERT_LEDGER_SQLITE, map(ledger_params, rows))
-                db.execute(ADD_DAILY_SQLITE, (last,))
+                inserted = db.executemany(INSERT_LEDGER_SQLITE, map(ledger_params, rows)).rowcount
+                if inserted == len(rows):  # all new, as a rule: their totals are the batch's
+                    db.executemany(UPSERT_DAILY_SQLITE, daily_totals(rows))
+                elif inserted:  # some were recorded before: the totals of those inserted, by rowid
+                    db.execute(ADD_DAILY_SQLITE, (last,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:

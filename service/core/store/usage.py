@@ -205,17 +205,20 @@ def daily_totals(rows: Sequence[LedgerRow]) -> list[tuple[object, ...]]:
     totals: dict[tuple[str, str, str, str, str], list[int]] = {}
     for row in rows:
         key = (row.at[:10], row.team_id, row.key_id, row.provider, row.model or "")
-        sums = totals.setdefault(key, [0] * len(DAILY_SUMS))
+        sums = totals.get(key)
+        if sums is None:
+            sums = totals[key] = [0] * len(DAILY_SUMS)
         sums[0] += 1
-        for i, count in enumerate(
-            (row.input_tokens, row.output_tokens, row.cache_read_tokens, row.cache_write_tokens, row.reasoning_tokens),
-            start=1,
-        ):
-            sums[i] += count or 0
-        if row.cost_micro_usd is None:
+        sums[1] += row.input_tokens or 0
+        sums[2] += row.output_tokens or 0
+        sums[3] += row.cache_read_tokens or 0
+        sums[4] += row.cache_write_tokens or 0
+        sums[5] += row.reasoning_tokens or 0
+        cost = row.cost_micro_usd
+        if cost is None:
             sums[7] += 1
         else:
-            sums[6] += row.cost_micro_usd
+            sums[6] += cost
     return [(*key, *sums) for key, sums in sorted(totals.items())]
 
 
@@ -234,6 +237,7 @@ INSERT_LEDGER_SQLITE = (
 """Insert one ledger row (``executemany`` runs it once per row, prepared once), skipping a request id
 already recorded."""
 LAST_ROWID_SQLITE = "SELECT coalesce(max(rowid), 0) FROM usage_ledger"
+UPSERT_DAILY_SQLITE = upsert_daily("qmark")
 ADD_DAILY_SQLITE = (
     f"INSERT INTO usage_daily ({', '.join(DAILY_COLUMNS)})"  # noqa: S608 (constants only)
     " SELECT substr(at, 1, 10), team_id, key_id, provider, coalesce(model, ''), count(*),"
@@ -245,7 +249,8 @@ ADD_DAILY_SQLITE = (
 )
 """Add to ``usage_daily`` the totals of the ledger rows past a rowid: exactly the rows a batch
 inserted (SQLite numbers new rows past the largest rowid), summed by SQLite, the same sums as
-``daily_totals``."""
+``daily_totals``. Used when a batch held a request id already recorded; otherwise ``daily_totals``
+sums the batch in Python at a fifth of the cost (no read-back, no sort)."""
 
 
 PG_TYPES = ("text",) * 7 + ("int4",) + ("int8",) * 6 + ("float8", "float8", "bool")

@@ -1,0 +1,309 @@
+"""The relay's upstream client: aiohttp's own protocol and C response parser, driven directly.
+
+``aiohttp.ClientSession.request`` builds, per request, a ``ClientRequest`` and a ``ClientResponse``,
+a multidict of headers, a yarl URL, a payload object, a writer, trace and cookie plumbing and a
+timer: about half of what a bare relay costs per request. The relay needs none of it: it forwards
+bytes it already holds, never follows redirects, keeps no cookies and has its own deadline
+(``providers.watch``). So it speaks HTTP/1.1 itself over aiohttp's ``ResponseHandler`` — the same
+protocol, C parser (``HttpResponseParser``), ``StreamReader`` payload and error classes the session
+uses — and keeps its own keep-alive pool per origin:
+
+- the request head is one ``bytes`` join of headers that are already bytes, sent with a body that
+  came in one piece in a single write; a body still arriving is streamed (by its declared
+  ``content-length``, else chunked) by a task of its own, as aiohttp does, so an early answer is read;
+- a connection goes back to the pool only after a response read to its end that leaves it reusable
+  (``ResponseHandler.should_close``); one idle longer than ``keepalive`` seconds is closed, and at
+  most ``limit`` connections are open at once (the next request waits for one);
+- connecting raises ``OSError`` (refused, unreachable, TLS), a lost connection aiohttp's
+  ``ClientError`` subclasses: what the relay already tells apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import ClientError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+
+MAX_LINE = MAX_FIELD = 8190  # aiohttp's own limits for a status line and a header
+MAX_HEADERS = 128
+_BODYLESS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+_SWEEP_SECONDS = 5.0
+_UNSAFE_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+
+
+class RequestTargetError(ValueError):
+    """An upstream URL or request line that cannot be sent as HTTP/1.1."""
+
+
+class UpstreamProtocolError(ClientError):
+    """The upstream's answer is not HTTP/1.1 (as aiohttp's ``ClientResponseError`` for the session)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """One scheme://host:port: the pool keeps idle connections per origin."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    origin: Origin
+    path: bytes
+    """The request target as sent: path and query, already encoded."""
+
+
+def target(url: str) -> Target:
+    """Where ``url`` (absolute, already percent-encoded) is sent; callers keep it per path."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestTargetError(f"not an http(s) URL: {parts.scheme}://…")
+    tls = parts.scheme == "https"
+    origin = Origin(parts.hostname, parts.port or (443 if tls else 80), tls, parts.netloc.rpartition("@")[2].encode())
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return Target(origin, _checked(path.encode("latin-1")))
+
+
+class UpstreamResponse:
+    """What the relay reads of an upstream answer: status, raw headers, the body stream."""
+
+    __slots__ = ("_pool", "_writer", "content", "origin", "protocol", "raw_headers", "status")
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        origin: Origin,
+        protocol: ResponseHandler,
+        status: int,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        content: StreamReader,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self._pool: ConnectionPool | None = pool
+        self.origin = origin
+        self.protocol = protocol
+        self.status = status
+        self.raw_headers = raw_headers
+        self.content = content
+        self._writer = writer
+
+    def release(self) -> None:
+        """The body was read to its end: the connection goes back to the pool if it can be reused."""
+        self._end(reuse=True)
+
+    def close(self) -> None:
+        """The body was not read to its end: the connection cannot carry another request."""
+        self._end(reuse=False)
+
+    def _end(self, reuse: bool) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        writer = self._writer
+        if writer is not None and not writer.done():  # the upstream answered before the body was sent
+            writer.cancel()
+            reuse = False
+        pool.give_back(self.origin, self.protocol, reuse)
+
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections to the upstreams, one list of idle ones per origin.
+
+    ``limit`` bounds the connections in use (as aiohttp's connector does); idle ones are closed
+    after ``keepalive`` seconds.
+    """
+
+    def __init__(self, *, limit: int = 1024, keepalive: float = 30.0) -> None:
+        self.limit = limit
+        self.keepalive = keepalive
+        self.busy = 0
+        """Connections carrying a request, or being opened for one."""
+        self._idle: dict[Origin, list[tuple[ResponseHandler, float]]] = {}
+        """Idle connections per origin, the most recently used last."""
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._tls: ssl.SSLContext | None = None
+        self._next_sweep = 0.0
+        self._closed = False
+
+    async def request(
+        self,
+        method: str,
+        target: Target,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterator[bytes] | None,
+        declared_length: bytes | None,
+    ) -> UpstreamResponse:
+        """Send one request and wait for the response's status and headers (never its body)."""
+        path = target.path
+        if query:
+            path = _checked(path + (b"&" if b"?" in path else b"?") + query)
+        verb = method.encode("ascii")
+        head = [verb, b" ", path, b" HTTP/1.1\r\nHost: ", target.origin.host_header, b"\r\n"]
+        for name, value in headers:
+            head += (name, b": ", value, b"\r\n")
+        if isinstance(body, bytes | None):
+            if body:
+                head += (b"Content-Length: ", b"%d" % len(body), b"\r\n")
+            elif verb not in _BODYLESS:
+                head.append(b"Content-Length: 0\r\n")
+        elif declared_length is not None:
+            head += (b"Content-Length: ", declared_length, b"\r\n")
+        else:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        head.append(b"\r\n")
+
+        origin = target.origin
+        protocol = await self._acquire(origin)
+        writer: asyncio.Task[None] | None = None
+        try:
+            protocol.set_response_params(
+                skip_payload=verb == b"HEAD",
+                auto_decompress=False,
+                max_line_size=MAX_LINE,
+                max_field_size=MAX_FIELD,
+                max_headers=MAX_HEADERS,
+            )
+            transport = protocol.transport
+            assert transport is not None
+            if isinstance(body, bytes | None):
+                if body:
+                    head.append(body)
+                transport.write(b"".join(head))
+            else:
+                transport.write(b"".join(head))
+                writer = asyncio.ensure_future(_send_body(protocol, body, chunked=declared_length is None))
+            while True:
+                try:
+                    message, payload = await protocol.read()
+                except HttpProcessingError as exc:
+                    raise UpstreamProtocolError(exc.message) from exc
+                if not 100 <= message.code < 200 or message.code == 101:
+                    break
+        except BaseException:
+            if writer is not None:
+                writer.cancel()
+            self.give_back(origin, protocol, reuse=False)
+            raise
+        return UpstreamResponse(self, origin, protocol, message.code, message.raw_headers, payload, writer)
+
+    async def _acquire(self, origin: Origin) -> ResponseHandler:
+        """A connection to ``origin`` counted as busy: the most recently used idle one, else a new one."""
+        while self.busy >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if not waiter.cancelled() and waiter.done():  # woken and cancelled at once: pass it on
+                    self._wake()
+                raise
+        self.busy += 1
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        idle = self._idle.get(origin)
+        while idle:
+            protocol, since = idle.pop()
+            if now - since < self.keepalive and protocol.is_connected():
+                return protocol
+            protocol.close()
+        try:
+            loop = asyncio.get_running_loop()
+            tls = self._tls_context() if origin.tls else None
+            _, protocol = await loop.create_connection(
+                lambda: ResponseHandler(loop),
+                origin.host,
+                origin.port,
+                ssl=tls,
+                server_hostname=origin.host if tls else None,
+            )
+        except BaseException:
+            self.busy -= 1
+            self._wake()
+            raise
+        return protocol
+
+    def give_back(self, origin: Origin, protocol: ResponseHandler, reuse: bool) -> None:
+        """A busy connection is done with: kept idle when it can carry another request, else closed."""
+        self.busy -= 1
+        if reuse and not self._closed and not protocol.should_close and protocol.is_connected():
+            self._idle.setdefault(origin, []).append((protocol, time.monotonic()))
+        else:
+            protocol.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _sweep(self, now: float) -> None:
+        """Close the connections idle too long (the upstream would close them soon anyway)."""
+        self._next_sweep = now + _SWEEP_SECONDS
+        for origin, idle in self._idle.items():
+            kept = []
+            for protocol, since in idle:
+                if now - since < self.keepalive and protocol.is_connected():
+                    kept.append((protocol, since))
+                else:
+                    protocol.close()
+            self._idle[origin] = kept
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+    async def close(self) -> None:
+        """Close the idle connections; the busy ones close as their responses end."""
+        self._closed = True
+        for idle in self._idle.values():
+            for protocol, _ in idle:
+                protocol.close()
+        self._idle.clear()
+
+
+def _checked(target: bytes) -> bytes:
+    """A request target cannot hold whitespace or control characters (they would split the request line)."""
+    if _UNSAFE_TARGET.search(target):
+        raise RequestTargetError("the request target holds whitespace or control characters")
+    return target
+
+
+async def _send_body(protocol: ResponseHandler, body: AsyncIterator[bytes], *, chunked: bool) -> None:
+    """Stream a body still arriving from the client; a failure is set on the protocol, so the
+    response read fails with it (as aiohttp's own writer does)."""
+    try:
+        async for chunk in body:
+            transport = protocol.transport
+            if transport is None:
+                return
+            if chunked:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            if protocol.writing_paused:
+                await protocol._drain_helper()
+        if chunked and protocol.transport is not None:
+            protocol.transport.write(b"0\r\n\r\n")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        protocol.set_exception(exc)

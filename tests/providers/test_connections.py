@@ -1,0 +1,221 @@
+"""The relay's upstream client (``providers.connections``) against a real HTTP/1.1 server on a socket:
+what goes on the wire, which connections are reused, the pool's bound, and what it refuses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from providers.connections import ConnectionPool, RequestTargetError, target
+
+
+class Upstream:
+    """A small HTTP/1.1 server: records each request's head and body and the connection it came on,
+    answers with ``answer(head)`` (raw bytes), closes a connection when the answer asks to."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, bytes, bytes]] = []
+        self.connections = 0
+        self.answer = lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        self.server: asyncio.Server | None = None
+        self.url = ""
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Upstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        self.connections += 1
+        number = self.connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b""
+                lowered = head.lower()
+                if b"content-length: " in lowered:
+                    length = int(lowered.split(b"content-length: ")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(length)
+                elif b"transfer-encoding: chunked" in lowered:
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+                        body += (await reader.readexactly(size + 2))[:-2]
+                        if size == 0:
+                            break
+                self.requests.append((number, head, body))
+                answer = self.answer(head)
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.lower():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        writer.close()
+
+
+async def read(pool: ConnectionPool, url: str, method: str = "POST", **kwargs: object) -> tuple[int, bytes]:
+    """One request through the pool, its body read to the end and the response released."""
+    args = {"query": b"", "headers": [], "body": b"{}", "declared_length": None, **kwargs}
+    response = await pool.request(method, target(url), **args)  # type: ignore[arg-type]
+    body = await response.content.read()
+    response.release()
+    return response.status, body
+
+
+async def test_the_request_goes_out_as_received_and_the_connection_is_kept_alive() -> None:
+    async with Upstream() as upstream:
+        pool = ConnectionPool()
+        headers = [(b"content-type", b"application/json"), (b"x-team", b"caf\xc3\xa9")]
+        for _ in range(3):
+            assert await read(pool, upstream.url + "/v1/chat", query=b"a=1", headers=headers) == (200, b"ok")
+        await pool.close()
+    assert upstream.connections == 1
+    assert [number for number, _, _ in upstream.requests] == [1, 1, 1]
+    _, head, body = upstream.requests[0]
+    host = upstream.url.removeprefix("http://").encode()
+    assert head == (
+        b"POST /v1/chat?a=1 HTTP/1.1\r\nHost: " + host + b"\r\n"
+        b"content-type: application/json\r\nx-team: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert body == b"{}"
+
+
+async def test_a_body_still_arriving_is_streamed_chunked_or_by_its_declared_length() -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        for part in (b'{"a":', b"1}"):
+            await asyncio.sleep(0)
+            yield part
+
+    async with Upstream() as upstream:
+        pool = ConnectionPool()
+        assert await read(pool, upstream.url + "/x", body=parts()) == (200, b"ok")
+        assert await read(pool, upstream.url + "/x", body=parts(), declared_length=b"7") == (200, b"ok")
+        await pool.close()
+    (_, chunked, first), (_, sized, second) = upstream.requests
+    assert b"Transfer-Encoding: chunked\r\n" in chunked and first == b'{"a":1}'
+    assert b"Content-Length: 7\r\n" in sized and second == b'{"a":1}'
+
+
+async def test_bodiless_methods_send_no_length_and_a_head_answer_has_no_body() -> None:
+    async with Upstream() as upstream:
+        upstream.answer = lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + (
+            b"" if head.startswith(b"HEAD") else b"hello"
+        )
+        pool = ConnectionPool()
+        assert await read(pool, upstream.url + "/m", "GET", body=None) == (200, b"hello")
+        assert await read(pool, upstream.url + "/m", "HEAD", body=None) == (200, b"")
+        assert await read(pool, upstream.url + "/m", "POST", body=None) == (200, b"hello")
+        await pool.close()
+    heads = [head for _, head, _ in upstream.requests]
+    assert b"Content-Length" not in heads[0] and b"Content-Length" not in heads[1]
+    assert b"Content-Length: 0\r\n" in heads[2]
+    assert upstream.connections == 1
+
+
+async def test_an_interim_100_answer_is_skipped() -> None:
+    async with Upstream() as upstream:
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+        upstream.answer = lambda head: interim + b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"
+        pool = ConnectionPool()
+        assert await read(pool, upstream.url + "/m") == (201, b"x")
+        await pool.close()
+
+
+async def test_a_connection_is_not_reused_after_close_an_unread_body_or_its_keepalive() -> None:
+    async with Upstream() as upstream:
+        answers = iter(
+            [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na"]
+            + [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"] * 5
+        )
+        upstream.answer = lambda head: next(answers)
+        pool = ConnectionPool(keepalive=0.2)
+        assert await read(pool, upstream.url) == (200, b"a")  # the upstream closes it
+        assert await read(pool, upstream.url) == (200, b"b")  # a new one
+        response = await pool.request("POST", target(upstream.url), b"", [], b"{}", None)
+        response.close()  # its body not read: closed, not kept
+        assert pool.busy == 0
+        assert await read(pool, upstream.url) == (200, b"b")
+        assert upstream.connections == 3
+        await asyncio.sleep(0.3)  # idle longer than keepalive
+        assert await read(pool, upstream.url) == (200, b"b")
+        assert upstream.connections == 4
+        await pool.close()
+
+
+async def test_at_its_limit_the_pool_makes_the_next_request_wait_for_a_connection() -> None:
+    async with Upstream() as upstream:
+        pool = ConnectionPool(limit=1)
+        first = await pool.request("POST", target(upstream.url), b"", [], b"{}", None)
+        second = asyncio.ensure_future(read(pool, upstream.url))
+        await asyncio.sleep(0.05)
+        assert not second.done() and pool.busy == 1
+        assert await first.content.read() == b"ok"
+        first.release()
+        assert await second == (200, b"ok")
+        assert upstream.connections == 1  # the released connection carried the waiting request
+        # a request that gives up waiting leaves the pool's count as it was
+        held = await pool.request("POST", target(upstream.url), b"", [], b"{}", None)
+        waiting = asyncio.ensure_future(read(pool, upstream.url))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        held.close()
+        assert pool.busy == 0
+        assert await read(pool, upstream.url) == (200, b"ok")
+        await pool.close()
+
+
+async def test_a_refused_connection_and_a_lost_one_raise_what_the_relay_tells_apart() -> None:
+    async with Upstream() as upstream:
+        url = upstream.url
+        upstream.answer = lambda head: b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 9\r\n\r\ncut"
+        pool = ConnectionPool()
+        response = await pool.request("POST", target(url), b"", [], b"{}", None)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.content.read()
+        response.close()
+    with pytest.raises(OSError):
+        await pool.request("POST", target(url), b"", [], b"{}", None)
+    assert pool.busy == 0
+    await pool.close()
+
+
+def test_urls_and_query_strings_that_cannot_make_a_request_line_are_refused() -> None:
+    assert target("https://gateway.ai.cloudflare.com/v1/a/b/openai/chat?x=1").path == b"/v1/a/b/openai/chat?x=1"
+    assert target("https://example.com").origin.port == 443
+    with pytest.raises(RequestTargetError):
+        target("ftp://example.com/x")
+    with pytest.raises(RequestTargetError):
+        target("http://example.com/a b")
+
+
+async def test_a_query_with_control_characters_is_refused_before_anything_is_sent() -> None:
+    async with Upstream() as upstream:
+        pool = ConnectionPool()
+        with pytest.raises(RequestTargetError):
+            await pool.request("GET", target(upstream.url + "/m?a=1"), b"b=\r\nX: y", [], None, None)
+        await pool.close()
+    assert upstream.connections == 0 and pool.busy == 0
+
+
+async def test_an_answer_that_is_not_http_raises_a_client_error() -> None:
+    async with Upstream() as upstream:
+        upstream.answer = lambda head: b"\x00\x01 not HTTP \xff\r\n\r\n"
+        pool = ConnectionPool()
+        with pytest.raises(aiohttp.ClientError):
+            await pool.request("POST", target(upstream.url), b"", [], b"{}", None)
+        assert pool.busy == 0
+        await pool.close()
