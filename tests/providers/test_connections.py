@@ -110,8 +110,8 @@ async def test_a_body_still_arriving_is_streamed_chunked_or_by_its_declared_leng
 
 async def test_bodiless_methods_send_no_length_and_a_head_answer_has_no_body() -> None:
     async with Upstream() as upstream:
-        upstream.answer = lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + (
-            b"" if head.startswith(b"HEAD") else b"hello"
+        upstream.answer = lambda head: (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + (b"" if head.startswith(b"HEAD") else b"hello")
         )
         pool = ConnectionPool()
         assert await read(pool, upstream.url + "/m", "GET", body=None) == (200, b"hello")
