@@ -126,7 +126,7 @@ class ConnectionPool:
     after ``keepalive`` seconds.
     """
 
-    def __init__(self, *, limit: int = 1024, keepalive: float = 30.0) -> None:
+    def __init__(self, *, limit: int = 1024, keepalive: float = 30.0, tls: ssl.SSLContext | None = None) -> None:
         self.limit = limit
         self.keepalive = keepalive
         self.busy = 0
@@ -134,7 +134,8 @@ class ConnectionPool:
         self._idle: dict[Origin, list[tuple[ResponseHandler, float]]] = {}
         """Idle connections per origin, the most recently used last."""
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
+        """How ``https`` upstreams are verified: the system's CA store unless given."""
         self._next_sweep = 0.0
         self._closed = False
 

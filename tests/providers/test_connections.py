@@ -4,7 +4,10 @@ what goes on the wire, which connections are reused, the pool's bound, and what 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -219,3 +222,34 @@ async def test_an_answer_that_is_not_http_raises_a_client_error() -> None:
             await pool.request("POST", target(upstream.url), b"", [], b"{}", None)
         assert pool.busy == 0
         await pool.close()
+
+
+async def test_an_https_upstream_is_reached_over_verified_tls(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntls")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "localhost", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(cert))
+    pool = ConnectionPool(tls=trusting)
+    assert await read(pool, f"https://localhost:{port}/v1") == (200, b"tls")
+    assert heads[0].startswith(b"POST /v1 HTTP/1.1\r\nHost: localhost:%d\r\n" % port)
+    with pytest.raises(ssl.SSLError):  # the system's CA store does not know this certificate
+        await ConnectionPool().request("POST", target(f"https://localhost:{port}/v1"), b"", [], b"{}", None)
+    server.close()
+    await pool.close()
