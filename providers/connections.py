@@ -219,7 +219,8 @@ class ConnectionPool:
         idle = self._idle.get(origin)
         while idle:
             protocol, since = idle.pop()
-            if now - since < self.keepalive and protocol.is_connected():
+            # a connection the upstream closed, or sent something unasked on, while it was idle is not used
+            if now - since < self.keepalive and protocol.is_connected() and not protocol.should_close:
                 return protocol
             protocol.close()
         try:

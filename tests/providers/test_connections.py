@@ -26,6 +26,8 @@ class Upstream:
         self.server: asyncio.Server | None = None
         self.url = ""
         self.tasks: list[asyncio.Task[None]] = []
+        self.unasked = b""
+        """Sent on a connection a moment after each answer, as an upstream misbehaving would."""
 
     async def __aenter__(self) -> Upstream:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -61,6 +63,9 @@ class Upstream:
                 answer = self.answer(head)
                 writer.write(answer)
                 await writer.drain()
+                if self.unasked:
+                    await asyncio.sleep(0.05)
+                    writer.write(self.unasked)
                 if b"connection: close" in answer.lower():
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -254,3 +259,14 @@ async def test_an_https_upstream_is_reached_over_verified_tls(tmp_path: Path) ->
         await ConnectionPool().request("POST", target(f"https://localhost:{port}/v1"), b"", [], b"{}", None)
     server.close()
     await pool.close()
+
+
+async def test_a_connection_the_upstream_wrote_on_while_idle_is_not_reused() -> None:
+    async with Upstream() as upstream:
+        upstream.unasked = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+        pool = ConnectionPool()
+        assert await read(pool, upstream.url) == (200, b"ok")
+        await asyncio.sleep(0.2)
+        assert await read(pool, upstream.url) == (200, b"ok")  # not the stale answer
+        assert upstream.connections == 2
+        await pool.close()
