@@ -122,7 +122,7 @@ class Relay:
         if declared_length is not None and (not declared_length.isdigit() or int(declared_length) > self.max_body):
             raise self._too_large()
 
-        exchange = Exchange(receive)
+        exchange = Exchange(receive, scope)
         try:
             first = await receive()
             if first["type"] == "http.disconnect":

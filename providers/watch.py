@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.types import Message, Receive
+from starlette.types import Message, Receive, Scope
+
+from service.core.request import DISCONNECT_KEY
 
 # A request still running after this long gets a task that watches for the client leaving; a
 # short one never pays for it. Either way a disconnect cancels the upstream call within this bound.
@@ -19,7 +21,8 @@ class Exchange:
     is done by then costs one timer handle and nothing else. Otherwise it starts a task that
     watches for the client leaving, then fires again at the header deadline. Both the deadline and
     the watcher cancel the relay's task with a flag set, which the relay turns into a 504 or a
-    quiet end.
+    quiet end. Under the gateway's own server (``DISCONNECT_KEY`` in the scope) no watcher is
+    needed: the server calls ``client_left`` the moment the connection is lost.
     """
 
     __slots__ = (
@@ -33,6 +36,7 @@ class Exchange:
         "loop",
         "reading_since",
         "receive",
+        "server_watches",
         "task",
         "timed_out",
         "timer",
@@ -41,7 +45,7 @@ class Exchange:
         "watcher",
     )
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, scope: Scope | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
@@ -60,6 +64,16 @@ class Exchange:
         self.idled = False
         self.reading_since = NOT_READING
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.server_watches = scope is not None and DISCONNECT_KEY in scope
+        if self.server_watches:
+            assert scope is not None
+            scope[DISCONNECT_KEY] = self.client_left
+
+    def client_left(self) -> None:
+        """The server saw the connection go before the response was complete."""
+        if not self.finished and not self.timed_out and not self.client_gone:
+            self.client_gone = True
+            self.task.cancel()
 
     def arm(self, timeout: float) -> None:
         self.waiting_headers = True
@@ -75,7 +89,7 @@ class Exchange:
             self.timed_out = True
             self.task.cancel()
             return
-        if self.body_done and self.watcher is None:
+        if self.body_done and self.watcher is None and not self.server_watches:
             self.watcher = self.loop.create_task(self._watch())
         if not self.body_done:
             self.timer = self.loop.call_at(min(self.deadline, now + WATCH_AFTER_SECONDS), self._tick)

@@ -213,7 +213,11 @@ class MockUpstream:
                 headers={"Retry-After": "7", "x-request-id": "req_upstream_error"},
             )
         if name == "slow-headers":
-            await asyncio.sleep(float(query.get("seconds", "5")))
+            try:
+                await asyncio.sleep(float(query.get("seconds", "5")))
+            except asyncio.CancelledError:
+                self.events.append(f"slow-headers-cancelled:{time.monotonic()}")
+                raise
             return _json({"slow": True})
         if name == "reset":
             assert request.transport is not None

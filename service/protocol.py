@@ -10,13 +10,15 @@ app sees anything:
   uvicorn's keep-alive timeout); late → 408 if some of it came, a plain close if none did;
 - at most ``MAX_CONNECTIONS`` open connections per worker: past that a new connection is answered
   503 and closed at once, with one warning when the cap starts biting and one line when it stops;
-- requests the parser rejects get a JSON 400 instead of uvicorn's plain-text one.
+- requests the parser rejects get a JSON 400 instead of uvicorn's plain-text one;
+- a connection lost before its response is complete calls the request's ``DISCONNECT_KEY`` callback
+  (the relay's), which stops the upstream call at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import httptools
@@ -27,6 +29,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from config import Settings
+from service.core.request import DISCONNECT_KEY
 
 log = structlog.get_logger("gateway.server")
 
@@ -132,6 +135,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         self.clear_head_deadline()
         super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            client_left: Callable[[], None] | None = cycle.scope.get(DISCONNECT_KEY)  # type: ignore[assignment]
+            if client_left is not None:
+                client_left()
         # a little below the cap before saying so, so that a load hovering at it logs a pair of lines
         # now and then rather than one per connection
         if _State.refusing and len(self.connections) < self.limits.max_connections * 9 // 10:
@@ -213,6 +221,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.awaiting_head = False
         self.clear_head_deadline()
+        self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]  # this server reports a client leaving
         super().on_headers_complete()
 
     def on_message_begin(self) -> None:

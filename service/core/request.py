@@ -9,6 +9,10 @@ SCOPE_KEY = "gateway"
 """``scope[SCOPE_KEY]`` holds the request's ``RequestInfo`` (set by ``RequestContext``)."""
 REST_KEY = "gateway.rest"
 """``scope[REST_KEY]`` holds the path after the provider prefix (set by the provider's mount)."""
+DISCONNECT_KEY = "gateway.on_disconnect"
+"""Present in the scope when the server itself reports the client leaving: the gateway's HTTP protocol
+calls ``scope[DISCONNECT_KEY]`` (when a request put a callable there) as soon as the connection is
+lost before the response is complete, so the relay needs no task waiting on ``receive`` for it."""
 
 
 class RequestInfo:

@@ -124,6 +124,26 @@ def test_client_disconnect_cancels_the_upstream_call(
     assert line["truncated"] is True and line["upstream_status"] == 200
 
 
+def test_a_client_leaving_before_the_answer_starts_cancels_the_upstream_call_at_once(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    before = len(upstream.events)
+    headers = {**auth(team_key), "x-request-id": "leaves-early"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{gateway.url}/openai/_mock/slow-headers?seconds=30", headers=headers, timeout=0.5)
+    left = time.monotonic()
+    wait_until(lambda: len(upstream.events) > before, 5, "the upstream call being cancelled")
+    assert upstream.events[-1].startswith("slow-headers-cancelled")
+    assert float(upstream.events[-1].split(":")[1]) - left < 1.0
+
+    def access_line() -> dict[str, object] | None:
+        return next((e for e in gateway.log_lines() if e.get("client_request_id") == "leaves-early"), None)
+
+    wait_until(lambda: access_line() is not None, 5, "the access line")
+    line = access_line()
+    assert line is not None and line["status"] == 499 and line["upstream_status"] is None
+
+
 def test_upstream_errors_pass_through_unchanged(gateway: GatewayProcess, team_key: str) -> None:
     response = httpx.post(f"{gateway.url}/openai/v1/_mock/status/429", json={}, headers=auth(team_key))
     assert response.status_code == 429
