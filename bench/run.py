@@ -8,13 +8,16 @@ Contenders, each pinned with ``taskset`` to core 0 (the load generator and the u
 - ``gateway``: the real Procfile command, one worker, with a real team key;
 - ``limits-mem`` and ``limits-redis``: the same gateway, its team under a budget and a requests-per-minute
   limit (never reached), kept in memory and in this machine's Redis (``REDIS_URL``): what limits cost on
-  the proxied path (load rounds only).
+  the proxied path (load rounds only);
+- ``2-workers-0`` and ``2-workers-0,1``: the gateway with ``WEB_CONCURRENCY=2``, pinned to core 0 like the
+  one-worker gateway, and to both cores (load rounds only; CPU summed over all its processes).
 
 Rounds are interleaved (every contender once per round, several rounds) and medians reported, since
 this shared 2-core machine is noisy. Figures: added latency at 1 connection, req/s and p99 at 32
 connections, CPU time per request (utime+stime of the server's processes ÷ requests), added time to the
 first and last event of a 100-event SSE stream, and RSS idle, under load, relaying 1 GiB and holding
-100 slow streams.
+100 slow streams. Then, on the bare relay and the gateway: 2,000 idle keep-alive client connections
+(RSS per connection, latency while they are held) and 1,000 concurrent streams (first events, RSS).
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ COMPLETION = (
 )
 REQUEST_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 SETTLE_SECONDS = 2  # for the last ledger batch (written once a second) before a quiet measurement
-WORKER_ROWS = {"2-workers": "0", "2-workers-2cpu": "0,1"}
-"""The two-worker gateways and the cores each is pinned to: ``2-workers`` gets core 0 as the one-worker
+WORKER_ROWS = {"2-workers-0": "0", "2-workers-0,1": "0,1"}
+"""The two-worker gateways and the cores each is pinned to: ``2-workers-0`` gets core 0 as the one-worker
 gateway does (the same CPU and the same load, so CPU per request compares like for like),
-``2-workers-2cpu`` both cores, which it shares with wrk and the upstream."""
+``2-workers-0,1`` both cores, which it shares with wrk and the upstream."""
 MISS_SCRIPT = """
 local hex = "0123456789abcdef"
 local body = '%s'
@@ -582,18 +585,21 @@ http {{
         return out
 
     async def many_streams(self, server: Server, direct: Server, count: int) -> dict[str, Any]:
-        """``count`` streams (an event a second) opened at once through the gateway: each one's time to its
-        first event, the gateway's RSS growth, and the first event of new streams while they are open,
-        through the gateway and straight to the upstream (the added time, as in the SSE row)."""
+        """``count`` streams (an event a second) opened at once through the server: each one's time to its
+        first event, the server's RSS growth, and the first event of 50 new streams (one after another)
+        before and while they are open, through the server and straight to the upstream, in alternating
+        blocks of 10 (the added time, as in the SSE row)."""
         pid = server.process.pid
         headers = {"Authorization": f"Bearer {server.key}"}
         firsts: list[float] = []
 
         async def first_events() -> dict[str, float]:
-            gateway, _ = await self.sse_times(server, "/openai/_mock/sse?n=1", 50)
-            upstream, _ = await self.sse_times(direct, "/openai/_mock/sse?n=1", 50)
-            figures = {"gateway_ms": statistics.median(gateway), "direct_ms": statistics.median(upstream)}
-            return {**figures, "added_ms": figures["gateway_ms"] - figures["direct_ms"]}
+            times: dict[str, list[float]] = {"server_ms": [], "direct_ms": []}
+            for _ in range(5):  # alternated, so that a change in the machine's load hits both alike
+                for figure, target in (("server_ms", server), ("direct_ms", direct)):
+                    times[figure] += (await self.sse_times(target, "/openai/_mock/sse?n=1", 10))[0]
+            figures = {figure: statistics.median(values) for figure, values in times.items()}
+            return {**figures, "added_ms": figures["server_ms"] - figures["direct_ms"]}
 
         async def one(session: aiohttp.ClientSession) -> None:
             start: float | None = time.perf_counter()
@@ -606,6 +612,7 @@ http {{
                         start = None
 
         out: dict[str, Any] = {"streams": count, "open_files_limit": open_files_limit(pid)}
+        await asyncio.sleep(SETTLE_SECONDS)
         out["without"] = await first_events()
         rss_before = rss_mib(pid)
         connector = aiohttp.TCPConnector(limit=0)
@@ -657,8 +664,9 @@ http {{
 
     def run(self) -> dict[str, Any]:
         direct, proxies = self.start()
-        if self.workers:
-            proxies += self.worker_gateways(direct.base)
+        if self.workers:  # measured right after the one-worker gateway in every round
+            after_gateway = next(i for i, p in enumerate(proxies) if p.name == "gateway") + 1
+            proxies[after_gateway:after_gateway] = self.worker_gateways(direct.base)
         everyone = [direct, *proxies]
         for server in everyone:
             server.add("rss_idle_mib", rss_mib(server.process.pid))
@@ -670,7 +678,7 @@ http {{
         for server in several:
             server.add("busiest_worker_cpu_share", busiest_worker_share(server.process.pid))
         self.stop([s.process for s in several])  # their timers would share core 0 with the next steps
-        streamed = [s for s in everyone if not s.name.startswith("limits") and s not in several]
+        streamed = [s for s in everyone if not s.name.startswith("limits") and s.name not in WORKER_ROWS]
         for _ in range(self.rounds):
             for server in streamed:
                 firsts, lasts = asyncio.run(self.sse_times(server, "/openai/_mock/sse?n=100", 15))
@@ -955,9 +963,7 @@ def main() -> None:
         "as gateway-base, in the same interleaved rounds and the same instructions step",
     )
     parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind step")
-    parser.add_argument(
-        "--no-workers", action="store_true", help="leave out the two-worker gateways (2-workers, 2-workers-2cpu)"
-    )
+    parser.add_argument("--no-workers", action="store_true", help="leave out the two-worker gateways (WORKER_ROWS)")
     parser.add_argument(
         "--idle-clients", type=int, default=2000, help="idle keep-alive connections held on the gateway (0: skip)"
     )
