@@ -8,19 +8,23 @@ Contenders, each pinned with ``taskset`` to core 0 (the load generator and the u
 - ``gateway``: the real Procfile command, one worker, with a real team key;
 - ``limits-mem`` and ``limits-redis``: the same gateway, its team under a budget and a requests-per-minute
   limit (never reached), kept in memory and in this machine's Redis (``REDIS_URL``): what limits cost on
-  the proxied path (load rounds only).
+  the proxied path (load rounds only);
+- ``2-workers-0`` and ``2-workers-0,1``: the gateway with ``WEB_CONCURRENCY=2``, pinned to core 0 like the
+  one-worker gateway, and to both cores (load rounds only; CPU summed over all its processes).
 
 Rounds are interleaved (every contender once per round, several rounds) and medians reported, since
 this shared 2-core machine is noisy. Figures: added latency at 1 connection, req/s and p99 at 32
 connections, CPU time per request (utime+stime of the server's processes ÷ requests), added time to the
 first and last event of a 100-event SSE stream, and RSS idle, under load, relaying 1 GiB and holding
-100 slow streams.
+100 slow streams. Then, on the bare relay and the gateway: 2,000 idle keep-alive client connections
+(RSS per connection, latency while they are held) and 1,000 concurrent streams (first events, RSS).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +41,8 @@ from typing import Any
 
 import aiohttp
 
+from service.server import KEEP_ALIVE_SECONDS, raise_open_files_limit
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -47,6 +53,11 @@ COMPLETION = (
     '"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}'
 )
 REQUEST_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+SETTLE_SECONDS = 2  # for the last ledger batch (written once a second) before a quiet measurement
+WORKER_ROWS = {"2-workers-0": "0", "2-workers-0,1": "0,1"}
+"""The two-worker gateways and the cores each is pinned to: ``2-workers-0`` gets core 0 as the one-worker
+gateway does (the same CPU and the same load, so CPU per request compares like for like),
+``2-workers-0,1`` both cores, which it shares with wrk and the upstream."""
 MISS_SCRIPT = """
 local hex = "0123456789abcdef"
 local body = '%s'
@@ -116,6 +127,50 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
+def cpu_ns(pid: int) -> int:
+    """On-CPU time of the live threads of the process and its descendants (schedstat: in nanoseconds,
+    where ``cpu_seconds`` counts clock ticks of 10 ms), for short windows."""
+    total = 0
+    for p in process_tree(pid):
+        for task in Path(f"/proc/{p}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def open_files_limit(pid: int) -> int:
+    """The lowest soft limit on open files among the process and its descendants."""
+    limits = []
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                limits.append(int(line.split()[3]))
+    return min(limits)
+
+
+def busiest_worker_share(pid: int) -> float:
+    """The busiest worker's share of the CPU time of a supervisor's workers (0.5: evenly split by two)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    workers = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    seconds = [cpu_seconds(w) for w in workers]
+    return max(seconds) / sum(seconds)
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (``Content-Length`` or chunked, no trailers); its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (ln.partition(b":") for ln in lines[1:])}
+    if b"content-length" in headers:
+        await reader.readexactly(int(headers[b"content-length"]))
+    elif headers.get(b"transfer-encoding") == b"chunked":
+        size = -1
+        while size:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+    return int(lines[0].split()[1])
+
+
 @dataclass
 class Server:
     name: str
@@ -155,11 +210,16 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.callgrind: tuple[int, int, float] | None = None
         """(warm-up requests, measured requests, idle seconds) for the instructions step, or None."""
+        self.workers = True
+        """Whether the two-worker gateways (``WORKER_ROWS``) join the load rounds."""
+        self.idle_clients = 2000
+        self.streams = 1000
+        """Idle keep-alive connections, and concurrent streams, held open on the gateway (0: skip the step)."""
 
     def spawn(
         self,
         command: list[str] | str,
-        core: int,
+        core: int | str,
         env: dict[str, str] | None = None,
         log: str = "out",
         cwd: Path = ROOT,
@@ -287,6 +347,8 @@ http {{
             "--no-access-log",
             "--log-level",
             "warning",
+            "--timeout-keep-alive",  # the gateway's, for the idle connections step
+            str(KEEP_ALIVE_SECONDS),
         ]
         process = self.spawn(command, 0, {**os.environ, "UPSTREAM_URL": upstream}, log=name)
         wait_port(port, wait)
@@ -327,11 +389,14 @@ http {{
         wrap: str = "",
         wait: float = 20,
         limits: dict[str, str] | None = None,
+        workers: int = 1,
+        cores: int | str = 0,
     ) -> Server:
         """The Procfile's own command (``root``'s Procfile, run from ``root`` with it first on the import
-        path), pinned; its log goes to a file as a PaaS collects stdout. ``wrap`` is a command prefix
-        (valgrind) for the process the line finally ``exec``s. With ``limits`` (extra settings), the
-        bench team gets a budget and a requests-per-minute limit before its key is made."""
+        path), pinned to ``cores`` with ``workers`` as ``WEB_CONCURRENCY``; its log goes to a file as a
+        PaaS collects stdout. ``wrap`` is a command prefix (valgrind) for the process the line finally
+        ``exec``s. With ``limits`` (extra settings), the bench team gets a budget and a requests-per-minute
+        limit before its key is made."""
         port = free_port()
         procfile = (root / "Procfile").read_text().split("web:", 1)[1].strip()
         if wrap:
@@ -342,7 +407,7 @@ http {{
             "PATH": f"{BIN}:{os.environ['PATH']}",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
             "PORT": str(port),
-            "WEB_CONCURRENCY": "1",
+            "WEB_CONCURRENCY": str(workers),
             "AI_GATEWAY_URL": upstream,
             "AI_GATEWAY_TOKEN": "bench-gateway-token",
             "ADMIN_API_KEY": ADMIN_KEY,
@@ -350,12 +415,19 @@ http {{
             "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
             **(limits or {}),
         }
-        process = self.spawn(f"sh -c {_quote(procfile)}", 0, env, log=name, cwd=root)
+        process = self.spawn(f"sh -c {_quote(procfile)}", cores, env, log=name, cwd=root)
         wait_port(port, wait)
         base = f"http://127.0.0.1:{port}"
         if limits is not None:
             _set_limits(base, wait)
         return Server(name, f"{base}/openai/v1/chat/completions", base, process, key=_create_key(base, wait))
+
+    def worker_gateways(self, upstream: str) -> list[Server]:
+        """The gateway from its Procfile with ``WEB_CONCURRENCY=2``, once per ``WORKER_ROWS`` entry."""
+        return [
+            self.gateway(name, upstream, f"sqlite:///{self.work}/{name}.db", self.gateway_root, workers=2, cores=cores)
+            for name, cores in WORKER_ROWS.items()
+        ]
 
     # -- measurements -------------------------------------------------------------------------
 
@@ -455,6 +527,117 @@ http {{
         await sampler
         return peak - before
 
+    async def idle_connections(self, server: Server, count: int) -> dict[str, Any]:
+        """``count`` client connections, each after one proxied request, held idle with keep-alive: the
+        server's RSS growth per connection, its CPU while idle (the ledger's last batch written first),
+        and the latency of wrk's sequential requests (one connection) before, while they are held and
+        after they are closed. All within the gateway's 75 s keep-alive (``still_open`` checks)."""
+        pid = server.process.pid
+        host, port = server.base.rsplit("//", 1)[1].rsplit(":", 1)
+        body = REQUEST_BODY.encode()
+        request = (
+            f"POST /{server.url.split('/', 3)[3]} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nAuthorization: Bearer {server.key}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        gate = asyncio.Semaphore(32)  # as many at once as wrk's load: the upstream pool is that size already
+
+        async def connect() -> None:
+            async with gate:
+                reader, writer = await asyncio.open_connection(host, int(port))
+                held.append((reader, writer))
+                writer.write(request)
+                if (status := await read_response(reader)) != 200:
+                    raise RuntimeError(f"{server.name}: {status} on an idle client's request")
+
+        async def latency() -> dict[str, float]:
+            return await asyncio.to_thread(self.wrk, server.url, 1, self.duration, server.key)
+
+        async def idle_cpu_ms_per_s(seconds: float = 4.0) -> float:
+            before = cpu_ns(pid)
+            await asyncio.sleep(seconds)
+            return (cpu_ns(pid) - before) / seconds / 1e6
+
+        await asyncio.to_thread(self.wrk, server.url, 32, 1, server.key)
+        out: dict[str, Any] = {"connections": count, "open_files_limit": open_files_limit(pid)}
+        out["without"] = await latency()
+        await asyncio.sleep(SETTLE_SECONDS)
+        out["idle_cpu_ms_per_s_without"] = await idle_cpu_ms_per_s()
+        rss_before = rss_mib(pid)
+        started = time.monotonic()
+        try:
+            await asyncio.gather(*(connect() for _ in range(count)))
+            out["open_seconds"] = time.monotonic() - started
+            await asyncio.sleep(SETTLE_SECONDS)
+            out["rss_before_mib"], out["rss_held_mib"] = rss_before, rss_mib(pid)
+            out["rss_kib_per_connection"] = (out["rss_held_mib"] - rss_before) * 1024 / count
+            out["idle_cpu_ms_per_s_held"] = await idle_cpu_ms_per_s()
+            out["held"] = await latency()
+            out["still_open"] = sum(not reader.at_eof() for reader, _ in held)
+        finally:
+            for _, writer in held:
+                writer.close()
+            await asyncio.gather(*(writer.wait_closed() for _, writer in held), return_exceptions=True)
+        await asyncio.sleep(SETTLE_SECONDS)
+        out["after"] = await latency()
+        out["rss_after_mib"] = rss_mib(pid)
+        return out
+
+    async def many_streams(self, server: Server, direct: Server, count: int) -> dict[str, Any]:
+        """``count`` streams (an event a second) opened at once through the server: each one's time to its
+        first event, the server's RSS growth, and the first event of 50 new streams (one after another)
+        before and while they are open, through the server and straight to the upstream, in alternating
+        blocks of 10 (the added time, as in the SSE row)."""
+        pid = server.process.pid
+        headers = {"Authorization": f"Bearer {server.key}"}
+        firsts: list[float] = []
+
+        async def first_events() -> dict[str, float]:
+            times: dict[str, list[float]] = {"server_ms": [], "direct_ms": []}
+            for _ in range(5):  # alternated, so that a change in the machine's load hits both alike
+                for figure, target in (("server_ms", server), ("direct_ms", direct)):
+                    times[figure] += (await self.sse_times(target, "/openai/_mock/sse?n=1", 10))[0]
+            figures = {figure: statistics.median(values) for figure, values in times.items()}
+            return {**figures, "added_ms": figures["server_ms"] - figures["direct_ms"]}
+
+        async def one(session: aiohttp.ClientSession) -> None:
+            start: float | None = time.perf_counter()
+            async with session.get(f"{server.base}/openai/_mock/sse?n=300&interval=1", headers=headers) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"{server.name}: {r.status} on one of {count} streams")
+                async for _chunk in r.content.iter_any():
+                    if start is not None:
+                        firsts.append((time.perf_counter() - start) * 1000)
+                        start = None
+
+        out: dict[str, Any] = {"streams": count, "open_files_limit": open_files_limit(pid)}
+        await asyncio.sleep(SETTLE_SECONDS)
+        out["without"] = await first_events()
+        rss_before = rss_mib(pid)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            tasks = [asyncio.create_task(one(session)) for _ in range(count)]
+            try:
+                while len(firsts) < count:
+                    if failed := [t for t in tasks if t.done()]:
+                        failed[0].result()
+                        raise RuntimeError(f"{server.name}: a stream ended before the others started")
+                    await asyncio.sleep(0.05)
+                ordered = sorted(firsts)
+                out["burst_first_event_ms"] = {
+                    "p50": statistics.median(ordered),
+                    "p99": ordered[int(len(ordered) * 0.99) - 1],
+                    "max": ordered[-1],
+                }
+                out["rss_kib_per_stream"] = (rss_mib(pid) - rss_before) * 1024 / count
+                out["held"] = await first_events()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        return out
+
     def big_response(self, server: Server) -> float:
         before = rss_mib(server.process.pid)
         curl = subprocess.Popen(
@@ -481,6 +664,9 @@ http {{
 
     def run(self) -> dict[str, Any]:
         direct, proxies = self.start()
+        if self.workers:  # measured right after the one-worker gateway in every round
+            after_gateway = next(i for i, p in enumerate(proxies) if p.name == "gateway") + 1
+            proxies[after_gateway:after_gateway] = self.worker_gateways(direct.base)
         everyone = [direct, *proxies]
         for server in everyone:
             server.add("rss_idle_mib", rss_mib(server.process.pid))
@@ -488,7 +674,11 @@ http {{
             print(f"round {number + 1}/{self.rounds}", file=sys.stderr, flush=True)
             for server in everyone if number % 2 == 0 else everyone[::-1]:
                 self.load_round(server)
-        streamed = [s for s in everyone if not s.name.startswith("limits")]
+        several = [s for s in proxies if s.name in WORKER_ROWS]
+        for server in several:
+            server.add("busiest_worker_cpu_share", busiest_worker_share(server.process.pid))
+        self.stop([s.process for s in several])  # their timers would share core 0 with the next steps
+        streamed = [s for s in everyone if not s.name.startswith("limits") and s.name not in WORKER_ROWS]
         for _ in range(self.rounds):
             for server in streamed:
                 firsts, lasts = asyncio.run(self.sse_times(server, "/openai/_mock/sse?n=100", 15))
@@ -501,7 +691,20 @@ http {{
         for server in streamed[1:]:
             server.add("rss_1gib_growth_mib", self.big_response(server))
             server.add("rss_100_streams_growth_mib", asyncio.run(self.slow_streams(server, 100)))
+        many: dict[str, Any] = {}
+        for server in (p for p in proxies if p.name in ("bare", "gateway")):  # the bare relay as the reference
+            if self.idle_clients:
+                print(f"{server.name}: {self.idle_clients} idle connections", file=sys.stderr, flush=True)
+                idle = asyncio.run(self.idle_connections(server, self.idle_clients))
+                many.setdefault("idle_connections", {})[server.name] = idle
+            if self.streams:
+                print(f"{server.name}: {self.streams} concurrent streams", file=sys.stderr, flush=True)
+                many.setdefault("streams", {})[server.name] = asyncio.run(
+                    self.many_streams(server, direct, self.streams)
+                )
         result = report(direct, proxies)
+        if many:
+            result["many_clients"] = many
         if self.callgrind is not None:
             from bench import instructions
 
@@ -620,6 +823,21 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
         for name in ("limits-mem", "limits-redis")
         if name in base
     }
+    out["workers_vs_gateway"] = {
+        name: {
+            "cpu_per_request": base[name]["cpu_us_per_req"] / gw["cpu_us_per_req"],
+            "cpu_per_request_by_round": [
+                two / one
+                for two, one in zip(
+                    servers[name].results["cpu_us_per_req"], servers["gateway"].results["cpu_us_per_req"], strict=True
+                )
+            ],
+            "rps_32c": base[name]["rps_32c"] / gw["rps_32c"],
+            "added_p50_ms": base[name]["p50_1c_ms"] - gw["p50_1c_ms"],
+        }
+        for name in WORKER_ROWS
+        if name in base
+    }
     if "gateway-pg" in base:
         out["ratio_postgres_vs_sqlite_cpu_per_request"] = base["gateway-pg"]["cpu_us_per_req"] / gw["cpu_us_per_req"]
     return out
@@ -640,6 +858,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("RSS growth, 100 streams (MiB)", "rss_100_streams_growth_mib"),
         ("cache miss p50 @1 conn (ms)", "miss_p50_1c_ms"),
         ("cache miss CPU per request (µs)", "miss_cpu_us_per_req"),
+        ("busiest worker's CPU share", "busiest_worker_cpu_share"),
     ]
     servers = result["servers"]
     names = list(servers)
@@ -682,6 +901,45 @@ def print_table(result: dict[str, Any]) -> None:
             f"gateway on PostgreSQL ÷ on SQLite, CPU/request (cache hits): "
             f"{result['ratio_postgres_vs_sqlite_cpu_per_request']:.3f}"
         )
+    print_workers_and_many_clients(result)
+
+
+def print_workers_and_many_clients(result: dict[str, Any]) -> None:
+    for name, figures in result.get("workers_vs_gateway", {}).items():
+        rounds = ", ".join(f"{ratio:.3f}" for ratio in figures["cpu_per_request_by_round"])
+        print(
+            f"{name} ÷ gateway (cores {WORKER_ROWS[name]}): CPU/request {figures['cpu_per_request']:.3f} "
+            f"(by round {rounds}; target ≤ 1.05), req/s @32 {figures['rps_32c']:.3f}, "
+            f"p50 @1 conn {figures['added_p50_ms'] * 1000:+.0f} µs"
+        )
+    many = result.get("many_clients", {})
+    for name, idle in many.get("idle_connections", {}).items():
+        print(
+            f"{name}: {idle['connections']} idle keep-alive connections ({idle['still_open']} still open at the "
+            f"end, opened in {idle['open_seconds']:.1f} s): RSS {idle['rss_before_mib']:.1f} → "
+            f"{idle['rss_held_mib']:.1f} MiB, {idle['rss_kib_per_connection']:.2f} KiB per connection "
+            f"(target ≤ 8); idle CPU {idle['idle_cpu_ms_per_s_without']:.1f} → "
+            f"{idle['idle_cpu_ms_per_s_held']:.1f} ms/s"
+        )
+        print(
+            "  p50 / p99 @1 conn (ms): "
+            + ", ".join(
+                f"{when} {idle[when]['p50_ms']:.3f} / {idle[when]['p99_ms']:.3f}"
+                for when in ("without", "held", "after")
+            )
+        )
+    for name, streams in many.get("streams", {}).items():
+        burst = streams["burst_first_event_ms"]
+        print(
+            f"{name}: {streams['streams']} concurrent streams opened at once: first event p50 {burst['p50']:.1f} ms, "
+            f"p99 {burst['p99']:.1f} ms, max {burst['max']:.1f} ms; RSS {streams['rss_kib_per_stream']:.1f} KiB "
+            f"per stream"
+        )
+        print(
+            "  a new stream's first event, added to direct (ms): "
+            + ", ".join(f"{when} {streams[when]['added_ms']:+.3f}" for when in ("without", "held"))
+            + " (target ≤ 0.3)"
+        )
 
 
 def main() -> None:
@@ -705,10 +963,16 @@ def main() -> None:
         "as gateway-base, in the same interleaved rounds and the same instructions step",
     )
     parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind step")
+    parser.add_argument("--no-workers", action="store_true", help="leave out the two-worker gateways (WORKER_ROWS)")
+    parser.add_argument(
+        "--idle-clients", type=int, default=2000, help="idle keep-alive connections held on the gateway (0: skip)"
+    )
+    parser.add_argument("--streams", type=int, default=1000, help="concurrent streams held on the gateway (0: skip)")
     from bench import instructions
 
     instructions.add_arguments(parser)
     args = parser.parse_args()
+    raise_open_files_limit()  # inherited by the servers it starts; the idle connections need it in this process
     for tool in ("wrk", "taskset", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)")
@@ -727,6 +991,7 @@ def main() -> None:
         bench = Bench(Path(work), args.duration, args.rounds, use_nginx, args.gateway_root.resolve(), baseline)
         if count_instructions:
             bench.callgrind = (args.cg_warmup, args.cg_requests, args.cg_idle)
+        bench.workers, bench.idle_clients, bench.streams = not args.no_workers, args.idle_clients, args.streams
         try:
             result = bench.run()
         finally:
