@@ -13,7 +13,10 @@ uses — and keeps its own keep-alive pool per origin:
   ``content-length``, else chunked) by a task of its own, as aiohttp does, so an early answer is read;
 - a connection goes back to the pool only after a response read to its end that leaves it reusable
   (``ResponseHandler.should_close``); one idle longer than ``keepalive`` seconds is closed, and at
-  most ``limit`` connections are open at once (the next request waits for one);
+  most ``limit`` connections are in use at once (the next requests wait for one, in turn);
+- as aiohttp's connector does: addresses are looked up once per ``DNS_TTL_SECONDS``, tried with
+  Happy Eyeballs, and an idempotent request whose body is in hand is sent once more on a new
+  connection when a kept-alive one turns out to have been closed before it answered anything;
 - connecting raises ``OSError`` (refused, unreachable, TLS), a lost connection aiohttp's
   ``ClientError`` subclasses: what the relay already tells apart.
 """
@@ -22,14 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import ClientError
+import aiohappyeyeballs
+from aiohttp import ClientError, ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
@@ -39,6 +45,14 @@ MAX_HEADERS = 128
 _BODYLESS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 _SWEEP_SECONDS = 5.0
 _UNSAFE_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+DNS_TTL_SECONDS = 300.0
+HAPPY_EYEBALLS_DELAY = 0.25  # aiohttp's: the next address is tried if the first has not answered by then
+
+
+AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
+MAX_ORIGINS = 256
 
 
 class RequestTargetError(ValueError):
@@ -67,14 +81,24 @@ class Target:
 
 
 def target(url: str) -> Target:
-    """Where ``url`` (absolute, already percent-encoded) is sent; callers keep it per path."""
+    """Where ``url`` (absolute, already percent-encoded) is sent; callers keep it per path. The host
+    is sent as aiohttp's session sent it: lower case, IDNA-encoded, its port only when not the
+    scheme's default, an IPv6 literal in brackets; a byte outside ASCII in the path is percent-encoded."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RequestTargetError(f"not an http(s) URL: {parts.scheme}://…")
     tls = parts.scheme == "https"
-    origin = Origin(parts.hostname, parts.port or (443 if tls else 80), tls, parts.netloc.rpartition("@")[2].encode())
-    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    return Target(origin, _checked(path.encode("latin-1")))
+    default = 443 if tls else 80
+    try:
+        port = parts.port or default
+        host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as exc:
+        raise RequestTargetError(f"not a valid host and port: {exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default else f"{shown}:{port}"
+    path = ((parts.path or "/") + ("?" + parts.query if parts.query else "")).encode()
+    path = _NON_ASCII.sub(lambda found: b"%%%02X" % found[0][0], path)
+    return Target(Origin(host, port, tls, host_header.encode("ascii")), _checked(path))
 
 
 class UpstreamResponse:
@@ -130,10 +154,12 @@ class ConnectionPool:
         self.limit = limit
         self.keepalive = keepalive
         self.busy = 0
-        """Connections carrying a request, or being opened for one."""
+        """Slots taken: connections carrying a request, or being opened for one."""
         self._idle: dict[Origin, list[tuple[ResponseHandler, float]]] = {}
         """Idle connections per origin, the most recently used last."""
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._addresses: dict[Origin, tuple[float, list[AddressInfo]]] = {}
+        """Each origin's addresses (``getaddrinfo``) and until when they hold."""
         self._tls = tls
         """How ``https`` upstreams are verified: the system's CA store unless given."""
         self._next_sweep = 0.0
@@ -148,7 +174,11 @@ class ConnectionPool:
         body: bytes | AsyncIterator[bytes] | None,
         declared_length: bytes | None,
     ) -> UpstreamResponse:
-        """Send one request and wait for the response's status and headers (never its body)."""
+        """Send one request and wait for the response's status and headers (never its body).
+
+        An idempotent request whose body is in hand is sent once more, on a new connection, when a
+        kept-alive connection turns out to have been closed by the upstream before it answered
+        anything (as aiohttp's session does)."""
         path = target.path
         if query:
             path = _checked(path + (b"&" if b"?" in path else b"?") + query)
@@ -156,6 +186,7 @@ class ConnectionPool:
         head = [verb, b" ", path, b" HTTP/1.1\r\nHost: ", target.origin.host_header, b"\r\n"]
         for name, value in headers:
             head += (name, b": ", value, b"\r\n")
+        in_hand = isinstance(body, bytes | None)
         if isinstance(body, bytes | None):
             if body:
                 head += (b"Content-Length: ", b"%d" % len(body), b"\r\n")
@@ -166,95 +197,132 @@ class ConnectionPool:
         else:
             head.append(b"Transfer-Encoding: chunked\r\n")
         head.append(b"\r\n")
+        if isinstance(body, bytes) and body:
+            head.append(body)
+        data = b"".join(head)
 
         origin = target.origin
-        protocol = await self._acquire(origin)
-        writer: asyncio.Task[None] | None = None
-        try:
-            protocol.set_response_params(
-                skip_payload=verb == b"HEAD",
-                auto_decompress=False,
-                max_line_size=MAX_LINE,
-                max_field_size=MAX_FIELD,
-                max_headers=MAX_HEADERS,
-            )
-            transport = protocol.transport
-            assert transport is not None
-            if isinstance(body, bytes | None):
-                if body:
-                    head.append(body)
-                transport.write(b"".join(head))
-            else:
-                transport.write(b"".join(head))
-                writer = asyncio.ensure_future(_send_body(protocol, body, chunked=declared_length is None))
-            while True:
-                try:
-                    message, payload = await protocol.read()
-                except HttpProcessingError as exc:
-                    raise UpstreamProtocolError(exc.message) from exc
-                if not 100 <= message.code < 200 or message.code == 101:
-                    break
-        except BaseException:
-            if writer is not None:
-                writer.cancel()
-            self.give_back(origin, protocol, reuse=False)
-            raise
-        return UpstreamResponse(self, origin, protocol, message.code, message.raw_headers, payload, writer)
-
-    async def _acquire(self, origin: Origin) -> ResponseHandler:
-        """A connection to ``origin`` counted as busy: the most recently used idle one, else a new one."""
-        while self.busy >= self.limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+        await self._slot()
+        may_retry = in_hand and verb in _IDEMPOTENT
+        fresh = False
+        while True:
             try:
-                await waiter
+                protocol, reused = await self._connection(origin, fresh)
             except BaseException:
-                if not waiter.cancelled() and waiter.done():  # woken and cancelled at once: pass it on
-                    self._wake()
+                self._free_slot()
                 raise
-        self.busy += 1
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        idle = self._idle.get(origin)
-        while idle:
-            protocol, since = idle.pop()
-            # a connection the upstream closed, or sent something unasked on, while it was idle is not used
-            if now - since < self.keepalive and protocol.is_connected() and not protocol.should_close:
-                return protocol
-            protocol.close()
+            writer: asyncio.Task[None] | None = None
+            try:
+                protocol.set_response_params(
+                    skip_payload=verb == b"HEAD",
+                    read_until_eof=True,  # a body without length or chunks ends with the connection
+                    auto_decompress=False,
+                    max_line_size=MAX_LINE,
+                    max_field_size=MAX_FIELD,
+                    max_headers=MAX_HEADERS,
+                )
+                transport = protocol.transport
+                assert transport is not None
+                transport.write(data)
+                if not isinstance(body, bytes | None):
+                    writer = asyncio.ensure_future(_send_body(protocol, body, chunked=declared_length is None))
+                while True:
+                    try:
+                        message, payload = await protocol.read()
+                    except HttpProcessingError as exc:
+                        raise UpstreamProtocolError(exc.message) from exc
+                    if not 100 <= message.code < 200 or message.code == 101:
+                        break
+            except (ServerDisconnectedError, ClientOSError):
+                protocol.close()
+                if not (may_retry and reused):
+                    self._free_slot()
+                    raise
+                may_retry, fresh = False, True  # once, on a new connection
+                continue
+            except BaseException:
+                if writer is not None:
+                    writer.cancel()
+                self.give_back(origin, protocol, reuse=False)
+                raise
+            return UpstreamResponse(self, origin, protocol, message.code, message.raw_headers, payload, writer)
+
+    async def _slot(self) -> None:
+        """Wait for one of the ``limit`` slots, in turn: a freed slot goes to the longest waiting."""
+        if self.busy < self.limit and not self._waiters:
+            self.busy += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            loop = asyncio.get_running_loop()
-            tls = self._tls_context() if origin.tls else None
-            _, protocol = await loop.create_connection(
-                lambda: ResponseHandler(loop),
-                origin.host,
-                origin.port,
-                ssl=tls,
-                server_hostname=origin.host if tls else None,
-            )
+            await waiter  # resolved when a slot is handed over (still counted in busy)
         except BaseException:
-            self.busy -= 1
-            self._wake()
+            if waiter.done() and not waiter.cancelled():  # handed a slot, then cancelled: pass it on
+                self._free_slot()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
             raise
-        return protocol
 
-    def give_back(self, origin: Origin, protocol: ResponseHandler, reuse: bool) -> None:
-        """A busy connection is done with: kept idle when it can carry another request, else closed."""
-        self.busy -= 1
-        if reuse and not self._closed and not protocol.should_close and protocol.is_connected():
-            self._idle.setdefault(origin, []).append((protocol, time.monotonic()))
-        else:
-            protocol.close()
-        self._wake()
-
-    def _wake(self) -> None:
+    def _free_slot(self) -> None:
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(None)  # the slot changes hands: busy stays
                 return
+        self.busy -= 1
+
+    async def _connection(self, origin: Origin, fresh: bool) -> tuple[ResponseHandler, bool]:
+        """A connection to ``origin`` for a request holding a slot, and whether it was kept alive
+        from an earlier request: the most recently used idle one, unless ``fresh``, else a new one."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        idle = self._idle.get(origin)
+        while idle and not fresh:
+            protocol, since = idle.pop()
+            # a connection the upstream closed, or sent something unasked on, while it was idle is not used
+            if now - since < self.keepalive and protocol.is_connected() and not protocol.should_close:
+                return protocol, True
+            protocol.close()
+        loop = asyncio.get_running_loop()
+        infos = await self._resolve(origin, now)
+        try:
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+            )
+        except OSError:
+            self._addresses.pop(origin, None)  # looked up again next time: the addresses may have moved
+            raise
+        tls = self._tls_context() if origin.tls else None
+        try:
+            _, protocol = await loop.create_connection(
+                lambda: ResponseHandler(loop), sock=sock, ssl=tls, server_hostname=origin.host if tls else None
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return protocol, False
+
+    async def _resolve(self, origin: Origin, now: float) -> list[AddressInfo]:
+        """The origin's addresses, looked up at most every ``DNS_TTL_SECONDS``."""
+        cached = self._addresses.get(origin)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await asyncio.get_running_loop().getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+        infos: list[AddressInfo] = [(int(a), int(b), c, d, tuple(e)) for a, b, c, d, e in found]
+        if len(self._addresses) >= MAX_ORIGINS:
+            self._addresses.clear()
+        self._addresses[origin] = (now + DNS_TTL_SECONDS, infos)
+        return infos
+
+    def give_back(self, origin: Origin, protocol: ResponseHandler, reuse: bool) -> None:
+        """A busy connection is done with: kept idle when it can carry another request, else closed."""
+        if reuse and not self._closed and not protocol.should_close and protocol.is_connected():
+            self._idle.setdefault(origin, []).append((protocol, time.monotonic()))
+        else:
+            protocol.close()
+        self._free_slot()
 
     def _sweep(self, now: float) -> None:
         """Close the connections idle too long (the upstream would close them soon anyway)."""

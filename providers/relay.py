@@ -37,6 +37,7 @@ from providers.watch import NOT_READING, Exchange
 from service.core.errors import (
     BadRequest,
     GatewayError,
+    MethodNotAllowed,
     PayloadTooLarge,
     ServiceUnavailable,
     UpstreamTimeout,
@@ -51,6 +52,9 @@ MAX_CACHED_URLS = 1024
 MAX_CACHED_PATH = 512
 MAX_UNPRICED_LOGGED = 1000
 MAX_MODEL_CHARS = 256
+NOT_RELAYED = frozenset({"CONNECT", "TRACE"})
+"""CONNECT would turn the upstream connection into a tunnel; TRACE echoes the request back, the
+gateway's own credentials included."""
 
 
 class ClientGone(Exception):
@@ -101,6 +105,8 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
+        if scope["method"] in NOT_RELAYED:
+            raise MethodNotAllowed(f"{scope['method']} requests are not relayed.")
         upstream = self.upstream
         if upstream is None:
             assert self.unavailable is not None

@@ -8,12 +8,15 @@ header leaves the gateway. A provider that can be neither answers 503 naming wha
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from config import Settings, SettingsError
 from config.settings import env_name, http_url
 from providers.base import Provider
 from providers.registry import load_registry
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,14 @@ class Upstream:
         return self.provider.direct_url(self.base, rest)
 
 
+def _header_value(setting: str, value: str) -> str:
+    """A setting's value as a request header's: one line, no control character (it would split the
+    request the relay writes)."""
+    if _CONTROL.search(value):
+        raise SettingsError(f"{setting} holds a control character (a line break?); a header value cannot")
+    return value
+
+
 def resolve(provider: Provider, settings: Settings) -> Upstream | str:
     """The upstream for ``provider``, or the message a 503 gives when there is none."""
     key_name = env_name(provider.slug, "API_KEY")
@@ -38,12 +49,13 @@ def resolve(provider: Provider, settings: Settings) -> Upstream | str:
     base_name = env_name(provider.slug, "BASE_URL")
     raw_base = settings.provider_env.get(base_name)
     base = http_url(base_name, raw_base) if raw_base else None
-    key_header = [(provider.key_header, provider.key_prefix + key)] if key else []
+    key_header = [(provider.key_header, provider.key_prefix + _header_value(key_name, key))] if key else []
 
     if settings.ai_gateway_url:
         headers = []
         if settings.ai_gateway_token:
-            headers.append(("cf-aig-authorization", f"Bearer {settings.ai_gateway_token}"))
+            token = _header_value("AI_GATEWAY_TOKEN", settings.ai_gateway_token)
+            headers.append(("cf-aig-authorization", f"Bearer {token}"))
             if not key and provider.gateway_token_as_key:
                 key_header = [(provider.key_header, provider.key_prefix + settings.ai_gateway_token)]
         return Upstream(provider, settings.ai_gateway_url, True, (*headers, *key_header))

@@ -83,6 +83,13 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    status = 405
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class Conflict(GatewayError):
     status = 409
     openai_type = "invalid_request_error"

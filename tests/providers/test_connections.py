@@ -27,6 +27,8 @@ class Upstream:
         self.url = ""
         self.tasks: list[asyncio.Task[None]] = []
         self.unasked = b""
+        self.drop_second = False
+        """Close a connection, unanswered, when a second request arrives on it (a keep-alive race)."""
         """Sent on a connection a moment after each answer, as an upstream misbehaving would."""
 
     async def __aenter__(self) -> Upstream:
@@ -60,6 +62,8 @@ class Upstream:
                         if size == 0:
                             break
                 self.requests.append((number, head, body))
+                if self.drop_second and sum(1 for n, _, _ in self.requests if n == number) == 2:
+                    break
                 answer = self.answer(head)
                 writer.write(answer)
                 await writer.drain()
@@ -270,3 +274,57 @@ async def test_a_connection_the_upstream_wrote_on_while_idle_is_not_reused() -> 
         assert await read(pool, upstream.url) == (200, b"ok")  # not the stale answer
         assert upstream.connections == 2
         await pool.close()
+
+
+async def test_a_body_that_ends_with_the_connection_is_read_whole() -> None:
+    async with Upstream() as upstream:
+        upstream.answer = lambda head: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nno length, ends at close"
+        pool = ConnectionPool()
+        assert await read(pool, upstream.url) == (200, b"no length, ends at close")
+        assert pool.busy == 0
+        await pool.close()
+
+
+async def test_an_idempotent_request_is_sent_again_when_a_kept_alive_connection_was_closed() -> None:
+    async with Upstream() as upstream:
+        upstream.drop_second = True
+        pool = ConnectionPool()
+        assert await read(pool, upstream.url, "GET", body=None) == (200, b"ok")
+        assert await read(pool, upstream.url, "GET", body=None) == (200, b"ok")  # on a new connection
+        assert upstream.connections == 2
+        # a POST is not sent twice: the client hears of the failure
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await read(pool, upstream.url, "POST")
+        assert pool.busy == 0
+        await pool.close()
+
+
+async def test_waiting_requests_get_connections_in_the_order_they_asked() -> None:
+    async with Upstream() as upstream:
+        pool = ConnectionPool(limit=1)
+        served: list[str] = []
+
+        async def one(name: str) -> None:
+            await read(pool, upstream.url)
+            served.append(name)
+
+        first = await pool.request("POST", target(upstream.url), b"", [], b"{}", None)
+        waiting = [asyncio.ensure_future(one(f"waiter-{n}")) for n in range(3)]
+        await asyncio.sleep(0.05)
+        await first.content.read()
+        first.release()
+        late = asyncio.ensure_future(one("late"))  # arrives after the slot was freed: still behind them
+        await asyncio.gather(*waiting, late)
+        assert served == ["waiter-0", "waiter-1", "waiter-2", "late"]
+        assert pool.busy == 0
+        await pool.close()
+
+
+def test_the_host_is_sent_as_a_browser_would_name_it() -> None:
+    assert target("https://API.Example.COM:443/v1").origin.host_header == b"api.example.com"
+    assert target("http://api.example.com:8080/v1").origin.host_header == b"api.example.com:8080"
+    assert target("https://bücher.example/v1").origin.host_header == b"xn--bcher-kva.example"
+    assert target("http://[::1]:8787/v1").origin.host_header == b"[::1]:8787"
+    assert target("https://example.com/é/v1").path == b"/%C3%A9/v1"
+    with pytest.raises(RequestTargetError):
+        target("http://example.com:99999/")

@@ -142,3 +142,13 @@ def test_public_defaults_in_direct_mode() -> None:
         assert isinstance(upstream, Upstream) and not upstream.via_gateway, slug
         assert upstream.url(rest) == url, slug
     assert isinstance(resolve(registry["compat"], settings), str)  # Cloudflare only
+
+
+@pytest.mark.parametrize("name", ["AI_GATEWAY_TOKEN", "OPENAI_API_KEY"])
+def test_a_credential_with_a_line_break_is_refused_at_start_up(name: str) -> None:
+    from config import Settings, SettingsError
+    from providers.upstream import enabled_upstreams
+
+    env = {"AI_GATEWAY_URL": "https://gateway.example/v1/acc/gw", "AI_GATEWAY_TOKEN": "t", name: "one\nX-Evil: two"}
+    with pytest.raises(SettingsError, match=f"{name} holds a control character"):
+        enabled_upstreams(Settings.from_env(env, env_file=None))

@@ -144,6 +144,17 @@ def test_a_client_leaving_before_the_answer_starts_cancels_the_upstream_call_at_
     assert line is not None and line["status"] == 499 and line["upstream_status"] is None
 
 
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT"])
+def test_trace_and_connect_are_not_relayed(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream, method: str
+) -> None:
+    before = len(upstream.received)
+    response = raw_request(gateway.url, method, "/openai/v1/models", [("authorization", f"Bearer {team_key}")])
+    assert response.status == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"  # type: ignore[index]
+    assert len(upstream.received) == before
+
+
 def test_upstream_errors_pass_through_unchanged(gateway: GatewayProcess, team_key: str) -> None:
     response = httpx.post(f"{gateway.url}/openai/v1/_mock/status/429", json={}, headers=auth(team_key))
     assert response.status_code == 429
