@@ -1,8 +1,11 @@
 """Limits kept in Redis, exact across every worker and replica sharing it.
 
 Each admission is one script run (``scripts.ADMIT``: sweep, check every subject, reserve on all, or
-refuse, atomically on the server). Releases are queued and sent by one background task, several
-per round trip, so the request path never waits for them; the same task renews the leases of
+refuse, atomically on the server), sent through the limits' own lean connection (``resp``): one
+write and one read per request. A release is written on the same connection as soon as the event
+loop is free, never awaited by the request: the releases of one loop turn go in one script call
+(``scripts.SETTLE``), in the same write as an admission when one is made in that turn. A release
+Redis did not take is kept and retried by one background task, which also renews the leases of
 requests still running (a process that dies stops renewing, and its leases expire by themselves
 after ``LIMITS_LEASE_SECONDS``).
 
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -37,16 +42,37 @@ from service.core.limits import scripts
 from service.core.limits.memory import Seeder
 from service.core.limits.model import period_bounds
 from service.core.limits.outcome import Grant, Subject, SubjectState, Tally, budget_retry, rate_headers, refusal
+from service.core.limits.resp import Reply, ReplyError, RespConnection, encode
 
 log = structlog.get_logger("gateway.limits")
 
 TIMEOUT_SECONDS = 1.0
 PROBE_SECONDS = 1.0
 MAX_PENDING = 100_000
+SETTLE_BATCH = 200
+"""Releases per script call."""
 SPENT_KEPT_SECONDS = 40 * 86_400
 """How long a period's spent amount outlives the period (it is read again only to show it)."""
 UNAVAILABLE = "Limits cannot be checked right now (their store is unreachable); try again shortly."
 ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+Release = tuple[Grant, int, int]
+"""A grant released, with its real tokens and cost."""
+
+
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest().encode()
+
+
+ADMIT_SHA, SETTLE_SHA = _sha(scripts.ADMIT), _sha(scripts.SETTLE)
+LOAD_SCRIPTS = encode("SCRIPT", "LOAD", scripts.ADMIT) + encode("SCRIPT", "LOAD", scripts.SETTLE)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _int(value: int) -> bytes:
+    return _bulk(b"%d" % value)
 
 
 class RedisLimiter:
@@ -61,18 +87,22 @@ class RedisLimiter:
             socket_connect_timeout=TIMEOUT_SECONDS,
             retry=Retry(NoBackoff(), 0),
         )
+        """Everything off the request path: state, seeding, renewals, probes."""
+        self.lane = RespConnection(url, TIMEOUT_SECONDS)
+        """Admissions and releases."""
         self.prefix = prefix
         self.seed = seed
         self.lease_ms = int(lease_seconds * 1000)
         self.renew_every = max(0.2, lease_seconds / 3)
         self.fail_open = fail_mode == "open"
-        self._admit = self.client.register_script(scripts.ADMIT)
-        self._settle = self.client.register_script(scripts.SETTLE)
         self._renew = self.client.register_script(scripts.RENEW)
         self._state = self.client.register_script(scripts.STATE)
         self.down_since: float | None = None
         self._held: dict[str, Grant] = {}
-        self._pending: list[tuple[Grant, int, int]] = []
+        self._pending: list[Release] = []
+        self._sending = False
+        """A send of the pending releases is scheduled for the end of this loop turn."""
+        self._parts: dict[tuple[Subject, str | None], tuple[bytes, bytes]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -97,11 +127,13 @@ class RedisLimiter:
             self._task = None
         with contextlib.suppress(*ERRORS):
             await asyncio.wait_for(self._flush(), TIMEOUT_SECONDS * 2)  # the releases of the last requests
+        self.lane.close()
         await self.client.aclose()
 
     def _down(self, exc: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
+            self._wake.set()  # the background task probes from now on
             log.error(
                 "limits_unavailable",
                 error=type(exc).__name__,
@@ -116,35 +148,75 @@ class RedisLimiter:
             self.down_since = None
             self._wake.set()
 
-    # -- keys -------------------------------------------------------------------------------------
+    # -- keys and commands ------------------------------------------------------------------------
 
     def _keys(self, subject: Subject, period: str | None) -> list[str]:
         base = self.prefix + subject.name
         return [base + ":w", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
+
+    def _subject_parts(self, subject: Subject, period: str | None) -> tuple[bytes, bytes]:
+        """A subject's four keys and its four limits (-1: none), as command arguments, made once."""
+        found = self._parts.get((subject, period))
+        if found is None:
+            if len(self._parts) >= 10_000:
+                self._parts.clear()
+            limits = subject.limits
+            values = (
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+                limits.max_concurrent,
+                limits.budget_micro_usd,
+            )
+            found = (
+                b"".join(_bulk(key.encode()) for key in self._keys(subject, period)),
+                b"".join(_int(-1 if value is None else value) for value in values),
+            )
+            self._parts[(subject, period)] = found
+        return found
+
+    def _admit_command(self, subjects: Sequence[Subject], periods: Sequence[str | None], args: bytes) -> bytes:
+        keys, limits = zip(*(self._subject_parts(s, p) for s, p in zip(subjects, periods, strict=True)), strict=True)
+        count = len(subjects)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (7 + 8 * count, ADMIT_SHA)
+        return b"".join((head, _int(4 * count), *keys, args, *limits))
+
+    def _settle_command(self, batch: Sequence[Release]) -> bytes:
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        for grant, tokens, cost in batch:
+            for subject, period in zip(grant.subjects, grant.periods, strict=True):
+                keys.append(self._subject_parts(subject, period)[0])
+            delta = 0 if grant.offline else tokens - grant.tokens
+            lease = grant.lease.encode()
+            args += (_bulk(lease), _int(grant.second), _int(delta), _int(cost), _int(len(grant.subjects)))
+        keys_count = 4 * sum(len(grant.subjects) for grant, _, _ in batch)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + keys_count + 5 * len(batch), SETTLE_SHA)
+        return b"".join((head, _int(keys_count), *keys, *args))
+
+    async def _load_scripts(self) -> None:
+        for reply in await self.lane.call(LOAD_SCRIPTS, 2):
+            if isinstance(reply, ReplyError):
+                raise reply
 
     # -- admission --------------------------------------------------------------------------------
 
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         clock = time.time()
         periods = tuple(subject.period(clock) for subject in subjects)
-        keys = [key for subject, period in zip(subjects, periods, strict=True) for key in self._keys(subject, period)]
-        args: list[int | str] = [lease, self.lease_ms, tokens, cost]
-        for subject in subjects:
-            limits = subject.limits
-            for value in (
-                limits.requests_per_minute,
-                limits.tokens_per_minute,
-                limits.max_concurrent,
-                limits.budget_micro_usd,
-            ):
-                args.append(-1 if value is None else value)
+        args = b"".join((_bulk(lease.encode()), _int(self.lease_ms), _int(tokens), _int(cost)))
+        command = self._admit_command(subjects, periods, args)
         try:
-            for _ in range(len(subjects) + 1):
-                result: list[Any] = await self._admit(keys=keys, args=args)
+            for _ in range(len(subjects) + 2):
+                result = await self._call_admit(command)
+                if isinstance(result, ReplyError) and str(result).startswith("NOSCRIPT"):
+                    await self._load_scripts()
+                    continue
+                if isinstance(result, ReplyError):
+                    raise result
                 if result[0] != b"seed":
                     break
                 index = int(result[1]) - 1
-                await self._seed_spent(subjects[index], periods[index], keys[4 * index + 3])
+                await self._seed_spent(subjects[index], periods[index], self._keys(subjects[index], periods[index])[3])
         except ERRORS as exc:
             self._down(exc)
             if not self.fail_open:
@@ -174,6 +246,20 @@ class RedisLimiter:
         self._held[lease] = grant
         return grant
 
+    async def _call_admit(self, command: bytes) -> Reply:
+        """The admission's reply; the releases waiting to be sent go in the same write."""
+        if not self._pending or self.degraded:
+            return (await self.lane.call(command))[0]
+        batch = self._take()
+        try:
+            settled, admitted = await self.lane.call(self._settle_command(batch) + command, 2)
+        except BaseException:
+            self._keep(batch)
+            raise
+        if isinstance(settled, ReplyError):
+            self._keep(batch)
+        return admitted
+
     async def _seed_spent(self, subject: Subject, period: str | None, key: str) -> None:
         assert period is not None
         spent = await self.seed(subject, period)
@@ -184,7 +270,7 @@ class RedisLimiter:
     # -- release ----------------------------------------------------------------------------------
 
     def release(self, grant: Grant, tokens: int, cost: int) -> None:
-        """Queue the request's release; sent at once by the background task, never awaited here."""
+        """Queue the request's release, sent at the end of this loop turn; never awaited here."""
         if grant.released:
             return
         grant.released = True
@@ -195,20 +281,47 @@ class RedisLimiter:
             log.error("limits_releases_dropped", count=len(self._pending))
             self._pending.clear()
         self._pending.append((grant, tokens, cost))
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().call_soon(self._send_pending)
+
+    def _take(self) -> list[Release]:
+        batch, self._pending = self._pending[:SETTLE_BATCH], self._pending[SETTLE_BATCH:]
+        return batch
+
+    def _keep(self, batch: list[Release]) -> None:
+        """Releases Redis did not take: back in front of the queue, for the background task."""
+        self._pending[:0] = batch
         self._wake.set()
+
+    def _send_pending(self) -> None:
+        """The releases of this loop turn, written without waiting for Redis's answer; the
+        background task sends them instead while Redis is away or the connection is not open."""
+        self._sending = False
+        if self.degraded or not self.lane.connected:
+            self._wake.set()
+            return
+        while self._pending:
+            batch = self._take()
+            sent = self.lane.send(self._settle_command(batch))
+            sent.add_done_callback(partial(self._settled, batch))
+
+    def _settled(self, batch: list[Release], done: asyncio.Future[list[Reply]]) -> None:
+        if done.cancelled() or done.exception() is not None or isinstance(done.result()[0], ReplyError):
+            self._keep(batch)
 
     async def _flush(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending[:500], self._pending[500:]
+            batch = self._take()
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for grant, tokens, cost in batch:
-                        keys = [k for s, p in zip(grant.subjects, grant.periods, strict=True) for k in self._keys(s, p)]
-                        delta = 0 if grant.offline else tokens - grant.tokens
-                        await self._settle(keys=keys, args=[grant.lease, grant.second, delta, cost], client=pipe)
-                    await pipe.execute()
+                reply = (await self.lane.call(self._settle_command(batch)))[0]
+                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    await self._load_scripts()
+                    reply = (await self.lane.call(self._settle_command(batch)))[0]
+                if isinstance(reply, ReplyError):
+                    raise reply
             except BaseException:
-                self._pending = batch + self._pending
+                self._pending[:0] = batch
                 raise
 
     async def _renew_held(self) -> None:
@@ -227,8 +340,9 @@ class RedisLimiter:
         renewed = loop.time()
         while True:
             timeout = PROBE_SECONDS if self.degraded else max(0.0, renewed + self.renew_every - loop.time())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # not wait_for, which may swallow a cancellation (3.11)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if self.degraded:
@@ -247,6 +361,7 @@ class RedisLimiter:
         period = subject.period(time.time())
         keys = self._keys(subject, period)
         try:
+            await self._flush()  # this process's releases first
             found: list[Any] = await self._state(keys=keys, args=[])
             if int(found[4]) < 0 and period is not None:
                 await self._seed_spent(subject, period, keys[3])

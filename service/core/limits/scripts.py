@@ -116,23 +116,29 @@ return out
 )
 
 SETTLE = """
--- KEYS: w, l, a, s per subject. ARGV: lease, the second it was counted in, token correction, cost.
--- The spent amount grows only where it exists: absent, it is seeded from the ledger, which has it.
-local lease, second = ARGV[1], ARGV[2]
-local delta, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-for i = 1, #KEYS / 4 do
-  local w, l, a, s = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  redis.call('ZREM', l, lease)
-  local amount = redis.call('HGET', a, lease)
-  if amount then
-    redis.call('HINCRBY', a, '_total', -tonumber(amount))
-    redis.call('HDEL', a, lease)
-  end
-  if cost > 0 and redis.call('EXISTS', s) == 1 then
-    redis.call('INCRBY', s, cost)
-  end
-  if delta ~= 0 and redis.call('HEXISTS', w, 't' .. second) == 1 then
-    redis.call('HINCRBY', w, 't' .. second, delta)
+-- Releases, any number. KEYS: w, l, a, s of every subject of every release, in order. ARGV: per
+-- release, its lease, the second it was counted in, its token correction, its cost, its number of
+-- subjects. The spent amount grows only where it exists: absent, it is seeded from the ledger,
+-- which has it.
+local k = 0
+for j = 1, #ARGV, 5 do
+  local lease, second = ARGV[j], ARGV[j + 1]
+  local delta, cost = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+  for i = 1, tonumber(ARGV[j + 4]) do
+    local w, l, a, s = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+    k = k + 4
+    redis.call('ZREM', l, lease)
+    local amount = redis.call('HGET', a, lease)
+    if amount then
+      redis.call('HINCRBY', a, '_total', -tonumber(amount))
+      redis.call('HDEL', a, lease)
+    end
+    if cost > 0 and redis.call('EXISTS', s) == 1 then
+      redis.call('INCRBY', s, cost)
+    end
+    if delta ~= 0 and redis.call('HEXISTS', w, 't' .. second) == 1 then
+      redis.call('HINCRBY', w, 't' .. second, delta)
+    end
   end
 end
 return 1
