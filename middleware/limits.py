@@ -13,6 +13,7 @@ tokens and cost the relay read.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from service.core.errors import Forbidden, PayloadTooLarge
 from service.core.limits.limiter import Limiter
 from service.core.limits.outcome import Estimate, Subject
 from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.store import Team
 
 Estimator = Callable[[Scope, bytes], Estimate]
 
@@ -41,12 +43,56 @@ def unpriced(model: str | None, subject: Subject) -> Forbidden:
     )
 
 
+class _Plan(NamedTuple):
+    """What a key's limits (and its team's) ask of each of its requests, worked out once per key."""
+
+    team: Team
+    subjects: tuple[Subject, ...]
+    budgeted: Subject | None
+    """The first subject with a budget: the one named when the model has no price."""
+    estimated: bool
+    """Whether the body is read for the worst case (a budget or a tokens-per-minute limit)."""
+
+
+_REQUESTS = frozenset({b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"})
+_TOKENS = frozenset({b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens"})
+_BOTH = _REQUESTS | _TOKENS
+
+
+def _replaced(extra: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The names of the ``x-ratelimit-*`` headers the limits answer with (of requests, tokens or
+    both), which replace any of the same name from upstream."""
+    if len(extra) > 3:
+        return _BOTH
+    return _REQUESTS if extra[0][0] in _REQUESTS else _TOKENS
+
+
+_PLANS_KEPT = 10_000
+
+
 class LimitsGate:
     def __init__(self, app: ASGIApp, *, estimate: Estimator, max_body: int, unpriced_allowed: bool) -> None:
         self.app = app
         self.estimate = estimate
         self.max_body = max_body
         self.unpriced_allowed = unpriced_allowed
+        self._plans: dict[int, _Plan] = {}
+
+    def _plan(self, team: Team) -> _Plan:
+        """``team``'s plan, by the identity of the key cache's entry (a new entry, a new plan)."""
+        plan = self._plans.get(id(team))
+        if plan is None or plan.team is not team:
+            subjects = []
+            if team.team_limits is not None:
+                subjects.append(Subject("team", team.team_id, team.team_limits))
+            if team.key_limits is not None:
+                subjects.append(Subject("key", team.key_id, team.key_limits))
+            budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
+            estimated = budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects)
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[id(team)] = _Plan(team, tuple(subjects), budgeted, estimated)
+        return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
@@ -54,14 +100,9 @@ class LimitsGate:
         if team is None or (team.team_limits is None and team.key_limits is None):
             await self.app(scope, receive, send)
             return
-        subjects = []
-        if team.team_limits is not None:
-            subjects.append(Subject("team", team.team_id, team.team_limits))
-        if team.key_limits is not None:
-            subjects.append(Subject("key", team.key_id, team.key_limits))
-        budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
+        plan = self._plan(team)
         tokens = cost = 0
-        if budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects):
+        if plan.estimated:
             try:
                 body = await self._body(scope, receive)
             except _ClientGone:
@@ -69,16 +110,17 @@ class LimitsGate:
             receive = _replay(body, receive)
             estimate = self.estimate(scope, body)
             tokens = estimate.tokens
+            budgeted = plan.budgeted
             if budgeted is not None:
                 reads_only = estimate.model is None and scope["method"] in _READS
                 if estimate.cost is None and not self.unpriced_allowed and not reads_only:
                     raise unpriced(estimate.model, budgeted)
                 cost = estimate.cost or 0
         limiter: Limiter = scope["state"]["limiter"]
-        grant = await limiter.admit(subjects, tokens, cost, info.request_id)
+        grant = await limiter.admit(plan.subjects, tokens, cost, info.request_id)
         extra = grant.headers
         if extra:
-            names = {name for name, _ in extra}
+            names = _replaced(extra)
 
             async def send_with_limits(message: Message) -> None:
                 if message["type"] == "http.response.start":

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from redis.asyncio import Redis
@@ -75,6 +75,17 @@ def _int(value: int) -> bytes:
     return _bulk(b"%d" % value)
 
 
+class _Shape(NamedTuple):
+    """The parts of a script call fixed by a request's subjects and their budget periods, made once."""
+
+    subjects: Sequence[Subject]
+    periods: tuple[str | None, ...]
+    admit: bytes
+    """``EVALSHA``, the admission script, its keys and the subjects' limits: all but the request's own."""
+    keys: bytes
+    """The subjects' keys, as the release script takes them."""
+
+
 class RedisLimiter:
     kind = "redis"
 
@@ -102,7 +113,8 @@ class RedisLimiter:
         self._pending: list[Release] = []
         self._sending = False
         """A send of the pending releases is scheduled for the end of this loop turn."""
-        self._parts: dict[tuple[Subject, str | None], tuple[bytes, bytes]] = {}
+        self._shapes: dict[int, _Shape] = {}
+        self._lease_ms_arg = _int(self.lease_ms)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -154,42 +166,47 @@ class RedisLimiter:
         base = self.prefix + subject.name
         return [base + ":w", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
 
-    def _subject_parts(self, subject: Subject, period: str | None) -> tuple[bytes, bytes]:
-        """A subject's four keys and its four limits (-1: none), as command arguments, made once."""
-        found = self._parts.get((subject, period))
-        if found is None:
-            if len(self._parts) >= 10_000:
-                self._parts.clear()
-            limits = subject.limits
-            values = (
-                limits.requests_per_minute,
-                limits.tokens_per_minute,
-                limits.max_concurrent,
-                limits.budget_micro_usd,
+    def _shape(self, subjects: Sequence[Subject], periods: tuple[str | None, ...]) -> _Shape:
+        """By the identity of ``subjects`` (the limits gate keeps one tuple per key and team)."""
+        found = self._shapes.get(id(subjects))
+        if found is None or found.subjects is not subjects or found.periods != periods:
+            if len(self._shapes) >= 10_000:
+                self._shapes.clear()
+            keys = b"".join(
+                _bulk(key.encode())
+                for subject, period in zip(subjects, periods, strict=True)
+                for key in self._keys(subject, period)
             )
-            found = (
-                b"".join(_bulk(key.encode()) for key in self._keys(subject, period)),
-                b"".join(_int(-1 if value is None else value) for value in values),
+            limits = b"".join(
+                _int(-1 if value is None else value)
+                for subject in subjects
+                for value in (
+                    subject.limits.requests_per_minute,
+                    subject.limits.tokens_per_minute,
+                    subject.limits.max_concurrent,
+                    subject.limits.budget_micro_usd,
+                )
             )
-            self._parts[(subject, period)] = found
+            count = len(subjects)
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (7 + 8 * count, ADMIT_SHA, _int(4 * count))
+            found = self._shapes[id(subjects)] = _Shape(subjects, periods, head + keys + limits, keys)
         return found
-
-    def _admit_command(self, subjects: Sequence[Subject], periods: Sequence[str | None], args: bytes) -> bytes:
-        keys, limits = zip(*(self._subject_parts(s, p) for s, p in zip(subjects, periods, strict=True)), strict=True)
-        count = len(subjects)
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (7 + 8 * count, ADMIT_SHA)
-        return b"".join((head, _int(4 * count), *keys, args, *limits))
 
     def _settle_command(self, batch: Sequence[Release]) -> bytes:
         keys: list[bytes] = []
         args: list[bytes] = []
+        keys_count = 0
         for grant, tokens, cost in batch:
-            for subject, period in zip(grant.subjects, grant.periods, strict=True):
-                keys.append(self._subject_parts(subject, period)[0])
-            delta = 0 if grant.offline else tokens - grant.tokens
+            keys.append(self._shape(grant.subjects, grant.periods).keys)
+            keys_count += 4 * len(grant.subjects)
             lease = grant.lease.encode()
-            args += (_bulk(lease), _int(grant.second), _int(delta), _int(cost), _int(len(grant.subjects)))
-        keys_count = 4 * sum(len(grant.subjects) for grant, _, _ in batch)
+            second = b"%d" % grant.second
+            delta = b"%d" % (0 if grant.offline else tokens - grant.tokens)
+            spent = b"%d" % cost
+            args.append(
+                b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%d\r\n"
+                % (len(lease), lease, len(second), second, len(delta), delta, len(spent), spent, len(grant.subjects))
+            )
         head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + keys_count + 5 * len(batch), SETTLE_SHA)
         return b"".join((head, _int(keys_count), *keys, *args))
 
@@ -202,49 +219,61 @@ class RedisLimiter:
 
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         clock = time.time()
-        periods = tuple(subject.period(clock) for subject in subjects)
-        args = b"".join((_bulk(lease.encode()), _int(self.lease_ms), _int(tokens), _int(cost)))
-        command = self._admit_command(subjects, periods, args)
+        periods = tuple([subject.period(clock) for subject in subjects])
+        lease_arg, tokens_arg, cost_arg = lease.encode(), b"%d" % tokens, b"%d" % cost
+        command = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            self._shape(subjects, periods).admit,
+            len(lease_arg),
+            lease_arg,
+            self._lease_ms_arg,
+            len(tokens_arg),
+            tokens_arg,
+            len(cost_arg),
+            cost_arg,
+        )
         try:
             for _ in range(len(subjects) + 2):
-                result = await self._call_admit(command)
-                if isinstance(result, ReplyError) and str(result).startswith("NOSCRIPT"):
+                reply = await self._call_admit(command)
+                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
                     await self._load_scripts()
                     continue
-                if isinstance(result, ReplyError):
-                    raise result
-                if result[0] != b"seed":
+                if not isinstance(reply, bytes):
+                    raise RedisError(f"the admission script answered {reply!r}")
+                words = reply.split()
+                if words[0] != b"seed":
                     break
-                index = int(result[1]) - 1
+                index = int(words[1]) - 1
                 await self._seed_spent(subjects[index], periods[index], self._keys(subjects[index], periods[index])[3])
+            else:
+                raise RedisError("the admission script asked to seed every time")
         except ERRORS as exc:
             self._down(exc)
             if not self.fail_open:
                 raise ServiceUnavailable(UNAVAILABLE) from None
             return Grant(lease, subjects, 0, 0, 0, periods, [], offline=True)
         self._up()
-        now = int(result[1]) / 1000
-        if result[0] == b"no":
-            index = int(result[2]) - 1
-            kind = result[3].decode()
-            spent, reserved = int(result[4]), int(result[5])
-            tallies = _tallies(result[6:])
-            subject = subjects[index]
-            if kind == "rpm":
-                wait = tallies[index].oldest_request + 60 - now
-            elif kind == "tpm":
-                oldest = tallies[index].oldest_token
-                wait = (oldest if oldest >= 0 else int(now)) + 60 - now
-            elif kind == "budget":
-                wait = budget_retry(subject, spent, cost, now)
-            else:
-                wait = 1
-            raise refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
-        grant = Grant(
-            lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(result[2:]), now)
-        )
-        self._held[lease] = grant
-        return grant
+        now = int(words[1]) / 1000
+        if words[0] == b"ok":
+            grant = Grant(
+                lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(words, 2), now)
+            )
+            self._held[lease] = grant
+            return grant
+        index = int(words[2]) - 1
+        kind = words[3].decode()
+        spent, reserved = int(words[4]), int(words[5])
+        tallies = _tallies(words, 6)
+        subject = subjects[index]
+        if kind == "rpm":
+            wait = tallies[index].oldest_request + 60 - now
+        elif kind == "tpm":
+            oldest = tallies[index].oldest_token
+            wait = (oldest if oldest >= 0 else int(now)) + 60 - now
+        elif kind == "budget":
+            wait = budget_retry(subject, spent, cost, now)
+        else:
+            wait = 1
+        raise refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
 
     async def _call_admit(self, command: bytes) -> Reply:
         """The admission's reply; the releases waiting to be sent go in the same write."""
@@ -303,11 +332,10 @@ class RedisLimiter:
             return
         while self._pending:
             batch = self._take()
-            sent = self.lane.send(self._settle_command(batch))
-            sent.add_done_callback(partial(self._settled, batch))
+            self.lane.send(self._settle_command(batch), partial(self._settled, batch))
 
-    def _settled(self, batch: list[Release], done: asyncio.Future[list[Reply]]) -> None:
-        if done.cancelled() or done.exception() is not None or isinstance(done.result()[0], ReplyError):
+    def _settled(self, batch: list[Release], outcome: list[Reply] | Exception) -> None:
+        if isinstance(outcome, Exception) or isinstance(outcome[0], ReplyError):
             self._keep(batch)
 
     async def _flush(self) -> None:
@@ -374,5 +402,6 @@ class RedisLimiter:
         return SubjectState(spent if spent >= 0 else None, int(found[3]), int(found[0]), int(found[1]), int(found[2]))
 
 
-def _tallies(flat: Sequence[Any]) -> list[Tally]:
-    return [Tally(*(int(v) for v in flat[i : i + 4])) for i in range(0, len(flat), 4)]
+def _tallies(words: Sequence[bytes], start: int) -> list[Tally]:
+    """The four figures per subject from ``words[start]`` on."""
+    return [Tally(*map(int, words[i : i + 4])) for i in range(start, len(words), 4)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
@@ -28,6 +29,10 @@ Reply = Any
 
 class ReplyError(RedisError):
     """An error Redis answered a command with (``NOSCRIPT …``, ``ERR …``)."""
+
+
+TICKS = 4
+"""How often per timeout the calls waiting are looked at."""
 
 
 class _Incomplete(Exception):
@@ -77,17 +82,49 @@ def parse(data: bytes, at: int) -> tuple[Reply, int]:
     raise ConnectionError(f"Redis sent something that is not RESP (type byte {kind})")
 
 
+Answer = Callable[[list[Reply] | Exception], None]
+"""Called with a call's replies, or with why it failed."""
+
+
+class _Call:
+    """A call waiting for its replies: a future some task awaits, or an ``Answer`` to call."""
+
+    __slots__ = ("answer", "count", "future", "replies")
+
+    def __init__(self, count: int, future: asyncio.Future[list[Reply]] | None, answer: Answer | None) -> None:
+        self.count = count
+        self.future = future
+        self.answer = answer
+        self.replies: list[Reply] = []
+
+    def done(self, outcome: list[Reply] | Exception) -> None:
+        future = self.future
+        if future is None:
+            assert self.answer is not None
+            self.answer(outcome)
+        elif not future.done():
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+
 class _Link(asyncio.Protocol):
     """One physical connection; the calls waiting on it, oldest first."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
-        self.waiting: deque[tuple[asyncio.Future[list[Reply]], int, list[Reply], float]] = deque()
+        self.waiting: deque[_Call] = deque()
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+
+    def call(self, payload: bytes, call: _Call) -> None:
+        assert self.transport is not None
+        self.waiting.append(call)
+        self.transport.write(payload)
 
     def data_received(self, data: bytes) -> None:
         if self.buffer:
@@ -100,12 +137,12 @@ class _Link(asyncio.Protocol):
                 reply, at = parse(data, at)
                 if not waiting:
                     raise ConnectionError("Redis sent a reply nobody asked for")
-                future, count, replies, _ = waiting[0]
+                call = waiting[0]
+                replies = call.replies
                 replies.append(reply)
-                if len(replies) == count:
+                if len(replies) == call.count:
                     waiting.popleft()
-                    if not future.done():
-                        future.set_result(replies)
+                    call.done(replies)
         except _Incomplete:
             pass
         except (ConnectionError, ValueError) as exc:
@@ -123,17 +160,7 @@ class _Link(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         while self.waiting:
-            future = self.waiting.popleft()[0]
-            if not future.done():
-                future.set_exception(exc)
-
-
-def _send(link: _Link, payload: bytes, count: int) -> asyncio.Future[list[Reply]]:
-    future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
-    link.waiting.append((future, count, [], future.get_loop().time()))
-    assert link.transport is not None
-    link.transport.write(payload)
-    return future
+            self.waiting.popleft().done(exc)
 
 
 class RespConnection:
@@ -162,6 +189,8 @@ class RespConnection:
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._oldest: _Call | None = None
+        self._ticks = 0
 
     @property
     def connected(self) -> bool:
@@ -170,30 +199,44 @@ class RespConnection:
     async def call(self, payload: bytes, count: int = 1) -> list[Reply]:
         """Write ``payload`` (``count`` commands, one after another) and return their replies;
         an error reply is returned as a ``ReplyError``, not raised."""
-        if not self.connected:
-            await self._connect()
-        return await self.send(payload, count)
-
-    def send(self, payload: bytes, count: int = 1) -> asyncio.Future[list[Reply]]:
-        """``call`` on the open connection (``connected``), without waiting: the replies' future."""
-        assert self._link is not None
-        future = _send(self._link, payload, count)
+        link = self._link
+        if link is None or link.lost is not None:
+            link = await self._connect()
+        future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
+        link.call(payload, _Call(count, future, None))
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_later(self.timeout / 4, self._watch)
-        return future
+            self._watch_later()
+        return await future
+
+    def send(self, payload: bytes, answer: Answer, count: int = 1) -> None:
+        """``call`` on the open connection (``connected``) without waiting: ``answer`` is called
+        with the replies, or with why there are none."""
+        assert self._link is not None
+        self._link.call(payload, _Call(count, None, answer))
+        if self._watchdog is None:
+            self._watch_later()
+
+    def _watch_later(self) -> None:
+        self._watchdog = asyncio.get_running_loop().call_later(self.timeout / TICKS, self._watch)
 
     def _watch(self) -> None:
-        """Every quarter of the timeout while calls wait: fail the connection whose oldest call has
-        waited longer than the timeout."""
+        """Every ``timeout / TICKS`` while calls wait: the connection fails when the same call has
+        been the oldest waiting at ``TICKS + 1`` ticks in a row (it waited at least ``timeout``)."""
         self._watchdog = None
         link = self._link
-        if link is None or not link.waiting:
+        oldest = link.waiting[0] if link is not None and link.waiting else None
+        if oldest is None:
+            self._oldest = None
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() - link.waiting[0][3] >= self.timeout:
+        if oldest is not self._oldest:
+            self._oldest, self._ticks = oldest, 0
+        self._ticks += 1
+        if self._ticks > TICKS:
+            assert link is not None
             link.fail(TimeoutError(f"Redis did not answer within {self.timeout:g} s"))
+            self._oldest = None
             return
-        self._watchdog = loop.call_later(self.timeout / 4, self._watch)
+        self._watch_later()
 
     async def _connect(self) -> _Link:
         """The connection, opened once for every caller waiting on it."""
@@ -214,7 +257,9 @@ class RespConnection:
                         _Link, self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.ssl else None
                     )
                 if self.hello:
-                    for reply in await _send(link, b"".join(self.hello), len(self.hello)):
+                    answered: asyncio.Future[list[Reply]] = loop.create_future()
+                    link.call(b"".join(self.hello), _Call(len(self.hello), answered, None))
+                    for reply in await answered:
                         if isinstance(reply, ReplyError):
                             raise reply
         except BaseException:

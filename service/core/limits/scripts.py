@@ -52,17 +52,26 @@ end
 ADMIT = (
     COMMON
     + """
--- KEYS: w, l, a, s per subject. ARGV: lease, lease_ms, tokens, cost, then per subject
--- rpm, tpm, concurrent, budget (-1: no such limit).
-local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
-local tokens, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+-- KEYS: w, l, a, s per subject. ARGV: per subject rpm, tpm, concurrent, budget (-1: no such
+-- limit), then lease, lease_ms, tokens, cost. The answer is one line of words:
+--   ok <now ms> then per subject <requests> <tokens> <oldest request> <oldest token> (this one counted)
+--   no <now ms> <subject> <limit kind> <spent> <reserved> then per subject the four, as found
+--   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
+local lease, lease_ms = ARGV[4 * n + 1], tonumber(ARGV[4 * n + 2])
+local tokens, cost = tonumber(ARGV[4 * n + 3]), tonumber(ARGV[4 * n + 4])
+local function line(words)
+  for i = 1, #words do
+    if type(words[i]) == 'number' then words[i] = string.format('%d', words[i]) end
+  end
+  return table.concat(words, ' ')
+end
 local found = {}
 for i = 1, n do
   found[i] = sweep(KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1])
 end
 for i = 1, n do
-  local base = 4 + 4 * (i - 1)
+  local base = 4 * (i - 1)
   local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local concurrent, budget = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   local f = found[i]
@@ -70,7 +79,7 @@ for i = 1, n do
   if budget >= 0 then
     local value = redis.call('GET', KEYS[4 * i])
     if not value then
-      return {'seed', i}
+      return line({'seed', i})
     end
     spent = tonumber(value)
   end
@@ -89,7 +98,7 @@ for i = 1, n do
     for k = 1, n do
       for m = 1, 4 do table.insert(out, found[k][m]) end
     end
-    return out
+    return line(out)
   end
 end
 local out = {'ok', now}
@@ -111,7 +120,7 @@ for i = 1, n do
   table.insert(out, f[3] >= 0 and f[3] or second)
   table.insert(out, f[4] >= 0 and f[4] or second)
 end
-return out
+return line(out)
 """
 )
 
