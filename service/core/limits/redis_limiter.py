@@ -164,7 +164,7 @@ class RedisLimiter:
 
     def _keys(self, subject: Subject, period: str | None) -> list[str]:
         base = self.prefix + subject.name
-        return [base + ":w", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
+        return [base + ":m", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
 
     def _shape(self, subjects: Sequence[Subject], periods: tuple[str | None, ...]) -> _Shape:
         """By the identity of ``subjects`` (the limits gate keeps one tuple per key and team)."""
