@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import REQUEST_BODY, ROOT, Bench, Server, _create_key
+from bench.run import REQUEST_BODY, ROOT, Bench, Server, _create_key, limits_contenders
 
 ALLOW_LIST = {"allowedModels": ["gpt-4o*", "claude-*"], "allowedProviders": ["openai", "anthropic"]}
 STARTUP_SECONDS = 300  # a Python server starts in 20-60 s under callgrind on this box
@@ -110,13 +110,27 @@ def count(server: Server, warmup: int, requests: int, idle: float) -> dict[str, 
 
 
 def run(
-    bench: Bench, upstream: str, warmup: int, requests: int, idle: float, gateways: dict[str, Path] | None = None
+    bench: Bench,
+    upstream: str,
+    warmup: int,
+    requests: int,
+    idle: float,
+    gateways: dict[str, Path] | None = None,
+    *,
+    limits: bool = False,
 ) -> dict[str, Any]:
     """Start the bare relay and the gateways (name: source tree) under callgrind against ``upstream``,
-    count each in turn, stop them."""
+    count each in turn, stop them. With ``limits``, the first gateway's tree runs twice more, its
+    team under a budget and a requests-per-minute limit, in memory and on Redis (as ``bench.run``'s
+    limits rows)."""
     started = len(bench.procs)
     servers = [bench.bare(upstream, "cg-bare", wrap=valgrind_command(bench.work, "bare"), wait=STARTUP_SECONDS)]
-    for name, root in (gateways or {"gateway": ROOT}).items():
+    gateways = gateways or {"gateway": ROOT}
+    contenders: list[tuple[str, Path, dict[str, str] | None]] = [(name, root, None) for name, root in gateways.items()]
+    if limits:
+        first = next(iter(gateways.values()))
+        contenders += [(name, first, settings) for name, settings in limits_contenders().items()]
+    for name, root, settings in contenders:
         servers.append(
             bench.gateway(
                 f"cg-{name}",
@@ -125,6 +139,7 @@ def run(
                 root=root,
                 wrap=valgrind_command(bench.work, name),
                 wait=STARTUP_SECONDS,
+                limits=settings,
             )
         )
     # the same gateway process again, called with a key that has an allow-list: what checking the
@@ -145,6 +160,12 @@ def run(
         name: row["instructions_per_request"] / bare for name, row in figures.items() if name != "bare"
     }
     figures["ratio_gateway_vs_bare"] = figures["ratios_vs_bare"]["gateway"]
+    gateway_count = figures["gateway"]["instructions_per_request"]
+    figures["limits_vs_gateway"] = {
+        name: figures[name]["instructions_per_request"] / gateway_count
+        for name in ("limits-mem", "limits-redis")
+        if name in figures
+    }
     return figures
 
 
@@ -161,12 +182,19 @@ def print_figures(figures: dict[str, Any]) -> None:
             f"({row['gross_instructions_per_request'] / 1000:,.1f}k before subtracting "
             f"{row['idle_instructions_per_second'] / 1000:,.0f}k/s idle)"
         )
+    for name, ratio in figures.get("limits_vs_gateway", {}).items():
+        print(f"  {name} ÷ gateway (budget + RPM on the team): {ratio:.3f}x")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cg-requests", type=int, default=1000, help="measured requests under callgrind")
     parser.add_argument("--cg-warmup", type=int, default=300, help="warm-up requests under callgrind")
     parser.add_argument("--cg-idle", type=float, default=5.0, help="seconds of idle timers measured")
+    parser.add_argument(
+        "--cg-limits",
+        action="store_true",
+        help="count the limits rows too (budget + RPM in memory and on Redis; two more servers to start)",
+    )
 
 
 def main() -> None:
@@ -186,7 +214,9 @@ def main() -> None:
             gateways["gateway-base"] = args.baseline_root.resolve()
         try:
             direct = bench.upstream()
-            figures = run(bench, direct.base, args.cg_warmup, args.cg_requests, args.cg_idle, gateways)
+            figures = run(
+                bench, direct.base, args.cg_warmup, args.cg_requests, args.cg_idle, gateways, limits=args.cg_limits
+            )
         finally:
             bench.stop_all()
     figures["roots"] = {name: str(root) for name, root in gateways.items()}

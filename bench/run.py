@@ -215,6 +215,8 @@ class Bench:
         self.idle_clients = 2000
         self.streams = 1000
         """Idle keep-alive connections, and concurrent streams, held open on the gateway (0: skip the step)."""
+        self.callgrind_limits = False
+        """Whether the instructions step counts the limits rows too."""
 
     def spawn(
         self,
@@ -360,15 +362,9 @@ http {{
             self.bare(upstream),
             self.gateway("gateway", upstream, f"sqlite:///{self.work}/gateway.db", self.gateway_root),
         ]
-        memory = f"sqlite:///{self.work}/limits-mem.db"
-        servers.append(self.gateway("limits-mem", upstream, memory, self.gateway_root, limits={}))
-        redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-        if _redis_reachable(redis_url):
-            on_redis = {"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": f"bench-{os.urandom(4).hex()}:"}
-            database = f"sqlite:///{self.work}/limits-redis.db"
-            servers.append(self.gateway("limits-redis", upstream, database, self.gateway_root, limits=on_redis))
-        else:
-            print(f"Redis is not reachable at {redis_url}: the limits-redis row is left out", file=sys.stderr)
+        for name, settings in limits_contenders().items():
+            database = f"sqlite:///{self.work}/{name}.db"
+            servers.append(self.gateway(name, upstream, database, self.gateway_root, limits=settings))
         if self.baseline_root is not None:
             servers.append(
                 self.gateway("gateway-base", upstream, f"sqlite:///{self.work}/gateway-base.db", self.baseline_root)
@@ -715,7 +711,9 @@ http {{
             counted = {"gateway": self.gateway_root}
             if self.baseline_root is not None:
                 counted["gateway-base"] = self.baseline_root
-            result["instructions"] = instructions.run(self, direct.base, *self.callgrind, counted)
+            result["instructions"] = instructions.run(
+                self, direct.base, *self.callgrind, counted, limits=self.callgrind_limits
+            )
         return result
 
 
@@ -738,6 +736,19 @@ def _postgres_schema() -> str | None:
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return None
     return f"{root}?search_path={schema}"
+
+
+def limits_contenders() -> dict[str, dict[str, str]]:
+    """The limits rows and their extra settings: ``limits-mem`` (the process's memory) and
+    ``limits-redis`` (this machine's Redis, a key prefix of its own per run), when Redis answers."""
+    contenders: dict[str, dict[str, str]] = {"limits-mem": {}}
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if _redis_reachable(redis_url):
+        prefix = f"bench-{os.urandom(4).hex()}:"
+        contenders["limits-redis"] = {"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": prefix}
+    else:
+        print(f"Redis is not reachable at {redis_url}: the limits-redis row is left out", file=sys.stderr)
+    return contenders
 
 
 def _redis_reachable(url: str) -> bool:
@@ -991,6 +1002,7 @@ def main() -> None:
         bench = Bench(Path(work), args.duration, args.rounds, use_nginx, args.gateway_root.resolve(), baseline)
         if count_instructions:
             bench.callgrind = (args.cg_warmup, args.cg_requests, args.cg_idle)
+            bench.callgrind_limits = args.cg_limits
         bench.workers, bench.idle_clients, bench.streams = not args.no_workers, args.idle_clients, args.streams
         try:
             result = bench.run()

@@ -13,6 +13,8 @@ tokens and cost the relay read.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import itemgetter
+from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,12 +22,9 @@ from service.core.errors import Forbidden, PayloadTooLarge
 from service.core.limits.limiter import Limiter
 from service.core.limits.outcome import Estimate, Subject
 from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.store import Team
 
 Estimator = Callable[[Scope, bytes], Estimate]
-
-
-class _ClientGone(Exception):
-    pass
 
 
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -41,12 +40,58 @@ def unpriced(model: str | None, subject: Subject) -> Forbidden:
     )
 
 
+class _Plan(NamedTuple):
+    """What a key's limits (and its team's) ask of each of its requests, worked out once per key."""
+
+    team: Team
+    subjects: tuple[Subject, ...]
+    budgeted: Subject | None
+    """The first subject with a budget: the one named when the model has no price."""
+    estimated: bool
+    """Whether the body is read for the worst case (a budget or a tokens-per-minute limit)."""
+
+
+_REQUESTS = frozenset({b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"})
+_TOKENS = frozenset({b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens"})
+_BOTH = _REQUESTS | _TOKENS
+
+
+def _replaced(extra: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The names of the ``x-ratelimit-*`` headers the limits answer with (of requests, tokens or
+    both), which replace any of the same name from upstream."""
+    if len(extra) > 3:
+        return _BOTH
+    return _REQUESTS if extra[0][0] in _REQUESTS else _TOKENS
+
+
+_RATE_PREFIX = b"x-ratelimit-"
+_name = itemgetter(0)
+_PLANS_KEPT = 10_000
+
+
 class LimitsGate:
     def __init__(self, app: ASGIApp, *, estimate: Estimator, max_body: int, unpriced_allowed: bool) -> None:
         self.app = app
         self.estimate = estimate
         self.max_body = max_body
         self.unpriced_allowed = unpriced_allowed
+        self._plans: dict[int, _Plan] = {}
+
+    def _plan(self, team: Team) -> _Plan:
+        """``team``'s plan, by the identity of the key cache's entry (a new entry, a new plan)."""
+        plan = self._plans.get(id(team))
+        if plan is None or plan.team is not team:
+            subjects = []
+            if team.team_limits is not None:
+                subjects.append(Subject("team", team.team_id, team.team_limits))
+            if team.key_limits is not None:
+                subjects.append(Subject("key", team.key_id, team.key_limits))
+            budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
+            estimated = budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects)
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[id(team)] = _Plan(team, tuple(subjects), budgeted, estimated)
+        return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
@@ -54,69 +99,78 @@ class LimitsGate:
         if team is None or (team.team_limits is None and team.key_limits is None):
             await self.app(scope, receive, send)
             return
-        subjects = []
-        if team.team_limits is not None:
-            subjects.append(Subject("team", team.team_id, team.team_limits))
-        if team.key_limits is not None:
-            subjects.append(Subject("key", team.key_id, team.key_limits))
-        budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
+        plan = self._plans.get(id(team))
+        if plan is None or plan.team is not team:
+            plan = self._plan(team)
         tokens = cost = 0
-        if budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects):
-            try:
-                body = await self._body(scope, receive)
-            except _ClientGone:
-                return
-            receive = _replay(body, receive)
-            estimate = self.estimate(scope, body)
+        if plan.estimated:
+            whole = await self._body(scope, receive)
+            if whole is None:
+                return  # the client left
+            receive = _replay(whole, receive)
+            estimate = self.estimate(scope, whole["body"])
             tokens = estimate.tokens
+            budgeted = plan.budgeted
             if budgeted is not None:
-                reads_only = estimate.model is None and scope["method"] in _READS
-                if estimate.cost is None and not self.unpriced_allowed and not reads_only:
-                    raise unpriced(estimate.model, budgeted)
-                cost = estimate.cost or 0
+                if estimate.cost is None:
+                    reads_only = estimate.model is None and scope["method"] in _READS
+                    if not self.unpriced_allowed and not reads_only:
+                        raise unpriced(estimate.model, budgeted)
+                else:
+                    cost = estimate.cost
         limiter: Limiter = scope["state"]["limiter"]
-        grant = await limiter.admit(subjects, tokens, cost, info.request_id)
+        grant = await limiter.admit(plan.subjects, tokens, cost, info.request_id)
         extra = grant.headers
         if extra:
-            names = {name for name, _ in extra}
 
             async def send_with_limits(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    kept = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in names]
-                    message["headers"] = kept + extra
+                    headers = message.get("headers", ())
+                    if _RATE_PREFIX in b"\n".join(map(_name, headers)).lower():
+                        names = _replaced(extra)
+                        headers = [(k, v) for k, v in headers if k.lower() not in names]
+                    message["headers"] = [*headers, *extra]
                 await send(message)
 
         try:
             await self.app(scope, receive, send_with_limits if extra else send)
         finally:
-            used = (info.input_tokens or 0) + (info.output_tokens or 0)
-            limiter.release(grant, used, info.cost_micro_usd or 0)
+            limiter.release(grant, (info.input_tokens or 0) + (info.output_tokens or 0), info.cost_micro_usd or 0)
 
-    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _body(self, scope: Scope, receive: Receive) -> Message | None:
+        """The whole body, as one ``http.request`` message (the client's own when it sent it in
+        one); ``None`` when the client left first."""
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise self._too_large()
-        chunks = []
-        size = 0
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        size = len(message.get("body", b""))
+        if size > self.max_body:
+            raise self._too_large()
+        if not message.get("more_body", False):
+            return message
+        chunks = [message.get("body", b"")]
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
                 raise self._too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def _replay(whole: Message, receive: Receive) -> Receive:
     """The body already read, as one message; then the client's own (its disconnect)."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    pending = [whole]
 
     async def replay() -> Message:
         return pending.pop() if pending else await receive()

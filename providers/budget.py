@@ -3,12 +3,11 @@
 Read only for requests whose team or key has such a limit. The output is the request's own
 maximum (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``, Gemini's
 ``generationConfig.maxOutputTokens``), else ``BUDGET_DEFAULT_MAX_TOKENS``; the prompt is estimated
-as one token per 4 bytes of the body. The worst case is both at the model's prices, input and output.
+as one token per 4 bytes of the body. The worst case is both at the model's prices, input and output
+(per million tokens, found once per model).
 """
 
 from __future__ import annotations
-
-import math
 
 import orjson
 from starlette.types import Scope
@@ -21,7 +20,11 @@ from service.core.request import REST_KEY
 
 BYTES_PER_TOKEN = 4
 MAX_OUTPUT_TOKENS = 10_000_000
+MILLION = 1_000_000
 _FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_KEY_ENDS = (b'_tokens"', b'OutputTokens"')
+"""How every name ``output_limit`` reads ends, as a key in the JSON text (quoted, unescaped): a
+body holding neither names none of them, at any depth, and is not parsed."""
 
 
 def _whole(value: object) -> int | None:
@@ -32,6 +35,8 @@ def _whole(value: object) -> int | None:
 
 def output_limit(body: bytes) -> int | None:
     """The most the request lets the model write, when it says."""
+    if _KEY_ENDS[0] not in body and _KEY_ENDS[1] not in body:
+        return None
     try:
         payload = orjson.loads(body) if body[:1] == b"{" else None
     except orjson.JSONDecodeError:
@@ -51,16 +56,34 @@ class BudgetEstimator:
         self.provider = provider
         self.prices = prices
         self.default_max_tokens = default_max_tokens
+        self._rates: dict[str, tuple[int, int] | None] = {}
+
+    def rates(self, model: str) -> tuple[int, int] | None:
+        """What a million input tokens and a million output tokens of ``model`` cost, in
+        micro-dollars (a price in USD per million tokens is micro-dollars per token), found once."""
+        if model in self._rates:
+            return self._rates[model]
+        assert self.prices is not None
+        if len(self._rates) >= 10_000:
+            self._rates.clear()
+        million_in = Usage(input_tokens=MILLION, output_tokens=0, found=True)
+        million_out = Usage(input_tokens=0, output_tokens=MILLION, found=True)
+        per_input = cost_micro_usd(self.prices, self.provider, model, million_in)
+        per_output = cost_micro_usd(self.prices, self.provider, model, million_out)
+        found = None if per_input is None or per_output is None else (per_input, per_output)
+        self._rates[model] = found
+        return found
 
     def __call__(self, scope: Scope, body: bytes) -> Estimate:
-        rest: str = scope[REST_KEY]
-        prompt = math.ceil(len(body) / BYTES_PER_TOKEN)
-        model = request_model(self.provider, rest, body)
+        prompt = (len(body) + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+        model = request_model(self.provider, scope[REST_KEY], body)
+        if self.prices is None or model is None:
+            return Estimate(prompt, None, model)
+        rates = self.rates(model)
+        if rates is None:
+            return Estimate(prompt, None, model)
         output = output_limit(body)
         if output is None:
             output = self.default_max_tokens
-        cost = None
-        if self.prices is not None and model is not None:
-            usage = Usage(input_tokens=prompt, output_tokens=output, found=True)
-            cost = cost_micro_usd(self.prices, self.provider, model, usage)
-        return Estimate(prompt, cost, model)
+        # both at once, rounded half up once, as the metering prices a response
+        return Estimate(prompt, (prompt * rates[0] + output * rates[1] + MILLION // 2) // MILLION, model)

@@ -239,3 +239,33 @@ def test_durations_and_dollars_as_shown() -> None:
     assert [duration(s) for s in (0.02, 1.5, 59.9994, 90)] == ["20ms", "1.5s", "59.999s", "1m30s"]
     assert usd(1) == 0.000001
     assert usd(None) is None
+
+
+async def test_seconds_leave_the_redis_window_as_they_age(redis_prefix: str) -> None:
+    """The window's sums lose exactly the seconds older than 60 s, whether a few left since the last
+    check or the whole window did; the oldest second left is where room comes back."""
+    limiter = RedisLimiter(REDIS_URL, redis_prefix, seed)
+    await limiter.start()
+    try:
+        subject = team(requests_per_minute=100, tokens_per_minute=1000)
+        await limiter.admit([subject], 7, 0, "now")  # this second: 1 request, 7 tokens
+        window = f"{redis_prefix}team:team_1:m"
+        second = int((await limiter.client.time())[0])
+        old = {second - 70: (5, 50), second - 61: (3, 30), second - 59: (2, 20), second - 30: (1, 10)}
+        for at, (requests, tokens) in old.items():
+            await limiter.client.hset(window, mapping={f"r{at}": requests, f"t{at}": tokens})
+        await limiter.client.hset(window, mapping={"o": second - 70, "R": 1 + 11, "T": 7 + 110})
+        state = await limiter.state(subject)
+        assert (state.requests, state.tokens) == (1 + 2 + 1, 7 + 20 + 10)  # what is 60 s old or more is gone
+        assert not await limiter.client.hexists(window, f"r{second - 61}")
+        grant = await limiter.admit([subject], 3, 0, "next")
+        headers = dict(grant.headers)
+        assert headers[b"x-ratelimit-remaining-requests"] == b"95"
+        assert headers[b"x-ratelimit-remaining-tokens"] == b"960"
+        reset = headers[b"x-ratelimit-reset-requests"].decode()
+        assert reset.endswith("ms") or float(reset.removesuffix("s")) <= 2  # the oldest left is 59 s old
+        await limiter.client.hset(window, mapping={"o": second - 200})  # an idle minute and more: all gone
+        state = await limiter.state(subject)
+        assert (state.requests, state.tokens) == (0, 0)
+    finally:
+        await limiter.stop()

@@ -10,9 +10,10 @@ two requests of the same team can never both take the last room.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
+from service.core.errors import TooManyRequests
 from service.core.limits.outcome import (
     WINDOW_SECONDS,
     Grant,
@@ -28,37 +29,68 @@ Seeder = Callable[[Subject, str], Awaitable[int]]
 """What a subject's usage cost in a budget period so far, from the ledger (``period`` = its first day or ``total``)."""
 
 
-@dataclass(slots=True)
 class _Books:
     """One subject's figures."""
 
-    window: dict[int, list[int]] = field(default_factory=dict)
-    """Second → [requests, tokens]."""
-    leases: dict[str, tuple[float, int]] = field(default_factory=dict)
-    """Lease → (expiry, micro-dollars reserved)."""
-    reserved: int = 0
-    spent: dict[str, int] = field(default_factory=dict)
-    """Budget period → micro-dollars settled."""
+    __slots__ = ("leases", "requests", "reserved", "seconds", "spent", "tokens")
+
+    def __init__(self) -> None:
+        self.seconds: deque[list[int]] = deque()
+        """The window's seconds that hold a request, oldest first: [second, requests, tokens]."""
+        self.requests = 0
+        self.tokens = 0
+        """The window's sums."""
+        self.leases: dict[str, tuple[float, int]] = {}
+        """Lease → (expiry, micro-dollars reserved), in the order they were taken, which is the order
+        they expire in (every lease lives as long)."""
+        self.reserved = 0
+        self.spent: dict[str, int] = {}
+        """Budget period → micro-dollars settled."""
 
     def sweep(self, now: float) -> None:
-        expired = [lease for lease, (expiry, _) in self.leases.items() if expiry <= now]
-        for lease in expired:
-            self.reserved -= self.leases.pop(lease)[1]
+        leases = self.leases
+        if leases:
+            expired = []
+            for lease, (expiry, _) in leases.items():
+                if expiry > now:
+                    break
+                expired.append(lease)
+            for lease in expired:
+                self.reserved -= leases.pop(lease)[1]
+        seconds = self.seconds
         first = int(now) - WINDOW_SECONDS + 1
-        for second in [s for s in self.window if s < first]:
-            del self.window[second]
+        while seconds and seconds[0][0] < first:
+            _, requests, tokens = seconds.popleft()
+            self.requests -= requests
+            self.tokens -= tokens
+
+    def count(self, second: int, tokens: int) -> None:
+        seconds = self.seconds
+        if seconds and seconds[-1][0] == second:
+            counts = seconds[-1]
+            counts[1] += 1
+            counts[2] += tokens
+        else:
+            seconds.append([second, 1, tokens])
+        self.requests += 1
+        self.tokens += tokens
+
+    def settle(self, second: int, delta: int) -> None:
+        """Correct the tokens counted in ``second``, while it is in the window."""
+        for counts in reversed(self.seconds):
+            if counts[0] == second:
+                counts[2] += delta
+                self.tokens += delta
+                return
+            if counts[0] < second:
+                return
 
     def tally(self) -> Tally:
-        requests = tokens = 0
-        oldest_request = oldest_token = -1
-        for second, (r, t) in self.window.items():
-            if r:
-                requests += r
-                oldest_request = second if oldest_request < 0 else min(oldest_request, second)
-            if t:
-                tokens += t
-                oldest_token = second if oldest_token < 0 else min(oldest_token, second)
-        return Tally(requests, tokens, oldest_request, oldest_token)
+        seconds = self.seconds
+        if not seconds:
+            return Tally(0, 0, -1, -1)
+        oldest_token = next((counts[0] for counts in seconds if counts[2]), -1)
+        return Tally(self.requests, self.tokens, seconds[0][0], oldest_token)
 
 
 class MemoryLimiter:
@@ -92,52 +124,62 @@ class MemoryLimiter:
 
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         """Count the request against every subject, or raise the 429 of the first limit it would pass."""
-        periods = tuple(subject.period(self.clock()) for subject in subjects)
-        for subject, period in zip(subjects, periods, strict=True):
-            await self._seeded(subject, period)
-        now = self.clock()  # from here on, no await: checking and taking are one step
-        second = int(now)
+        now = self.clock()
+        periods = tuple(subject.period(now) for subject in subjects)
         all_books = [self._of(subject) for subject in subjects]
-        tallies = []
+        unseeded = [(s, p) for s, b, p in zip(subjects, all_books, periods, strict=True) if p and p not in b.spent]
+        if unseeded:
+            for first_use, its_period in unseeded:
+                await self._seeded(first_use, its_period)
+            now = self.clock()
+        # from here on, no await: checking and taking are one step
         for books in all_books:
             books.sweep(now)
-            tallies.append(books.tally())
-        for subject, books, tally, period in zip(subjects, all_books, tallies, periods, strict=True):
+        for subject, books, period in zip(subjects, all_books, periods, strict=True):
             limits = subject.limits
             if limits.max_concurrent is not None and len(books.leases) >= limits.max_concurrent:
-                raise refusal(subject, "concurrent", 1, subjects, tallies, now)
-            if limits.requests_per_minute is not None and tally.requests + 1 > limits.requests_per_minute:
-                raise refusal(subject, "rpm", tally.oldest_request + WINDOW_SECONDS - now, subjects, tallies, now)
-            if limits.tokens_per_minute is not None and tally.tokens + tokens > limits.tokens_per_minute:
-                wait = (tally.oldest_token if tally.oldest_token >= 0 else second) + WINDOW_SECONDS - now
-                raise refusal(subject, "tpm", wait, subjects, tallies, now)
+                raise self._refusal(subject, "concurrent", 1, subjects, all_books, now)
+            if limits.requests_per_minute is not None and books.requests + 1 > limits.requests_per_minute:
+                wait = books.seconds[0][0] + WINDOW_SECONDS - now
+                raise self._refusal(subject, "rpm", wait, subjects, all_books, now)
+            if limits.tokens_per_minute is not None and books.tokens + tokens > limits.tokens_per_minute:
+                oldest = books.tally().oldest_token
+                wait = (oldest if oldest >= 0 else int(now)) + WINDOW_SECONDS - now
+                raise self._refusal(subject, "tpm", wait, subjects, all_books, now)
             if limits.budget_micro_usd is not None and period is not None:
                 spent = books.spent.get(period, 0)
                 if spent + books.reserved + cost > limits.budget_micro_usd:
                     wait = budget_retry(subject, spent, cost, now)
-                    raise refusal(subject, "budget", wait, subjects, tallies, now, spent=spent, reserved=books.reserved)
-        after = []
-        for books, tally in zip(all_books, tallies, strict=True):
-            counts = books.window.setdefault(second, [0, 0])
-            counts[0] += 1
-            counts[1] += tokens
-            books.leases[lease] = (now + self.lease_seconds, cost)
+                    raise self._refusal(subject, "budget", wait, subjects, all_books, now, spent, books.reserved)
+        second = int(now)
+        held = (now + self.lease_seconds, cost)
+        for books in all_books:
+            books.count(second, tokens)
+            books.leases[lease] = held
             books.reserved += cost
-            after.append(
-                Tally(
-                    tally.requests + 1,
-                    tally.tokens + tokens,
-                    tally.oldest_request if tally.oldest_request >= 0 else second,
-                    tally.oldest_token if tally.oldest_token >= 0 else second,
-                )
-            )
-        return Grant(lease, subjects, second, tokens, cost, periods, rate_headers(subjects, after, now))
+        headers = rate_headers(subjects, [books.tally() for books in all_books], now)
+        return Grant(lease, subjects, second, tokens, cost, periods, headers)
+
+    @staticmethod
+    def _refusal(
+        subject: Subject,
+        kind: str,
+        wait: float,
+        subjects: Sequence[Subject],
+        all_books: Sequence[_Books],
+        now: float,
+        spent: int = 0,
+        reserved: int = 0,
+    ) -> TooManyRequests:
+        tallies = [books.tally() for books in all_books]
+        return refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
 
     def release(self, grant: Grant, tokens: int, cost: int) -> None:
         """The request ended: its lease goes, its real cost is spent, its tokens settle to the real count."""
         if grant.released:
             return
         grant.released = True
+        delta = tokens - grant.tokens
         for subject, period in zip(grant.subjects, grant.periods, strict=True):
             books = self._of(subject)
             held = books.leases.pop(grant.lease, None)
@@ -145,18 +187,13 @@ class MemoryLimiter:
                 books.reserved -= held[1]
             if period is not None and period in books.spent:
                 books.spent[period] += cost
-            counts = books.window.get(grant.second)
-            if counts is not None:
-                counts[1] += tokens - grant.tokens
-
-    def spend(self, subjects: Sequence[Subject], cost: int) -> None:
-        """Only for the Redis limiter's outages; in memory every request has a grant."""
+            if delta:
+                books.settle(grant.second, delta)
 
     async def state(self, subject: Subject) -> SubjectState:
         period = subject.period(self.clock())
         await self._seeded(subject, period)
         books = self._of(subject)
         books.sweep(self.clock())
-        tally = books.tally()
         spent = books.spent.get(period) if period is not None else None
-        return SubjectState(spent, books.reserved, tally.requests, tally.tokens, len(books.leases))
+        return SubjectState(spent, books.reserved, books.requests, books.tokens, len(books.leases))

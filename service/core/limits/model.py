@@ -7,6 +7,7 @@ dollars. Periods are calendar UTC: a day from midnight, an ISO week from Monday,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -91,6 +92,26 @@ def period_key(period: str, now: datetime) -> str:
     """The name of the period ``now`` is in: its first day (``2026-11-01``), or ``total``."""
     start, _ = period_bounds(period, now)
     return "total" if start is None else start.date().isoformat()
+
+
+_CURRENT: dict[str, tuple[float, float, str]] = {}
+"""Per kind of period, the one last asked for: (its start, its end, in seconds since the epoch; its name)."""
+
+
+def period_at(period: str, now: float) -> str:
+    """``period_key`` at ``now`` in seconds since the epoch, worked out once per period (every
+    request under a budget asks)."""
+    found = _CURRENT.get(period)
+    if found is not None and found[0] <= now < found[1]:
+        return found[2]
+    start, end = period_bounds(period, datetime.fromtimestamp(now, UTC))
+    name = "total" if start is None else start.date().isoformat()
+    _CURRENT[period] = (
+        -math.inf if start is None else start.timestamp(),
+        math.inf if end is None else end.timestamp(),
+        name,
+    )
+    return name
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from service.core.errors import TooManyRequests
-from service.core.limits.model import Limits, period_bounds, period_key, usd
+from service.core.limits.model import Limits, period_at, period_bounds, usd
 
 WINDOW_SECONDS = 60
 BUDGET_RETRY_SECONDS = 1
@@ -28,22 +29,20 @@ class Subject:
     kind: str  # "team" or "key"
     ident: str
     limits: Limits
+    name: str = field(init=False, compare=False, repr=False)
+    """The subject's place in a shared store: ``team:team_123``, ``key:key_…``."""
 
-    @property
-    def name(self) -> str:
-        """The subject's place in a shared store: ``team:team_123``, ``key:key_…``."""
-        return f"{self.kind}:{self.ident}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.kind}:{self.ident}")
 
     def period(self, now: float) -> str | None:
         """The budget period ``now`` is in (``2026-11-01``, ``total``), or ``None`` without a budget."""
-        period = self.limits.budget_period
         if self.limits.budget_micro_usd is None:
             return None
-        return period_key(period or "month", datetime.fromtimestamp(now, UTC))
+        return period_at(self.limits.budget_period or "month", now)
 
 
-@dataclass(frozen=True, slots=True)
-class Tally:
+class Tally(NamedTuple):
     """One subject's window after a check (this request included when admitted)."""
 
     requests: int
@@ -114,32 +113,33 @@ def duration(seconds: float) -> str:
 def rate_headers(subjects: Sequence[Subject], tallies: Sequence[Tally], now: float) -> list[tuple[bytes, bytes]]:
     """``x-ratelimit-*`` for the tightest requests-per-minute and tokens-per-minute limits."""
     headers: list[tuple[bytes, bytes]] = []
-    best: tuple[int, int, float] | None = None
+    requests = tokens = None
     for subject, tally in zip(subjects, tallies, strict=True):
-        limit = subject.limits.requests_per_minute
+        limits = subject.limits
+        limit = limits.requests_per_minute
         if limit is not None:
             remaining = max(0, limit - tally.requests)
-            if best is None or remaining < best[1]:
-                best = (limit, remaining, tally.oldest_request + WINDOW_SECONDS - now)
-    if best is not None:
-        headers += [
-            (b"x-ratelimit-limit-requests", str(best[0]).encode()),
-            (b"x-ratelimit-remaining-requests", str(best[1]).encode()),
-            (b"x-ratelimit-reset-requests", duration(best[2]).encode()),
-        ]
-    best = None
-    for subject, tally in zip(subjects, tallies, strict=True):
-        limit = subject.limits.tokens_per_minute
+            if requests is None or remaining < requests[1]:
+                requests = (limit, remaining, tally.oldest_request)
+        limit = limits.tokens_per_minute
         if limit is not None:
             remaining = max(0, limit - tally.tokens)
-            if best is None or remaining < best[1]:
-                best = (limit, remaining, tally.oldest_token + WINDOW_SECONDS - now)
-    if best is not None:
-        headers += [
-            (b"x-ratelimit-limit-tokens", str(best[0]).encode()),
-            (b"x-ratelimit-remaining-tokens", str(best[1]).encode()),
-            (b"x-ratelimit-reset-tokens", duration(best[2]).encode()),
-        ]
+            if tokens is None or remaining < tokens[1]:
+                tokens = (limit, remaining, tally.oldest_token)
+    if requests is not None:
+        limit, remaining, oldest = requests
+        headers += (
+            (b"x-ratelimit-limit-requests", b"%d" % limit),
+            (b"x-ratelimit-remaining-requests", b"%d" % remaining),
+            (b"x-ratelimit-reset-requests", duration(oldest + WINDOW_SECONDS - now).encode()),
+        )
+    if tokens is not None:
+        limit, remaining, oldest = tokens
+        headers += (
+            (b"x-ratelimit-limit-tokens", b"%d" % limit),
+            (b"x-ratelimit-remaining-tokens", b"%d" % remaining),
+            (b"x-ratelimit-reset-tokens", duration(oldest + WINDOW_SECONDS - now).encode()),
+        )
     return headers
 
 
@@ -191,8 +191,7 @@ def budget_retry(subject: Subject, spent: int, cost: int, now: float) -> float:
     return 86_400.0 if reset is None else reset.timestamp() - now
 
 
-@dataclass(frozen=True, slots=True)
-class Estimate:
+class Estimate(NamedTuple):
     """A request's worst case before it goes upstream: its prompt in tokens (estimated), the model
     it names, and what it may cost at most in micro-dollars (``None`` when the model has no price)."""
 

@@ -1,8 +1,11 @@
 """Limits kept in Redis, exact across every worker and replica sharing it.
 
 Each admission is one script run (``scripts.ADMIT``: sweep, check every subject, reserve on all, or
-refuse, atomically on the server). Releases are queued and sent by one background task, several
-per round trip, so the request path never waits for them; the same task renews the leases of
+refuse, atomically on the server), sent through the limits' own lean connection (``resp``): one
+write and one read per request. A release is written on the same connection as soon as the event
+loop is free, never awaited by the request: the releases of one loop turn go in one script call
+(``scripts.SETTLE``), in the same write as an admission when one is made in that turn. A release
+Redis did not take is kept and retried by one background task, which also renews the leases of
 requests still running (a process that dies stops renewing, and its leases expire by themselves
 after ``LIMITS_LEASE_SECONDS``).
 
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import structlog
 from redis.asyncio import Redis
@@ -37,16 +42,48 @@ from service.core.limits import scripts
 from service.core.limits.memory import Seeder
 from service.core.limits.model import period_bounds
 from service.core.limits.outcome import Grant, Subject, SubjectState, Tally, budget_retry, rate_headers, refusal
+from service.core.limits.resp import Reply, ReplyError, RespConnection, encode
 
 log = structlog.get_logger("gateway.limits")
 
 TIMEOUT_SECONDS = 1.0
 PROBE_SECONDS = 1.0
 MAX_PENDING = 100_000
+SETTLE_BATCH = 200
+"""Releases per script call."""
 SPENT_KEPT_SECONDS = 40 * 86_400
 """How long a period's spent amount outlives the period (it is read again only to show it)."""
 UNAVAILABLE = "Limits cannot be checked right now (their store is unreachable); try again shortly."
 ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+Release = tuple[Grant, int, int]
+"""A grant released, with its real tokens and cost."""
+
+
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest().encode()
+
+
+ADMIT_SHA, SETTLE_SHA = _sha(scripts.ADMIT), _sha(scripts.SETTLE)
+LOAD_SCRIPTS = encode("SCRIPT", "LOAD", scripts.ADMIT) + encode("SCRIPT", "LOAD", scripts.SETTLE)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _int(value: int) -> bytes:
+    return _bulk(b"%d" % value)
+
+
+class _Shape(NamedTuple):
+    """The parts of a script call fixed by a request's subjects and their budget periods, made once."""
+
+    subjects: Sequence[Subject]
+    periods: tuple[str | None, ...]
+    admit: bytes
+    """``EVALSHA``, the admission script, its keys and the subjects' limits: all but the request's own."""
+    keys: bytes
+    """The subjects' keys, as the release script takes them."""
 
 
 class RedisLimiter:
@@ -61,18 +98,23 @@ class RedisLimiter:
             socket_connect_timeout=TIMEOUT_SECONDS,
             retry=Retry(NoBackoff(), 0),
         )
+        """Everything off the request path: state, seeding, renewals, probes."""
+        self.lane = RespConnection(url, TIMEOUT_SECONDS)
+        """Admissions and releases."""
         self.prefix = prefix
         self.seed = seed
         self.lease_ms = int(lease_seconds * 1000)
         self.renew_every = max(0.2, lease_seconds / 3)
         self.fail_open = fail_mode == "open"
-        self._admit = self.client.register_script(scripts.ADMIT)
-        self._settle = self.client.register_script(scripts.SETTLE)
         self._renew = self.client.register_script(scripts.RENEW)
         self._state = self.client.register_script(scripts.STATE)
         self.down_since: float | None = None
         self._held: dict[str, Grant] = {}
-        self._pending: list[tuple[Grant, int, int]] = []
+        self._pending: list[Release] = []
+        self._sending = False
+        """A send of the pending releases is scheduled for the end of this loop turn."""
+        self._shapes: dict[int, _Shape] = {}
+        self._lease_ms_arg = _int(self.lease_ms)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -97,11 +139,13 @@ class RedisLimiter:
             self._task = None
         with contextlib.suppress(*ERRORS):
             await asyncio.wait_for(self._flush(), TIMEOUT_SECONDS * 2)  # the releases of the last requests
+        self.lane.close()
         await self.client.aclose()
 
     def _down(self, exc: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
+            self._wake.set()  # the background task probes from now on
             log.error(
                 "limits_unavailable",
                 error=type(exc).__name__,
@@ -116,63 +160,134 @@ class RedisLimiter:
             self.down_since = None
             self._wake.set()
 
-    # -- keys -------------------------------------------------------------------------------------
+    # -- keys and commands ------------------------------------------------------------------------
 
     def _keys(self, subject: Subject, period: str | None) -> list[str]:
         base = self.prefix + subject.name
-        return [base + ":w", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
+        return [base + ":m", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
+
+    def _shape(self, subjects: Sequence[Subject], periods: tuple[str | None, ...]) -> _Shape:
+        """By the identity of ``subjects`` (the limits gate keeps one tuple per key and team)."""
+        found = self._shapes.get(id(subjects))
+        if found is None or found.subjects is not subjects or found.periods != periods:
+            if len(self._shapes) >= 10_000:
+                self._shapes.clear()
+            keys = b"".join(
+                _bulk(key.encode())
+                for subject, period in zip(subjects, periods, strict=True)
+                for key in self._keys(subject, period)
+            )
+            limits = b"".join(
+                _int(-1 if value is None else value)
+                for subject in subjects
+                for value in (
+                    subject.limits.requests_per_minute,
+                    subject.limits.tokens_per_minute,
+                    subject.limits.max_concurrent,
+                    subject.limits.budget_micro_usd,
+                )
+            )
+            count = len(subjects)
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (7 + 8 * count, ADMIT_SHA, _int(4 * count))
+            found = self._shapes[id(subjects)] = _Shape(subjects, periods, head + keys + limits, keys)
+        return found
+
+    def _settle_command(self, batch: Sequence[Release]) -> bytes:
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        keys_count = 0
+        for grant, tokens, cost in batch:
+            keys.append(self._shape(grant.subjects, grant.periods).keys)
+            keys_count += 4 * len(grant.subjects)
+            lease = grant.lease.encode()
+            second = b"%d" % grant.second
+            delta = b"%d" % (0 if grant.offline else tokens - grant.tokens)
+            spent = b"%d" % cost
+            args.append(
+                b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%d\r\n"
+                % (len(lease), lease, len(second), second, len(delta), delta, len(spent), spent, len(grant.subjects))
+            )
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + keys_count + 5 * len(batch), SETTLE_SHA)
+        return b"".join((head, _int(keys_count), *keys, *args))
+
+    async def _load_scripts(self) -> None:
+        for reply in await self.lane.call(LOAD_SCRIPTS, 2):
+            if isinstance(reply, ReplyError):
+                raise reply
 
     # -- admission --------------------------------------------------------------------------------
 
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         clock = time.time()
-        periods = tuple(subject.period(clock) for subject in subjects)
-        keys = [key for subject, period in zip(subjects, periods, strict=True) for key in self._keys(subject, period)]
-        args: list[int | str] = [lease, self.lease_ms, tokens, cost]
-        for subject in subjects:
-            limits = subject.limits
-            for value in (
-                limits.requests_per_minute,
-                limits.tokens_per_minute,
-                limits.max_concurrent,
-                limits.budget_micro_usd,
-            ):
-                args.append(-1 if value is None else value)
+        periods = tuple([subject.period(clock) for subject in subjects])
+        lease_arg, tokens_arg, cost_arg = lease.encode(), b"%d" % tokens, b"%d" % cost
+        command = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            self._shape(subjects, periods).admit,
+            len(lease_arg),
+            lease_arg,
+            self._lease_ms_arg,
+            len(tokens_arg),
+            tokens_arg,
+            len(cost_arg),
+            cost_arg,
+        )
         try:
-            for _ in range(len(subjects) + 1):
-                result: list[Any] = await self._admit(keys=keys, args=args)
-                if result[0] != b"seed":
+            for _ in range(len(subjects) + 2):
+                reply = await self._call_admit(command)
+                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    await self._load_scripts()
+                    continue
+                if not isinstance(reply, bytes):
+                    raise RedisError(f"the admission script answered {reply!r}")
+                words = reply.split()
+                if words[0] != b"seed":
                     break
-                index = int(result[1]) - 1
-                await self._seed_spent(subjects[index], periods[index], keys[4 * index + 3])
+                index = int(words[1]) - 1
+                await self._seed_spent(subjects[index], periods[index], self._keys(subjects[index], periods[index])[3])
+            else:
+                raise RedisError("the admission script asked to seed every time")
         except ERRORS as exc:
             self._down(exc)
             if not self.fail_open:
                 raise ServiceUnavailable(UNAVAILABLE) from None
             return Grant(lease, subjects, 0, 0, 0, periods, [], offline=True)
         self._up()
-        now = int(result[1]) / 1000
-        if result[0] == b"no":
-            index = int(result[2]) - 1
-            kind = result[3].decode()
-            spent, reserved = int(result[4]), int(result[5])
-            tallies = _tallies(result[6:])
-            subject = subjects[index]
-            if kind == "rpm":
-                wait = tallies[index].oldest_request + 60 - now
-            elif kind == "tpm":
-                oldest = tallies[index].oldest_token
-                wait = (oldest if oldest >= 0 else int(now)) + 60 - now
-            elif kind == "budget":
-                wait = budget_retry(subject, spent, cost, now)
-            else:
-                wait = 1
-            raise refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
-        grant = Grant(
-            lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(result[2:]), now)
-        )
-        self._held[lease] = grant
-        return grant
+        now = int(words[1]) / 1000
+        if words[0] == b"ok":
+            grant = Grant(
+                lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(words, 2), now)
+            )
+            self._held[lease] = grant
+            return grant
+        index = int(words[2]) - 1
+        kind = words[3].decode()
+        spent, reserved = int(words[4]), int(words[5])
+        tallies = _tallies(words, 6)
+        subject = subjects[index]
+        if kind == "rpm":
+            wait = tallies[index].oldest_request + 60 - now
+        elif kind == "tpm":
+            oldest = tallies[index].oldest_token
+            wait = (oldest if oldest >= 0 else int(now)) + 60 - now
+        elif kind == "budget":
+            wait = budget_retry(subject, spent, cost, now)
+        else:
+            wait = 1
+        raise refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
+
+    async def _call_admit(self, command: bytes) -> Reply:
+        """The admission's reply; the releases waiting to be sent go in the same write."""
+        if not self._pending or self.degraded:
+            return (await self.lane.call(command))[0]
+        batch = self._take()
+        try:
+            settled, admitted = await self.lane.call(self._settle_command(batch) + command, 2)
+        except BaseException:
+            self._keep(batch)
+            raise
+        if isinstance(settled, ReplyError):
+            self._keep(batch)
+        return admitted
 
     async def _seed_spent(self, subject: Subject, period: str | None, key: str) -> None:
         assert period is not None
@@ -184,7 +299,7 @@ class RedisLimiter:
     # -- release ----------------------------------------------------------------------------------
 
     def release(self, grant: Grant, tokens: int, cost: int) -> None:
-        """Queue the request's release; sent at once by the background task, never awaited here."""
+        """Queue the request's release, sent at the end of this loop turn; never awaited here."""
         if grant.released:
             return
         grant.released = True
@@ -195,20 +310,46 @@ class RedisLimiter:
             log.error("limits_releases_dropped", count=len(self._pending))
             self._pending.clear()
         self._pending.append((grant, tokens, cost))
+        if not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().call_soon(self._send_pending)
+
+    def _take(self) -> list[Release]:
+        batch, self._pending = self._pending[:SETTLE_BATCH], self._pending[SETTLE_BATCH:]
+        return batch
+
+    def _keep(self, batch: list[Release]) -> None:
+        """Releases Redis did not take: back in front of the queue, for the background task."""
+        self._pending[:0] = batch
         self._wake.set()
+
+    def _send_pending(self) -> None:
+        """The releases of this loop turn, written without waiting for Redis's answer; the
+        background task sends them instead while Redis is away or the connection is not open."""
+        self._sending = False
+        if self.degraded or not self.lane.connected:
+            self._wake.set()
+            return
+        while self._pending:
+            batch = self._take()
+            self.lane.send(self._settle_command(batch), partial(self._settled, batch))
+
+    def _settled(self, batch: list[Release], outcome: list[Reply] | Exception) -> None:
+        if isinstance(outcome, Exception) or isinstance(outcome[0], ReplyError):
+            self._keep(batch)
 
     async def _flush(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending[:500], self._pending[500:]
+            batch = self._take()
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for grant, tokens, cost in batch:
-                        keys = [k for s, p in zip(grant.subjects, grant.periods, strict=True) for k in self._keys(s, p)]
-                        delta = 0 if grant.offline else tokens - grant.tokens
-                        await self._settle(keys=keys, args=[grant.lease, grant.second, delta, cost], client=pipe)
-                    await pipe.execute()
+                reply = (await self.lane.call(self._settle_command(batch)))[0]
+                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    await self._load_scripts()
+                    reply = (await self.lane.call(self._settle_command(batch)))[0]
+                if isinstance(reply, ReplyError):
+                    raise reply
             except BaseException:
-                self._pending = batch + self._pending
+                self._pending[:0] = batch
                 raise
 
     async def _renew_held(self) -> None:
@@ -227,8 +368,9 @@ class RedisLimiter:
         renewed = loop.time()
         while True:
             timeout = PROBE_SECONDS if self.degraded else max(0.0, renewed + self.renew_every - loop.time())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            with contextlib.suppress(TimeoutError):  # not wait_for, which may swallow a cancellation (3.11)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if self.degraded:
@@ -247,6 +389,7 @@ class RedisLimiter:
         period = subject.period(time.time())
         keys = self._keys(subject, period)
         try:
+            await self._flush()  # this process's releases first
             found: list[Any] = await self._state(keys=keys, args=[])
             if int(found[4]) < 0 and period is not None:
                 await self._seed_spent(subject, period, keys[3])
@@ -259,5 +402,6 @@ class RedisLimiter:
         return SubjectState(spent if spent >= 0 else None, int(found[3]), int(found[0]), int(found[1]), int(found[2]))
 
 
-def _tallies(flat: Sequence[Any]) -> list[Tally]:
-    return [Tally(*(int(v) for v in flat[i : i + 4])) for i in range(0, len(flat), 4)]
+def _tallies(words: Sequence[bytes], start: int) -> list[Tally]:
+    """The four figures per subject from ``words[start]`` on."""
+    return [Tally(*map(int, words[i : i + 4])) for i in range(start, len(words), 4)]

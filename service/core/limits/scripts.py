@@ -1,8 +1,10 @@
 """The Lua scripts the Redis limiter runs: each one atomic on the server, whatever the number of
 gateway processes and replicas calling it.
 
-Keys per subject (a team or a key): ``…:w`` a hash of one-second buckets (``r<second>`` requests,
-``t<second>`` tokens) over the last 60 seconds; ``…:l`` a sorted set of leases scored by their expiry
+Keys per subject (a team or a key): ``…:m`` a hash of one-second buckets (``r<second>`` requests,
+``t<second>`` tokens) over the last 60 seconds, with their sums (``R``, ``T``) and the oldest second
+that may still hold one (``o``; every bucket is within 60 seconds of it), so that a check reads only
+the seconds that left the window since the last; ``…:l`` a sorted set of leases scored by their expiry
 (milliseconds); ``…:a`` a hash of what each lease reserved against the budget, with their sum in
 ``_total``; ``…:s:<period>`` the micro-dollars settled in a budget period. Expired leases are swept
 by every script that reads them, so a process that died leaves nothing held for longer than its
@@ -18,6 +20,7 @@ local second = math.floor(now / 1000)
 local first = second - 59
 
 local function sweep(w, l, a)
+  -- the leases that expired, and what they reserved
   local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now)
   for _, id in ipairs(gone) do
     local amount = redis.call('HGET', a, id)
@@ -29,20 +32,33 @@ local function sweep(w, l, a)
   if #gone > 0 then
     redis.call('ZREMRANGEBYSCORE', l, '-inf', now)
   end
-  local flat = redis.call('HGETALL', w)
-  local r, t, oldest_r, oldest_t = 0, 0, -1, -1
-  for j = 1, #flat, 2 do
-    local field = flat[j]
-    local at = tonumber(string.sub(field, 2))
-    local value = tonumber(flat[j + 1])
-    if at < first then
-      redis.call('HDEL', w, field)
-    elseif string.sub(field, 1, 1) == 'r' then
-      r = r + value
-      if value > 0 and (oldest_r < 0 or at < oldest_r) then oldest_r = at end
+  -- the window: sums kept beside the seconds, so only the seconds that left it are read
+  local meta = redis.call('HMGET', w, 'o', 'R', 'T')
+  local o, r, t = tonumber(meta[1]), tonumber(meta[2]) or 0, tonumber(meta[3]) or 0
+  if o and o < first then
+    if first - o >= 60 then
+      redis.call('DEL', w)
+      o, r, t = nil, 0, 0
     else
-      t = t + value
-      if value > 0 and (oldest_t < 0 or at < oldest_t) then oldest_t = at end
+      for s = o, first - 1 do
+        local old = redis.call('HMGET', w, 'r' .. s, 't' .. s)
+        if old[1] or old[2] then
+          r = r - (tonumber(old[1]) or 0)
+          t = t - (tonumber(old[2]) or 0)
+          redis.call('HDEL', w, 'r' .. s, 't' .. s)
+        end
+      end
+      o = first
+      redis.call('HSET', w, 'o', o, 'R', r, 'T', t)
+    end
+  end
+  local oldest_r, oldest_t = -1, -1
+  if o and (r > 0 or t > 0) then
+    for s = o, second do
+      local counts = redis.call('HMGET', w, 'r' .. s, 't' .. s)
+      if oldest_r < 0 and (tonumber(counts[1]) or 0) > 0 then oldest_r = s end
+      if oldest_t < 0 and (tonumber(counts[2]) or 0) > 0 then oldest_t = s end
+      if (oldest_r >= 0 or r <= 0) and (oldest_t >= 0 or t <= 0) then break end
     end
   end
   return {r, t, oldest_r, oldest_t, redis.call('ZCARD', l), tonumber(redis.call('HGET', a, '_total') or '0')}
@@ -52,17 +68,26 @@ end
 ADMIT = (
     COMMON
     + """
--- KEYS: w, l, a, s per subject. ARGV: lease, lease_ms, tokens, cost, then per subject
--- rpm, tpm, concurrent, budget (-1: no such limit).
-local lease, lease_ms = ARGV[1], tonumber(ARGV[2])
-local tokens, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+-- KEYS: w, l, a, s per subject. ARGV: per subject rpm, tpm, concurrent, budget (-1: no such
+-- limit), then lease, lease_ms, tokens, cost. The answer is one line of words:
+--   ok <now ms> then per subject <requests> <tokens> <oldest request> <oldest token> (this one counted)
+--   no <now ms> <subject> <limit kind> <spent> <reserved> then per subject the four, as found
+--   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
+local lease, lease_ms = ARGV[4 * n + 1], tonumber(ARGV[4 * n + 2])
+local tokens, cost = tonumber(ARGV[4 * n + 3]), tonumber(ARGV[4 * n + 4])
+local function line(words)
+  for i = 1, #words do
+    if type(words[i]) == 'number' then words[i] = string.format('%d', words[i]) end
+  end
+  return table.concat(words, ' ')
+end
 local found = {}
 for i = 1, n do
   found[i] = sweep(KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1])
 end
 for i = 1, n do
-  local base = 4 + 4 * (i - 1)
+  local base = 4 * (i - 1)
   local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local concurrent, budget = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   local f = found[i]
@@ -70,7 +95,7 @@ for i = 1, n do
   if budget >= 0 then
     local value = redis.call('GET', KEYS[4 * i])
     if not value then
-      return {'seed', i}
+      return line({'seed', i})
     end
     spent = tonumber(value)
   end
@@ -89,7 +114,7 @@ for i = 1, n do
     for k = 1, n do
       for m = 1, 4 do table.insert(out, found[k][m]) end
     end
-    return out
+    return line(out)
   end
 end
 local out = {'ok', now}
@@ -100,9 +125,14 @@ for i = 1, n do
     redis.call('HSET', a, lease, cost)
     redis.call('HINCRBY', a, '_total', cost)
   end
-  redis.call('HINCRBY', w, 'r' .. second, 1)
+  local first_of_second = redis.call('HINCRBY', w, 'r' .. second, 1) == 1
   redis.call('HINCRBY', w, 't' .. second, tokens)
-  redis.call('PEXPIRE', w, 120000)
+  redis.call('HINCRBY', w, 'R', 1)
+  redis.call('HINCRBY', w, 'T', tokens)
+  if first_of_second then  -- the window is made or gains a second: it outlives it by a minute
+    redis.call('HSETNX', w, 'o', second)
+    redis.call('PEXPIRE', w, 120000)
+  end
   redis.call('PEXPIRE', l, lease_ms + 60000)
   redis.call('PEXPIRE', a, lease_ms + 60000)
   local f = found[i]
@@ -111,28 +141,35 @@ for i = 1, n do
   table.insert(out, f[3] >= 0 and f[3] or second)
   table.insert(out, f[4] >= 0 and f[4] or second)
 end
-return out
+return line(out)
 """
 )
 
 SETTLE = """
--- KEYS: w, l, a, s per subject. ARGV: lease, the second it was counted in, token correction, cost.
--- The spent amount grows only where it exists: absent, it is seeded from the ledger, which has it.
-local lease, second = ARGV[1], ARGV[2]
-local delta, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-for i = 1, #KEYS / 4 do
-  local w, l, a, s = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  redis.call('ZREM', l, lease)
-  local amount = redis.call('HGET', a, lease)
-  if amount then
-    redis.call('HINCRBY', a, '_total', -tonumber(amount))
-    redis.call('HDEL', a, lease)
-  end
-  if cost > 0 and redis.call('EXISTS', s) == 1 then
-    redis.call('INCRBY', s, cost)
-  end
-  if delta ~= 0 and redis.call('HEXISTS', w, 't' .. second) == 1 then
-    redis.call('HINCRBY', w, 't' .. second, delta)
+-- Releases, any number. KEYS: w, l, a, s of every subject of every release, in order. ARGV: per
+-- release, its lease, the second it was counted in, its token correction, its cost, its number of
+-- subjects. The spent amount grows only where it exists: absent, it is seeded from the ledger,
+-- which has it.
+local k = 0
+for j = 1, #ARGV, 5 do
+  local lease, second = ARGV[j], ARGV[j + 1]
+  local delta, cost = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+  for i = 1, tonumber(ARGV[j + 4]) do
+    local w, l, a, s = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+    k = k + 4
+    redis.call('ZREM', l, lease)
+    local amount = redis.call('HGET', a, lease)
+    if amount then
+      redis.call('HINCRBY', a, '_total', -tonumber(amount))
+      redis.call('HDEL', a, lease)
+    end
+    if cost > 0 and redis.call('EXISTS', s) == 1 then
+      redis.call('INCRBY', s, cost)
+    end
+    if delta ~= 0 and redis.call('HEXISTS', w, 't' .. second) == 1 then
+      redis.call('HINCRBY', w, 't' .. second, delta)
+      redis.call('HINCRBY', w, 'T', delta)
+    end
   end
 end
 return 1

@@ -1,0 +1,143 @@
+"""The limits' own Redis connection: replies read however they arrive, calls that share one
+connection answered in order, a Redis that does not answer or goes away, the URL's database and
+password; against the real Redis and against small local servers standing in for a broken one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio
+
+from service.core.limits.resp import ReplyError, RespConnection, _Incomplete, encode, parse
+from tests.redis_server import REDIS_URL, require_redis
+
+
+def test_replies_are_read_whole_or_not_at_all() -> None:
+    reply = b"*4\r\n:12\r\n$5\r\nhello\r\n$-1\r\n*1\r\n+OK\r\n"
+    assert parse(reply, 0) == ([12, b"hello", None, [b"OK"]], len(reply))
+    for cut in range(1, len(reply)):  # any prefix is not a reply yet
+        with pytest.raises(_Incomplete):
+            parse(reply[:cut], 0)
+    error, _ = parse(b"-NOSCRIPT No matching script\r\n", 0)
+    assert isinstance(error, ReplyError) and str(error) == "NOSCRIPT No matching script"
+    assert parse(b"*-1\r\n", 0) == (None, 5)
+    with pytest.raises(ConnectionError):
+        parse(b"?what\r\n", 0)
+
+
+def test_commands_are_written_in_resp() -> None:
+    assert encode("SET", b"k", 12) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
+
+
+@pytest.fixture
+async def lane() -> AsyncIterator[RespConnection]:
+    require_redis()
+    connection = RespConnection(REDIS_URL, 1.0)
+    yield connection
+    connection.close()
+
+
+async def test_calls_sharing_the_connection_get_their_own_replies(lane: RespConnection) -> None:
+    calls = [lane.call(encode("ECHO", f"call {n}")) for n in range(50)]
+    assert await asyncio.gather(*calls) == [[f"call {n}".encode()] for n in range(50)]
+    pipelined = await lane.call(encode("PING") + encode("ECHO", "x" * 100_000) + encode("NOSUCHCOMMAND"), 3)
+    assert pipelined[:2] == [b"PONG", b"x" * 100_000]  # a reply larger than one read
+    assert isinstance(pipelined[2], ReplyError)
+    answers: list[object] = []
+    lane.send(encode("PING"), answers.append)
+    await lane.call(encode("PING"))
+    assert answers == [[b"PONG"]]
+
+
+async def test_the_urls_database_and_password_are_used() -> None:
+    require_redis()
+    plain = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await plain.execute_command("ACL", "SETUSER", "limits-test", "on", ">secret", "~*", "+@all")
+        base = REDIS_URL.rsplit("/", 1)[0].replace("redis://", "redis://limits-test:secret@")
+        lane = RespConnection(base + "/3", 1.0)
+        try:
+            await lane.call(encode("SET", "resp-test-db", "three"))
+            assert await plain.execute_command("SELECT", 3) and await plain.get("resp-test-db") == b"three"
+            await plain.delete("resp-test-db")
+        finally:
+            lane.close()
+        refused = RespConnection(base.replace(":secret@", ":wrong@") + "/0", 1.0)
+        with pytest.raises(ReplyError):
+            await refused.call(encode("PING"))
+        refused.close()
+    finally:
+        await plain.execute_command("SELECT", 0)
+        await plain.execute_command("ACL", "DELUSER", "limits-test")
+        await plain.aclose()
+
+
+class StandIn:
+    """A local server standing in for a broken Redis; every connection it took is closed at the end."""
+
+    def __init__(self, handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.handle = handle
+        self.writers: list[asyncio.StreamWriter] = []
+        self.done = asyncio.Event()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        await self.handle(reader, writer)
+        await self.done.wait()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.done.set()
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_redis_that_does_not_answer_fails_the_calls_in_time() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+
+    async with StandIn(silent) as url:
+        lane = RespConnection(url, 0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await lane.call(encode("PING"))
+        assert 0.3 <= loop.time() - started < 1.5
+        assert not lane.connected
+        lane.close()
+
+
+async def test_a_connection_lost_fails_its_calls_and_the_next_call_reconnects() -> None:
+    connections = 0
+
+    async def flaky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read(100)
+        if connections == 1:
+            writer.close()  # gone without an answer
+            return
+        writer.write(b"+PONG\r\n:1")  # an answer, then the start of one nobody asked for
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"\r\n")
+        await writer.drain()
+
+    async with StandIn(flaky) as url:
+        lane = RespConnection(url, 1.0)
+        with pytest.raises(ConnectionError):
+            await lane.call(encode("PING"))
+        assert await lane.call(encode("PING")) == [b"PONG"]
+        await asyncio.sleep(0.2)  # the unasked-for reply ends the connection
+        assert not lane.connected
+        lane.close()
