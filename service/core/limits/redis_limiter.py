@@ -98,9 +98,10 @@ class RedisLimiter:
             socket_connect_timeout=TIMEOUT_SECONDS,
             retry=Retry(NoBackoff(), 0),
         )
-        """Everything off the request path: state, seeding, renewals, probes."""
+        """Lease renewals and probes."""
         self.lane = RespConnection(url, TIMEOUT_SECONDS)
-        """Admissions and releases."""
+        """Admissions, releases, state and seeding: one connection, so each reads after every release
+        written before it."""
         self.prefix = prefix
         self.seed = seed
         self.lease_ms = int(lease_seconds * 1000)
