@@ -269,3 +269,40 @@ async def test_seconds_leave_the_redis_window_as_they_age(redis_prefix: str) -> 
         assert (state.requests, state.tokens) == (0, 0)
     finally:
         await limiter.stop()
+
+
+async def test_the_memory_window_forgets_what_is_a_minute_old() -> None:
+    now = [1_000_000.0]
+    limiter = MemoryLimiter(seed, clock=lambda: now[0])
+    subject = team(requests_per_minute=2, tokens_per_minute=100)
+    first = await limiter.admit([subject], 40, 0, "first")
+    now[0] += 30
+    second = await limiter.admit([subject], 40, 0, "second")
+    limiter.release(first, 10, 0)  # settled in its own second, still in the window
+    assert (await limiter.state(subject)).tokens == 50
+    refusal = await refused(limiter, [subject])
+    assert "requests per minute (2)" in refusal.message
+    assert dict(refusal.headers)[b"retry-after"] == b"30"  # when the first request's second leaves
+    now[0] += 31  # the first request's second has left the window
+    limiter.release(second, 40, 0)
+    state = await limiter.state(subject)
+    assert (state.requests, state.tokens, state.in_flight) == (1, 40, 0)
+    grant = await limiter.admit([subject], 0, 0, "third")
+    assert dict(grant.headers)[b"x-ratelimit-remaining-requests"] == b"0"
+    now[0] += 120
+    limiter.release(grant, 5, 0)  # its second left the window before it ended: nothing to correct
+    assert (await limiter.state(subject)).tokens == 0
+
+
+async def test_a_release_rides_on_the_next_admission(redis_prefix: str) -> None:
+    limiter = RedisLimiter(REDIS_URL, redis_prefix, seed)
+    await limiter.start()
+    try:
+        subject = team(max_concurrent=1, tokens_per_minute=1000)
+        grant = await limiter.admit([subject], 30, 0, "one")
+        limiter.release(grant, 12, 0)
+        await limiter.admit([subject], 5, 0, "two")  # in the same loop turn: the release goes first, in its write
+        state = await limiter.state(subject)
+        assert (state.in_flight, state.tokens, state.requests) == (1, 12 + 5, 2)
+    finally:
+        await limiter.stop()

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import redis.asyncio
 
 from service.core.limits.resp import ReplyError, RespConnection, _Incomplete, encode, parse
 from tests.redis_server import REDIS_URL, require_redis
+from tests.support import wait_until
 
 
 def test_replies_are_read_whole_or_not_at_all() -> None:
@@ -141,3 +147,28 @@ async def test_a_connection_lost_fails_its_calls_and_the_next_call_reconnects() 
         await asyncio.sleep(0.2)  # the unasked-for reply ends the connection
         assert not lane.connected
         lane.close()
+
+
+async def test_a_unix_socket_url(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    socket = tmp_path / "redis.sock"
+    command = [binary, "--port", "0", "--unixsocket", str(socket), "--save", "", "--dir", str(tmp_path)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        wait_until(socket.exists, 10, "redis-server's socket")
+        lane = RespConnection(f"unix://{socket}?db=2", 1.0)
+        assert await lane.call(encode("SET", "k", "v") + encode("CLIENT", "INFO"), 2) == [b"OK", ANY]
+        assert b" db=2 " in (await lane.call(encode("CLIENT", "INFO")))[0]
+        lane.close()
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_a_tls_url_is_read_as_redis_py_reads_it() -> None:
+    checked = RespConnection("rediss://cache.example:6380/0", 1.0)
+    assert checked.ssl is not None and checked.ssl.verify_mode == ssl.CERT_REQUIRED and checked.port == 6380
+    unchecked = RespConnection("rediss://cache.example/0?ssl_cert_reqs=none", 1.0)
+    assert unchecked.ssl is not None and unchecked.ssl.verify_mode == ssl.CERT_NONE

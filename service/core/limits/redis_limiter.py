@@ -63,8 +63,8 @@ def _sha(script: str) -> bytes:
     return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest().encode()
 
 
-ADMIT_SHA, SETTLE_SHA = _sha(scripts.ADMIT), _sha(scripts.SETTLE)
-LOAD_SCRIPTS = encode("SCRIPT", "LOAD", scripts.ADMIT) + encode("SCRIPT", "LOAD", scripts.SETTLE)
+ADMIT_SHA, SETTLE_SHA, STATE_SHA = _sha(scripts.ADMIT), _sha(scripts.SETTLE), _sha(scripts.STATE)
+LOAD_SCRIPTS = b"".join(encode("SCRIPT", "LOAD", script) for script in (scripts.ADMIT, scripts.SETTLE, scripts.STATE))
 
 
 def _bulk(value: bytes) -> bytes:
@@ -98,16 +98,16 @@ class RedisLimiter:
             socket_connect_timeout=TIMEOUT_SECONDS,
             retry=Retry(NoBackoff(), 0),
         )
-        """Everything off the request path: state, seeding, renewals, probes."""
+        """Lease renewals and probes."""
         self.lane = RespConnection(url, TIMEOUT_SECONDS)
-        """Admissions and releases."""
+        """Admissions, releases, state and seeding: one connection, so each reads after every release
+        written before it."""
         self.prefix = prefix
         self.seed = seed
         self.lease_ms = int(lease_seconds * 1000)
         self.renew_every = max(0.2, lease_seconds / 3)
         self.fail_open = fail_mode == "open"
         self._renew = self.client.register_script(scripts.RENEW)
-        self._state = self.client.register_script(scripts.STATE)
         self.down_since: float | None = None
         self._held: dict[str, Grant] = {}
         self._pending: list[Release] = []
@@ -211,7 +211,7 @@ class RedisLimiter:
         return b"".join((head, _int(keys_count), *keys, *args))
 
     async def _load_scripts(self) -> None:
-        for reply in await self.lane.call(LOAD_SCRIPTS, 2):
+        for reply in await self.lane.call(LOAD_SCRIPTS, 3):
             if isinstance(reply, ReplyError):
                 raise reply
 
@@ -294,7 +294,10 @@ class RedisLimiter:
         spent = await self.seed(subject, period)
         _, reset = period_bounds(subject.limits.budget_period or "month", datetime.now(UTC))
         ttl = None if reset is None else int(reset.timestamp() - time.time()) + SPENT_KEPT_SECONDS
-        await self.client.set(key, spent, nx=True, ex=ttl)
+        expiry = () if ttl is None else ("EX", ttl)
+        reply = (await self.lane.call(encode("SET", key, spent, "NX", *expiry)))[0]
+        if isinstance(reply, ReplyError):
+            raise reply
 
     # -- release ----------------------------------------------------------------------------------
 
@@ -385,15 +388,26 @@ class RedisLimiter:
 
     # -- state ------------------------------------------------------------------------------------
 
+    async def _read_state(self, keys: list[str]) -> list[Any]:
+        command = encode("EVALSHA", STATE_SHA, 4, *keys)
+        reply = (await self.lane.call(command))[0]
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+            await self._load_scripts()
+            reply = (await self.lane.call(command))[0]
+        if not isinstance(reply, list):
+            raise reply if isinstance(reply, ReplyError) else RedisError(f"the state script answered {reply!r}")
+        return reply
+
     async def state(self, subject: Subject) -> SubjectState:
         period = subject.period(time.time())
         keys = self._keys(subject, period)
         try:
-            await self._flush()  # this process's releases first
-            found: list[Any] = await self._state(keys=keys, args=[])
+            # on the connection the releases go through: read after every release written before
+            await self._flush()
+            found = await self._read_state(keys)
             if int(found[4]) < 0 and period is not None:
                 await self._seed_spent(subject, period, keys[3])
-                found = await self._state(keys=keys, args=[])
+                found = await self._read_state(keys)
         except ERRORS as exc:
             self._down(exc)
             raise ServiceUnavailable(UNAVAILABLE) from None

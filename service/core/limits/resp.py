@@ -4,8 +4,8 @@ their replies matched in order (RESP pipelining), no pool and no per-command mac
 Every request under limits makes one script call on the way in; through redis-py's asyncio client
 that call cost some 140 µs of the gateway's own CPU on the bench machine (its pool, retry and
 observability plumbing, a stream reader and a parser per line), against about 25 µs here, most of
-it the two system calls. redis-py stays the client for everything off the request path (state,
-seeding, renewals, probes). The URL means the same to both: it is read by redis-py's ``parse_url``.
+it the two system calls. redis-py stays the client for the lease renewals and the probes while
+Redis is away. The URL means the same to both: it is read by redis-py's ``parse_url``.
 
 Concurrent callers share the connection: each call is written at once and waits for its replies
 in turn. A call that waits longer than ``timeout`` fails with ``TimeoutError``, and with it the
