@@ -234,6 +234,8 @@ class ConnectionPool:
                     if not 100 <= message.code < 200 or message.code == 101:
                         break
             except (ServerDisconnectedError, ClientOSError):
+                if writer is not None:
+                    writer.cancel()
                 protocol.close()
                 if not (may_retry and reused):
                     self._free_slot()
