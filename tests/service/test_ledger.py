@@ -8,7 +8,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anthropic
@@ -187,6 +187,40 @@ async def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> Non
         assert ledger.written == 5
         written = [await store.usage_request(f"req-{n}") for n in range(12)]
         assert [row is not None for row in written] == [True] * 5 + [False] * 7
+    finally:
+        await store.close()
+
+
+def _row(request_id: str) -> LedgerRow:
+    return LedgerRow(request_id, None, "2026-11-30T10:00:00.000Z", "t", "key_0000000000000000", "openai",
+                     "gpt-4o-mini", 200, 1, 1, None, None, None, 1, 1.0, 1.0, True)  # fmt: skip
+
+
+async def test_a_writer_turn_takes_what_was_queued_when_it_began(tmp_path: Path) -> None:
+    """Rows that arrive while a batch is being written go out with the next turn, in one batch,
+    not behind each write in batches of one or two (each batch is a transaction)."""
+    batches: list[int] = []
+
+    class WatchedStore(SQLiteStore):
+        async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+            batches.append(len(rows))
+            if len(batches) == 1:
+                for n in range(3):  # requests ending while the first batch is written
+                    ledger.record(_row(f"during-{n}"))
+            await super().record_usage(rows)
+
+    store = WatchedStore(tmp_path / "ledger.db")
+    await store.open()
+    try:
+        ledger = Ledger(store)
+        for n in range(5):
+            ledger.record(_row(f"req-{n}"))
+        await ledger.flush(len(ledger.queue))  # one turn of the writer
+        assert batches == [5]
+        assert [row.request_id for row in ledger.queue] == ["during-0", "during-1", "during-2"]
+        await ledger.stop()  # a clean stop writes the rest, in one batch
+        assert batches == [5, 3] and ledger.written == 8 and not ledger.queue
+        assert await store.usage_request("during-2") is not None
     finally:
         await store.close()
 
