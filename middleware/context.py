@@ -55,24 +55,25 @@ def _usd(micro: int | None) -> float | None:
 
 
 def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: float | None, truncated: bool) -> LedgerRow:
+    # positional, in the fields' order: with seventeen keywords the call costs three times as much
     return LedgerRow(
-        request_id=info.request_id,
-        client_request_id=info.client_request_id,
-        at=utc_iso(info.wall_started, milliseconds=True),
-        team_id=team.team_id,
-        key_id=team.key_id,
-        provider=info.provider or "",
-        model=info.model,
-        status=info.status or 499,
-        input_tokens=info.input_tokens,
-        output_tokens=info.output_tokens,
-        cache_read_tokens=info.cache_read_tokens,
-        cache_write_tokens=info.cache_write_tokens,
-        reasoning_tokens=info.reasoning_tokens,
-        cost_micro_usd=info.cost_micro_usd,
-        duration_ms=duration_ms,
-        ttfb_ms=ttfb_ms,
-        complete=not truncated and info.status != 0,
+        info.request_id,
+        info.client_request_id,
+        utc_iso(info.wall_started, milliseconds=True),  # at
+        team.team_id,
+        team.key_id,
+        info.provider or "",
+        info.model,
+        info.status or 499,
+        info.input_tokens,
+        info.output_tokens,
+        info.cache_read_tokens,
+        info.cache_write_tokens,
+        info.reasoning_tokens,
+        info.cost_micro_usd,
+        duration_ms,
+        ttfb_ms,
+        not truncated and info.status != 0,  # complete
     )
 
 

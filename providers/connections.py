@@ -181,7 +181,7 @@ class ConnectionPool:
         anything (as aiohttp's session does)."""
         path = target.path
         if query:
-            path = _checked(path + (b"&" if b"?" in path else b"?") + query)
+            path = _checked(path + (b"&" if path.find(b"?") >= 0 else b"?") + query)
         verb = method.encode("ascii")
         head = [verb, b" ", path, b" HTTP/1.1\r\nHost: ", target.origin.host_header, b"\r\n"]
         for name, value in headers:

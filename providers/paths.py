@@ -17,7 +17,9 @@ _FORBIDDEN_DECODED = ("/", "\\", "\x00")
 
 def safe_rest(raw: bytes) -> str:
     """``raw`` is the raw path after the provider prefix (``b"/v1/chat/completions"`` or ``b""``)."""
-    if raw.isascii() and b"%" not in raw and b"//" not in raw and b"/." not in raw and b"\\" not in raw:
+    # bytes.find rather than `in`: on Python 3.11 `sub in raw` first tries ``sub`` as an integer and
+    # formats the TypeError it gets (about 2k instructions each time)
+    if raw.isascii() and raw.find(b"%") < 0 and raw.find(b"//") < 0 and raw.find(b"/.") < 0 and raw.find(b"\\") < 0:
         return raw[1:].decode("ascii")
     if not raw.isascii():
         raise BadRequest("The request path must be ASCII (percent-encode other characters).")

@@ -26,7 +26,7 @@ def eligible(method: str, rest: str) -> bool:
 def with_usage_requested(body: bytes) -> bytes | None:
     """The body with ``stream_options.include_usage`` set, or ``None`` when it is not a streamed
     request, already asks for usage, or is not a JSON object (it then goes up unchanged)."""
-    if b'"stream"' not in body:
+    if body.find(b'"stream"') < 0:
         return None
     try:
         value = orjson.loads(body)
@@ -54,7 +54,7 @@ def _last_event_end(data: bytes) -> int:
 
 
 def _is_usage_only(event: bytes) -> bool:
-    return _USAGE_ONLY in event.replace(b" ", b"") and b'"usage"' in event
+    return event.replace(b" ", b"").find(_USAGE_ONLY) >= 0 and event.find(b'"usage"') >= 0
 
 
 class UsageChunkHider:

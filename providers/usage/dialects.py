@@ -46,7 +46,6 @@ def _obj(value: Any, key: str) -> Any:
 
 def _set(
     usage: Usage,
-    *,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
     cache_read: int | None = None,
@@ -87,26 +86,38 @@ def openai_usage(usage: Usage, data: Any) -> None:
     (``input_tokens``…) name the same figures differently; both shapes are read. DeepSeek's
     ``prompt_cache_hit_tokens`` stands for ``cached_tokens``. Perplexity puts ``reasoning_tokens``
     at the top of ``usage``, counted beside ``completion_tokens`` rather than inside it, so they are
-    added to ``output_tokens`` there. ``prompt_tokens`` includes the cached tokens for all of them."""
+    added to ``output_tokens`` there. ``prompt_tokens`` includes the cached tokens for all of them.
+
+    Every metered OpenAI-format response comes through here: a plain non-negative int is taken as
+    it is, and ``count`` is called only for anything else."""
     if not isinstance(data, dict):
         return
-    prompt = count(data.get("prompt_tokens"))
-    if prompt is None:
-        prompt = count(data.get("input_tokens"))
-    completion = count(data.get("completion_tokens"))
-    if completion is None:
-        completion = count(data.get("output_tokens"))
-    details = data.get("prompt_tokens_details") or data.get("input_tokens_details")
-    cached = count(_obj(details, "cached_tokens"))
+    get = data.get
+    prompt = get("prompt_tokens")
+    if type(prompt) is not int or prompt < 0:
+        prompt = count(prompt)
+        if prompt is None:
+            prompt = count(get("input_tokens"))
+    completion = get("completion_tokens")
+    if type(completion) is not int or completion < 0:
+        completion = count(completion)
+        if completion is None:
+            completion = count(get("output_tokens"))
+    details = get("prompt_tokens_details") or get("input_tokens_details")
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else None
     if cached is None:
-        cached = count(data.get("prompt_cache_hit_tokens"))
-    out_details = data.get("completion_tokens_details") or data.get("output_tokens_details")
-    reasoning = count(_obj(out_details, "reasoning_tokens"))
+        hits = get("prompt_cache_hit_tokens")
+        if hits is not None:
+            cached = count(hits)
+    out_details = get("completion_tokens_details") or get("output_tokens_details")
+    reasoning = count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
     if reasoning is None:
-        reasoning = count(data.get("reasoning_tokens"))
-        if reasoning is not None and completion is not None:
-            completion += reasoning  # beside completion_tokens, not part of it (Perplexity bills both)
-    _set(usage, input_tokens=prompt, output_tokens=completion, cache_read=cached, reasoning=reasoning)
+        beside = get("reasoning_tokens")
+        if beside is not None:
+            reasoning = count(beside)
+            if reasoning is not None and completion is not None:
+                completion += reasoning  # beside completion_tokens, not part of it (Perplexity bills both)
+    _set(usage, prompt, completion, cached, None, reasoning)
 
 
 def openai_event(usage: Usage, data: Any) -> None:
@@ -114,15 +125,18 @@ def openai_event(usage: Usage, data: Any) -> None:
     event or body (``response.usage`` in ``response.completed``)."""
     if not isinstance(data, dict):
         return
-    _model(usage, data.get("model"))
-    response = data.get("response")
-    if isinstance(response, dict):
+    get = data.get
+    model = get("model")
+    if model and isinstance(model, str):  # as _model does
+        usage.model = model
+    response = get("response")
+    if response is not None and isinstance(response, dict):
         _model(usage, response.get("model"))
         openai_usage(usage, response.get("usage"))
-    groq = data.get("x_groq")
+    groq = get("x_groq")
     if groq is not None:
         openai_usage(usage, _obj(groq, "usage"))
-    found = data.get("usage")
+    found = get("usage")
     if found is not None:
         openai_usage(usage, found)
 

@@ -191,7 +191,7 @@ class StreamReader:
         if end > 0:
             if self._wanted(data, end):
                 region = bytes(data[:end]) if end < len(data) or data is buf else chunk
-                if b"\r" in region:
+                if region.find(b"\r") >= 0:
                     region = region.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                 for event in region.split(b"\n\n"):
                     self._event(event)
@@ -227,7 +227,7 @@ class StreamReader:
     def _event(self, event: bytes) -> None:
         dialect = self._dialect
         has_usage = any(followed_by_object(event, key) for key in dialect.usage_keys)
-        if not has_usage and not (self._wants_model() and (dialect.model_key or b"") in event):
+        if not has_usage and not (self._wants_model() and event.find(dialect.model_key or b"") >= 0):
             return
         data = _event_data(event)
         if data is None:
