@@ -66,6 +66,15 @@ def utc_iso(seconds: float, *, milliseconds: bool = False) -> str:
     return f"{_second[1]}.{int((seconds - whole) * 1_000_000):06d}Z"
 
 
+def utc_iso_millis(ms: int) -> str:
+    """``utc_iso`` with milliseconds of a whole number of milliseconds since the epoch, exactly (the
+    ledger's times, which request ids carry)."""
+    whole, millis = divmod(ms, 1000)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{millis:03d}Z"
+
+
 def iso_timestamp() -> str:
     """Now, as log lines show it: UTC ISO 8601 with microseconds."""
     return utc_iso(time.time())

@@ -12,18 +12,17 @@ uvicorn never prints one. A response that started and did not finish is ``trunca
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from config.logging import AccessWriter, mask_keys, utc_iso
+from config.logging import AccessWriter, mask_keys, utc_iso_millis
 from service.core.errors import GatewayError, send_error, store_unavailable
 from service.core.ledger import Ledger, LedgerRow
 from service.core.metrics import Metrics
-from service.core.request import SCOPE_KEY, RequestInfo
+from service.core.request import SCOPE_KEY, RequestInfo, new_request_id
 from service.core.store import StoreUnavailableError, Team
 
 error_log = structlog.get_logger("gateway.error")
@@ -59,7 +58,7 @@ def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: floa
     return LedgerRow(
         info.request_id,
         info.client_request_id,
-        utc_iso(info.wall_started, milliseconds=True),  # at
+        utc_iso_millis(info.started_ms),  # at: the time the request id carries
         team.team_id,
         team.key_id,
         info.provider or "",
@@ -94,9 +93,10 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        info = RequestInfo(os.urandom(12).hex(), started)  # always the gateway's own, unique
+        started_ms = int(time.time() * 1000)
+        info = RequestInfo(new_request_id(started_ms), started)  # always the gateway's own, unique
         info.client_request_id = _client_request_id(scope["headers"])
-        info.wall_started = time.time()
+        info.started_ms = started_ms
         scope[SCOPE_KEY] = info
         id_header = (b"x-gateway-request-id", info.request_id.encode())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from service.core.errors import Shape
 from service.core.store import Team
 
@@ -13,6 +15,13 @@ DISCONNECT_KEY = "gateway.on_disconnect"
 """Present in the scope when the server itself reports the client leaving: the gateway's HTTP protocol
 calls ``scope[DISCONNECT_KEY]`` (when a request put a callable there) as soon as the connection is
 lost before the response is complete, so the relay needs no task waiting on ``receive`` for it."""
+
+
+def new_request_id(started_ms: int) -> str:
+    """The gateway's own id for a request (``x-gateway-request-id``, the ledger row's key): when it
+    started, in milliseconds since the epoch, as 12 hex digits, then 80 random bits as 20 more. Ids
+    sort by time, so the SQLite ledger reads a time range by its key and needs no time index."""
+    return f"{started_ms:012x}{os.urandom(10).hex()}"
 
 
 class RequestInfo:
@@ -36,13 +45,13 @@ class RequestInfo:
         "reasoning_tokens",
         "request_id",
         "started",
+        "started_ms",
         "status",
         "team",
         "truncated",
         "ttfb",
         "upstream_status",
         "upstream_wait",
-        "wall_started",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -73,8 +82,9 @@ class RequestInfo:
         self.cache_write_tokens: int | None = None
         self.reasoning_tokens: int | None = None
         self.cost_micro_usd: int | None = None
-        self.wall_started = 0.0
-        """Wall-clock time the request arrived (for the ledger; ``started`` is monotonic)."""
+        self.started_ms = 0
+        """When the request arrived, in milliseconds since the epoch (its id and its ledger row's
+        time carry it; ``started`` is monotonic)."""
         self.metadata: str | None = None
         self.error_shape: Shape = "plain"
         """How this request's errors look: its provider's shape once the mount knows it."""

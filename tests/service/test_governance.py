@@ -205,7 +205,7 @@ def test_every_change_is_audited_with_its_actor_and_no_secret(gateway: GatewayPr
     first = trail[0]
     assert first["changes"]["allowedModels"] == {"before": None, "after": ["gpt-4o*"]}
     assert first["changes"]["name"] == {"before": None, "after": "Audited"}
-    assert first["clientAddress"] == "127.0.0.1" and len(first["requestId"]) == 24
+    assert first["clientAddress"] == "127.0.0.1" and len(first["requestId"]) == 32
     assert trail[3]["changes"] == {"allowedProviders": {"before": None, "after": ["openai"]}}
     assert all(e["teamId"] == team and e["at"] >= created["createdAt"] for e in trail)
 

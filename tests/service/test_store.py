@@ -19,10 +19,12 @@ from yarl import URL
 from service.core import keys
 from service.core.ledger import Ledger, LedgerRow
 from service.core.limits.model import Limits
+from service.core.request import new_request_id
 from service.core.store import SQLiteStore, StoreUnavailableError, Team, TokenStore
 from service.core.store.base import MAX_MESSAGE, prune_old_usage, retention_start, unavailable_on
 from service.core.store.migrations import CREATE_TABLE, migrations
 from service.core.store.postgres import PostgresStore
+from service.core.store.usage import FAILURES, PRUNE, prune_params, range_params, report_query
 from service.core.teams import UNKNOWN, TeamDirectory
 from tests.postgres import PG_ROOT
 from tests.support import eventually
@@ -131,6 +133,7 @@ async def test_migrations_apply_once_when_many_processes_start_together(location
         (6, "ledger_indexes"),
         (7, "limits"),
         (8, "governance"),
+        (9, "ledger_time_by_id"),
     ]
     assert state == 1
     await probe.close()
@@ -516,10 +519,19 @@ async def test_a_sqlite_write_waiting_for_the_lock_holds_up_no_read(tmp_path: Pa
         await store.close()
 
 
+def gateway_id(at: str, n: int) -> str:
+    """A request id as the gateway makes them (``new_request_id``) for a request made at ``at``."""
+    moment = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    return new_request_id(int(moment.timestamp()) * 1000 + moment.microsecond // 1000)[:12] + f"{n:020x}"
+
+
 def usage(n: int, at: str = "2026-11-02T10:15:00.000Z", **fields: object) -> LedgerRow:
-    """A ledger row for request ``n``: priced, every count known, unless ``fields`` say otherwise."""
+    """A ledger row for request ``n``: priced, every count known, unless ``fields`` say otherwise.
+    Even requests have ids as the gateway makes them (their time first: SQLite finds time ranges by
+    them), odd ones ids of another shape (as rows written before that): every report, lookup and
+    pruning below reads both."""
     row = LedgerRow(
-        request_id=f"req_{n:08d}",
+        request_id=gateway_id(at, n) if n % 2 == 0 else f"req_{n:08d}",
         client_request_id=None,
         at=at,
         team_id="team_1",
@@ -731,6 +743,29 @@ async def test_pruning_keeps_the_daily_totals(location: str) -> None:
         kept, "2026-11-01", "2026-11-04", ["hour"]
     )
     await store.close()
+
+
+async def test_sqlite_ledger_ranges_never_read_the_whole_ledger(tmp_path: Path) -> None:
+    """Reports over hours, the failures count and the retention's pruning find their rows by the
+    time the gateway's request ids start with (and the other ids by their time index), never by
+    reading every ledger row: they stay fast on a large ledger with no time index of its own."""
+    store = SQLiteStore(tmp_path / "gateway.db")
+    await store.open()
+    try:
+        start, end = "2026-11-01T10:00:00.000Z", "2026-11-01T11:00:00.000Z"
+        report = report_query("qmark", start, end, ["hour", "model"], {"team_id": "team_1"})
+        assert not report.daily
+        for sql, params in (
+            (report.sql, report.params),
+            (FAILURES["qmark"], range_params(start, end)),
+            (PRUNE["qmark"], prune_params(start)),
+        ):
+            async with store.db.execute(f"EXPLAIN QUERY PLAN {sql}", params) as cur:
+                plan = [row[3] for row in await cur.fetchall()]
+            assert "MULTI-INDEX OR" in plan, plan
+            assert not [step for step in plan if step.startswith("SCAN usage_ledger")], plan
+    finally:
+        await store.close()
 
 
 async def test_prune_old_usage_keeps_whole_days_of_the_retention(location: str) -> None:

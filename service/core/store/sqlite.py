@@ -60,6 +60,8 @@ from service.core.store.usage import (
     daily_totals,
     ledger_params,
     ledger_row,
+    prune_params,
+    range_params,
     report_query,
     report_rows,
 )
@@ -388,7 +390,7 @@ class SQLiteStore:
 
     async def prune_usage(self, before: str) -> int:
         with unavailable:
-            async with self._transaction() as db, db.execute(PRUNE["qmark"], (bound(before),)) as cur:
+            async with self._transaction() as db, db.execute(PRUNE["qmark"], prune_params(bound(before))) as cur:
                 return int(cur.rowcount)
 
     async def usage_request(self, request_id: str) -> LedgerRow | None:
@@ -402,5 +404,5 @@ class SQLiteStore:
         return report_rows(report, await self._read_all(report.sql, report.params))
 
     async def usage_failures(self, start: str, end: str) -> FailureRows:
-        rows = await self._read_all(FAILURES["qmark"], (bound(start), bound(end)))
+        rows = await self._read_all(FAILURES["qmark"], range_params(bound(start), bound(end)))
         return [(int(status), int(requests), int(incomplete)) for status, requests, incomplete in rows]

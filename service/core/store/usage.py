@@ -6,11 +6,19 @@ in the store's own placeholders (``?`` for sqlite3, ``$1`` for asyncpg).
 
 Times are ISO UTC text (``2026-11-30T14:02:11.482Z``), so ranges compare as text and truncating a
 time to its hour or day is ``substr(at, 1, 13)`` or ``substr(at, 1, 10)`` in both databases.
+
+In SQLite the ledger has no time index (one B-tree insertion fewer per proxied request): the
+gateway's request ids start with the request's time (``new_request_id``: 12 hex digits of
+milliseconds, 32 characters in all), so a time range is a range of its primary key. Rows whose id
+is not of that shape (written before, or by hand) keep a partial time index of their own; a range
+reads both (SQLite's multi-index OR), and the time condition itself always applies too.
 """
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -110,6 +118,24 @@ def bound(value: str) -> str:
     raise ValueError(f"not a date (2026-11-01) or a UTC time (2026-11-01T12:00:00.000Z): {value!r}")
 
 
+def _id_prefix(time_text: str) -> str:
+    """The request id prefix of a ledger time (``2026-11-01T12:00:00.000Z``): its milliseconds since
+    the epoch as 12 hex digits, as ``new_request_id`` writes them."""
+    seconds = calendar.timegm(time.strptime(time_text[:19], "%Y-%m-%dT%H:%M:%S"))
+    return f"{seconds * 1000 + int(time_text[20:23]):012x}"
+
+
+LEDGER_RANGE_SQLITE = (
+    "((request_id >= ? AND request_id < ?) OR (length(request_id) <> 32 AND at >= ? AND at < ?)) AND at >= ? AND at < ?"
+)
+"""Ledger rows from ``start`` (included) to ``end`` (excluded) in SQLite, with ``range_params``."""
+
+
+def range_params(start: str, end: str) -> tuple[str, str, str, str, str, str]:
+    """The parameters of ``LEDGER_RANGE_SQLITE`` for two bounds as the ledger writes times."""
+    return (_id_prefix(start), _id_prefix(end), start, end, start, end)
+
+
 def placeholders(style: ParamStyle, count: int, first: int = 1) -> list[str]:
     """``count`` parameter markers in a driver's style, numbered from ``first`` (asyncpg)."""
     return ["?"] * count if style == "qmark" else [f"${n}" for n in range(first, first + count)]
@@ -151,6 +177,9 @@ def report_query(
         params.append(value)
     marks = placeholders(style, len(params))
     where = " AND ".join(condition.format(mark) for condition, mark in zip(conditions, marks, strict=True))
+    if not daily and style == "qmark":  # SQLite's ledger: the range by request id (see above)
+        where = " AND ".join([LEDGER_RANGE_SQLITE, *(condition.format("?") for condition in conditions[2:])])
+        params[:2] = range_params(start, end)
     positions = ", ".join(str(n) for n in range(1, len(groups) + 1))
     tail = f" GROUP BY {positions} ORDER BY {positions}" if groups else ""
     sql = f"SELECT {', '.join([*expressions, *sums])} FROM {table} WHERE {where}{tail}"  # noqa: S608 (constants only)
@@ -267,11 +296,18 @@ SELECT_REQUEST = {
 }
 FAILURES = {
     style: "SELECT status, COUNT(*), SUM(CASE WHEN complete THEN 0 ELSE 1 END) FROM usage_ledger"  # noqa: S608
-    f" WHERE at >= {first} AND at < {second} AND (status >= 400 OR NOT complete) GROUP BY status ORDER BY status"
-    for style, first, second in (("qmark", "?", "?"), ("numeric", "$1", "$2"))
+    f" WHERE {where} AND (status >= 400 OR NOT complete) GROUP BY status ORDER BY status"
+    for style, where in (("qmark", LEDGER_RANGE_SQLITE), ("numeric", "at >= $1 AND at < $2"))
 }
-"""Requests that failed (status 400 and over) or whose response did not reach its end, by status."""
+"""Requests that failed (status 400 and over) or whose response did not reach its end, by status
+(SQLite's takes ``range_params``)."""
 PRUNE = {
-    style: f"DELETE FROM usage_ledger WHERE at < {mark}"  # noqa: S608 (constants only)
-    for style, mark in (("qmark", "?"), ("numeric", "$1"))
+    "qmark": "DELETE FROM usage_ledger WHERE (request_id < ? OR (length(request_id) <> 32 AND at < ?)) AND at < ?",
+    "numeric": "DELETE FROM usage_ledger WHERE at < $1",
 }
+"""Delete the ledger rows from before a time (SQLite's takes ``prune_params``)."""
+
+
+def prune_params(before: str) -> tuple[str, str, str]:
+    """The parameters of SQLite's ``PRUNE`` for a bound as the ledger writes times."""
+    return (_id_prefix(before), before, before)

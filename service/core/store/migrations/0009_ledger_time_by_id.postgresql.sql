@@ -1,0 +1,3 @@
+-- PostgreSQL keeps the ledger's time index (migration 0005): its ledger writes go through one
+-- batched statement per flush, and its range queries read that index for every row alike. The
+-- number is taken so both databases stay at the same schema version.
