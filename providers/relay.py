@@ -55,6 +55,9 @@ MAX_MODEL_CHARS = 256
 NOT_RELAYED = frozenset({"CONNECT", "TRACE"})
 """CONNECT would turn the upstream connection into a tunnel; TRACE echoes the request back, the
 gateway's own credentials included."""
+RELAYED_METHODS = (b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+"""The ``Allow`` header of the 405 those get (every other method is relayed as it is; these are the
+ones the providers' APIs use)."""
 
 
 class ClientGone(Exception):
@@ -106,7 +109,7 @@ class Relay:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
         if scope["method"] in NOT_RELAYED:
-            raise MethodNotAllowed(f"{scope['method']} requests are not relayed.")
+            raise MethodNotAllowed(f"{scope['method']} requests are not relayed.", headers=[RELAYED_METHODS])
         upstream = self.upstream
         if upstream is None:
             assert self.unavailable is not None

@@ -152,6 +152,7 @@ def test_trace_and_connect_are_not_relayed(
     response = raw_request(gateway.url, method, "/openai/v1/models", [("authorization", f"Bearer {team_key}")])
     assert response.status == 405
     assert response.json()["error"]["code"] == "method_not_allowed"  # type: ignore[index]
+    assert response.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"  # as a 405 must
     assert len(upstream.received) == before
 
 
