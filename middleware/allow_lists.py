@@ -28,10 +28,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from middleware.body import ClientLeft, read_body, replay
 from service.core.access import COMPAT, MAX_MODEL_CHARS, Access
-from service.core.errors import NotAllowed, PayloadTooLarge
+from service.core.errors import NotAllowed
 from service.core.request import REST_KEY, SCOPE_KEY, RequestInfo
 
 PARSE_IN_THREAD_BYTES = 256 * 1024
@@ -82,10 +83,6 @@ def body_model(body: bytes) -> str:
     return model
 
 
-class ClientLeft(Exception):
-    """The client disconnected before its body was complete."""
-
-
 class AllowLists:
     def __init__(self, app: ASGIApp, *, provider: str, path_model: Callable[[str], str | None], max_body: int) -> None:
         self.app = app
@@ -118,7 +115,7 @@ class AllowLists:
                 raise NotAllowed(UNKNOWN_MODEL)  # possibly cut short, or read otherwise upstream
         else:
             try:
-                body = await self.read_body(scope, receive)
+                body = await read_body(scope, receive, self.max_body)
             except ClientLeft:
                 return
             try:
@@ -139,43 +136,3 @@ class AllowLists:
         if len(body) > PARSE_IN_THREAD_BYTES:
             return await asyncio.to_thread(body_model, body)
         return body_model(body)
-
-    def too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
-
-    async def read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The whole request body, at most ``max_body`` bytes (over: 413, before reading it when its
-        length says so); one chunk is not copied."""
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                raise self.too_large()
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientLeft
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise self.too_large()
-            if chunk:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives the body already read as one message, then the client's own
-    messages (a disconnect)."""
-    pending = True
-
-    async def receive_again() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return receive_again

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.errors import Forbidden, PayloadTooLarge
+from middleware.body import ClientLeft, read_body, replay
+from service.core.errors import Forbidden
 from service.core.limits.limiter import Limiter
 from service.core.limits.outcome import Estimate, Subject
 from service.core.request import SCOPE_KEY, RequestInfo
@@ -104,11 +105,12 @@ class LimitsGate:
             plan = self._plan(team)
         tokens = cost = 0
         if plan.estimated:
-            whole = await self._body(scope, receive)
-            if whole is None:
-                return  # the client left
-            receive = _replay(whole, receive)
-            estimate = self.estimate(scope, whole["body"])
+            try:
+                body = await read_body(scope, receive, self.max_body)
+            except ClientLeft:
+                return
+            receive = replay(body, receive)
+            estimate = self.estimate(scope, body)
             tokens = estimate.tokens
             budgeted = plan.budgeted
             if budgeted is not None:
@@ -136,43 +138,3 @@ class LimitsGate:
             await self.app(scope, receive, send_with_limits if extra else send)
         finally:
             limiter.release(grant, (info.input_tokens or 0) + (info.output_tokens or 0), info.cost_micro_usd or 0)
-
-    async def _body(self, scope: Scope, receive: Receive) -> Message | None:
-        """The whole body, as one ``http.request`` message (the client's own when it sent it in
-        one); ``None`` when the client left first."""
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                raise self._too_large()
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        size = len(message.get("body", b""))
-        if size > self.max_body:
-            raise self._too_large()
-        if not message.get("more_body", False):
-            return message
-        chunks = [message.get("body", b"")]
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"The request body exceeds the gateway's limit of {self.max_body} bytes.")
-
-
-def _replay(whole: Message, receive: Receive) -> Receive:
-    """The body already read, as one message; then the client's own (its disconnect)."""
-    pending = [whole]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
