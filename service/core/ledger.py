@@ -101,21 +101,23 @@ class Ledger:
             await self.flush(len(self.queue))
 
     async def flush(self, count: int | None = None) -> None:
-        """Write everything queued, a batch at a time; stop at the first batch the store refuses.
+        """Write everything queued, rows queued meanwhile included, a batch at a time; stop at the
+        first batch the store refuses.
 
         With ``count``, only the first that many: the writer's turn takes what was queued when it
         began, and rows queued while it writes wait for the next turn (at most ``flush_seconds``)
         rather than going out in batches of one or two behind each write."""
-        left = len(self.queue) if count is None else count
-        while left > 0 and self.queue:
-            rows = self.queue[: min(self.batch, left)]
+        left = count
+        while self.queue and (left is None or left > 0):
+            rows = self.queue[: self.batch if left is None else min(self.batch, left)]
             try:
                 await self.store.record_usage(rows)
             except StoreUnavailableError as exc:
                 log.warning("usage_write_failed", rows=len(rows), error=str(exc))
                 return
             del self.queue[: len(rows)]
-            left -= len(rows)
+            if left is not None:
+                left -= len(rows)
             self.written += len(rows)
             if self._dropping and len(self.queue) < self.max_queue // 2:
                 log.info("usage_rows_dropped_total", dropped=self.dropped)

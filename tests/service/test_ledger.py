@@ -198,7 +198,8 @@ def _row(request_id: str) -> LedgerRow:
 
 async def test_a_writer_turn_takes_what_was_queued_when_it_began(tmp_path: Path) -> None:
     """Rows that arrive while a batch is being written go out with the next turn, in one batch,
-    not behind each write in batches of one or two (each batch is a transaction)."""
+    not behind each write in batches of one or two (each batch is a transaction); a clean stop
+    writes everything, rows that arrive while it writes included."""
     batches: list[int] = []
 
     class WatchedStore(SQLiteStore):
@@ -207,6 +208,8 @@ async def test_a_writer_turn_takes_what_was_queued_when_it_began(tmp_path: Path)
             if len(batches) == 1:
                 for n in range(3):  # requests ending while the first batch is written
                     ledger.record(_row(f"during-{n}"))
+            elif len(batches) == 2:  # one ending while the stop writes (cancelled at shutdown)
+                ledger.record(_row("during-stop"))
             await super().record_usage(rows)
 
     store = WatchedStore(tmp_path / "ledger.db")
@@ -218,9 +221,10 @@ async def test_a_writer_turn_takes_what_was_queued_when_it_began(tmp_path: Path)
         await ledger.flush(len(ledger.queue))  # one turn of the writer
         assert batches == [5]
         assert [row.request_id for row in ledger.queue] == ["during-0", "during-1", "during-2"]
-        await ledger.stop()  # a clean stop writes the rest, in one batch
-        assert batches == [5, 3] and ledger.written == 8 and not ledger.queue
+        await ledger.stop()  # a clean stop writes the rest, and what arrives while it writes
+        assert batches == [5, 3, 1] and ledger.written == 9 and not ledger.queue
         assert await store.usage_request("during-2") is not None
+        assert await store.usage_request("during-stop") is not None
     finally:
         await store.close()
 

@@ -10,8 +10,9 @@ time to its hour or day is ``substr(at, 1, 13)`` or ``substr(at, 1, 10)`` in bot
 In SQLite the ledger has no time index (one B-tree insertion fewer per proxied request): the
 gateway's request ids start with the request's time (``new_request_id``: 12 hex digits of
 milliseconds, 32 characters in all), so a time range is a range of its primary key. Rows whose id
-is not of that shape (written before, or by hand) keep a partial time index of their own; a range
-reads both (SQLite's multi-index OR), and the time condition itself always applies too.
+is of another length (the 24-character ids written before) keep a partial time index of their own;
+a range reads both (SQLite's multi-index OR), and the time condition itself always applies too. (The
+ledger is written by the gateway alone: a 32-character id is taken to start with its time.)
 """
 
 from __future__ import annotations
