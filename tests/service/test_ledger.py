@@ -4,7 +4,9 @@ within seconds; concurrency, a SIGTERM under load and a full queue lose nothing 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -84,6 +86,16 @@ def test_each_sdk_call_is_one_exact_row_and_the_totals_add_up(
     by_model = {(r["provider"], r["model"]): r for r in report["rows"]}
     assert by_model[("openai", "gpt-4o-mini")]["requests"] == 2
     assert by_model[("anthropic", "claude-mock-1")]["costUsd"] is None
+
+    # the request id starts with the request's time (ms, 12 hex digits): SQLite's ledger reads time
+    # ranges (here by hour, not whole days, so from the ledger rather than the daily totals) by it
+    request_id = plain.headers["x-gateway-request-id"]
+    at = datetime.datetime.fromisoformat(str(first["at"]).replace("Z", "+00:00"))
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id) and first["requestId"] == request_id
+    assert int(request_id[:12], 16) == int(at.timestamp()) * 1000 + at.microsecond // 1000
+    since = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    hourly = httpx.get(f"{gw.url}/usage", params={"from": since, "groupBy": "hour"}, headers=ADMIN).json()
+    assert sum(row["requests"] for row in hourly["rows"]) == 3
 
 
 def test_a_stream_cut_by_the_upstream_is_recorded_incomplete(
