@@ -10,7 +10,9 @@ app sees anything:
   uvicorn's keep-alive timeout); late → 408 if some of it came, a plain close if none did;
 - at most ``MAX_CONNECTIONS`` open connections per worker: past that a new connection is answered
   503 and closed at once, with one warning when the cap starts biting and one line when it stops;
-- requests the parser rejects get a JSON 400 instead of uvicorn's plain-text one;
+- requests the parser rejects get a JSON 400 instead of uvicorn's plain-text one, and a request whose
+  ``Transfer-Encoding`` is anything but ``chunked`` (``gzip, chunked``, say: the parser would undo the
+  chunks and hand on gzip bytes nobody declared) a JSON 501, as RFC 9112 asks;
 - a connection lost before its response is complete calls the request's ``DISCONNECT_KEY`` callback
   (the relay's), which stops the upstream call at once.
 """
@@ -72,6 +74,10 @@ def limits() -> Limits:
 
 class HeadTooLarge(Exception):
     """The request head is over a limit; the message says which (never the header's content)."""
+
+
+class UnsupportedCoding(Exception):
+    """The request's ``Transfer-Encoding`` is not ``chunked`` alone."""
 
 
 def _response(status: int, message: str, default_headers: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -199,6 +205,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, HeadTooLarge):
                 self.reject_head(str(exc.__context__))
+            elif isinstance(exc.__context__, UnsupportedCoding):
+                log.info("request_coding_unsupported", client=self.client_host())
+                self.answer_and_close(501, "Only the chunked transfer coding is supported.")
             else:
                 self.send_400_response(INVALID_REQUEST)
             return False
@@ -216,6 +225,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            raise UnsupportedCoding
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

@@ -319,6 +319,38 @@ def test_requests_the_parser_rejects_get_a_json_400(gateway: GatewayProcess, pro
     assert "Traceback" not in gateway.log_text()
 
 
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate", b"identity"])
+def test_a_transfer_coding_other_than_chunked_gets_a_json_501(
+    gateway: GatewayProcess, upstream: MockUpstream, coding: bytes
+) -> None:
+    before = len(upstream.received)
+    probe = (
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: " + coding + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+    answer, sock = send_and_read(gateway, probe)
+    with sock:
+        assert answer.status == 501
+        assert answer.json() == {"error": "Only the chunked transfer coding is supported."}
+        assert wait_closed(sock, 5) == b""
+    assert len(upstream.received) == before  # nothing went on
+    assert "Traceback" not in gateway.log_text()
+
+
+def test_chunked_twice_is_invalid(gateway: GatewayProcess) -> None:
+    probe = b"POST /healthz HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"
+    answer, sock = send_and_read(gateway, probe)
+    with sock:
+        assert answer.status == 400 and answer.json() == {"error": "Invalid HTTP request."}
+
+
+def test_a_chunked_body_is_still_read(gateway: GatewayProcess) -> None:
+    probe = b"GET /healthz HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding:  Chunked \r\n\r\n0\r\n\r\n"
+    answer, sock = send_and_read(gateway, probe)
+    with sock:
+        assert answer.status == 200
+
+
 # -- the runner -------------------------------------------------------------------------------
 
 
