@@ -78,20 +78,18 @@ class LimitsGate:
         self.unpriced_allowed = unpriced_allowed
         self._plans: dict[int, _Plan] = {}
 
-    def _plan(self, team: Team) -> _Plan:
-        """``team``'s plan, by the identity of the key cache's entry (a new entry, a new plan)."""
-        plan = self._plans.get(id(team))
-        if plan is None or plan.team is not team:
-            subjects = []
-            if team.team_limits is not None:
-                subjects.append(Subject("team", team.team_id, team.team_limits))
-            if team.key_limits is not None:
-                subjects.append(Subject("key", team.key_id, team.key_limits))
-            budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
-            estimated = budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects)
-            if len(self._plans) >= _PLANS_KEPT:
-                self._plans.clear()
-            plan = self._plans[id(team)] = _Plan(team, tuple(subjects), budgeted, estimated)
+    def _new_plan(self, team: Team) -> _Plan:
+        """``team``'s plan, kept by the identity of the key cache's entry (a new entry, a new plan)."""
+        subjects = []
+        if team.team_limits is not None:
+            subjects.append(Subject("team", team.team_id, team.team_limits))
+        if team.key_limits is not None:
+            subjects.append(Subject("key", team.key_id, team.key_limits))
+        budgeted = next((s for s in subjects if s.limits.budget_micro_usd is not None), None)
+        estimated = budgeted is not None or any(s.limits.tokens_per_minute is not None for s in subjects)
+        if len(self._plans) >= _PLANS_KEPT:
+            self._plans.clear()
+        plan = self._plans[id(team)] = _Plan(team, tuple(subjects), budgeted, estimated)
         return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,7 +100,7 @@ class LimitsGate:
             return
         plan = self._plans.get(id(team))
         if plan is None or plan.team is not team:
-            plan = self._plan(team)
+            plan = self._new_plan(team)
         tokens = cost = 0
         if plan.estimated:
             try:
@@ -128,7 +126,7 @@ class LimitsGate:
             async def send_with_limits(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     headers = message.get("headers", ())
-                    if _RATE_PREFIX in b"\n".join(map(_name, headers)).lower():
+                    if b"\n".join(map(_name, headers)).lower().find(_RATE_PREFIX) >= 0:  # not `in`: paths.safe_rest
                         names = _replaced(extra)
                         headers = [(k, v) for k, v in headers if k.lower() not in names]
                     message["headers"] = [*headers, *extra]

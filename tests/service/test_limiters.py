@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
+import redis.asyncio
 
 from service.core.errors import ServiceUnavailable, TooManyRequests
 from service.core.limits.memory import MemoryLimiter
@@ -305,4 +306,28 @@ async def test_a_release_rides_on_the_next_admission(redis_prefix: str) -> None:
         state = await limiter.state(subject)
         assert (state.in_flight, state.tokens, state.requests) == (1, 12 + 5, 2)
     finally:
+        await limiter.stop()
+
+
+async def test_a_redis_that_lost_its_scripts_is_given_them_again(private_redis: PrivateRedis) -> None:
+    """A flushed (or restarted) Redis answers NOSCRIPT: admissions, releases and state load the
+    scripts again and go on, nothing refused and no lease left behind."""
+    limiter = RedisLimiter(private_redis.url, "gw:", seed)
+    await limiter.start()
+    admin = redis.asyncio.Redis.from_url(private_redis.url)
+    try:
+        subject = team(max_concurrent=1)
+        grant = await limiter.admit([subject], 0, 0, "one")
+        await admin.script_flush()
+        limiter.release(grant, 0, 0)  # written at once: NOSCRIPT, kept, sent again by the task
+        await settled(limiter, subject, in_flight=0)
+        await admin.script_flush()
+        assert (await limiter.state(subject)).in_flight == 0  # the state alone, after a flush
+        await admin.script_flush()
+        second = await limiter.admit([subject], 0, 0, "two")  # the admission, after a flush
+        assert (await limiter.state(subject)).in_flight == 1
+        limiter.release(second, 0, 0)
+        await settled(limiter, subject, in_flight=0)
+    finally:
+        await admin.aclose()
         await limiter.stop()

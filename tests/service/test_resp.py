@@ -149,6 +149,25 @@ async def test_a_connection_lost_fails_its_calls_and_the_next_call_reconnects() 
         lane.close()
 
 
+async def test_a_reply_that_never_ends_fails_the_call_instead_of_growing() -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"$100000000\r\n")  # a bulk string of 100 MB announced, then sent on and on
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                writer.write(b"x" * 65_536)
+                await writer.drain()
+
+    async with StandIn(endless) as url:
+        lane = RespConnection(url, 5.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionError, match="over 1048576 bytes"):
+            await lane.call(encode("PING"))
+        assert loop.time() - started < 2.5 and not lane.connected  # at the bound, not at the timeout
+        lane.close()
+
+
 async def test_a_unix_socket_url(tmp_path: Path) -> None:
     binary = shutil.which("redis-server")
     if binary is None:

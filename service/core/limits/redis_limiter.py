@@ -215,6 +215,15 @@ class RedisLimiter:
             if isinstance(reply, ReplyError):
                 raise reply
 
+    async def _script(self, command: bytes) -> Reply:
+        """A script call's reply, sent again once the scripts are loaded when Redis has none of them
+        (``NOSCRIPT``: a restarted or flushed Redis)."""
+        reply = (await self.lane.call(command))[0]
+        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+            await self._load_scripts()
+            reply = (await self.lane.call(command))[0]
+        return reply
+
     # -- admission --------------------------------------------------------------------------------
 
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
@@ -345,10 +354,7 @@ class RedisLimiter:
         while self._pending:
             batch = self._take()
             try:
-                reply = (await self.lane.call(self._settle_command(batch)))[0]
-                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    await self._load_scripts()
-                    reply = (await self.lane.call(self._settle_command(batch)))[0]
+                reply = await self._script(self._settle_command(batch))
                 if isinstance(reply, ReplyError):
                     raise reply
             except BaseException:
@@ -389,11 +395,7 @@ class RedisLimiter:
     # -- state ------------------------------------------------------------------------------------
 
     async def _read_state(self, keys: list[str]) -> list[Any]:
-        command = encode("EVALSHA", STATE_SHA, 4, *keys)
-        reply = (await self.lane.call(command))[0]
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-            await self._load_scripts()
-            reply = (await self.lane.call(command))[0]
+        reply = await self._script(encode("EVALSHA", STATE_SHA, 4, *keys))
         if not isinstance(reply, list):
             raise reply if isinstance(reply, ReplyError) else RedisError(f"the state script answered {reply!r}")
         return reply

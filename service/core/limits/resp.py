@@ -33,6 +33,9 @@ class ReplyError(RedisError):
 
 TICKS = 4
 """How often per timeout the calls waiting are looked at."""
+MAX_PENDING_REPLY = 1024 * 1024
+"""The most of an unfinished reply held (the limits' replies are a few hundred bytes): past it the
+connection fails rather than grow without end."""
 
 
 class _Incomplete(Exception):
@@ -145,10 +148,12 @@ class _Link(asyncio.Protocol):
                     call.done(replies)
         except _Incomplete:
             pass
-        except (ConnectionError, ValueError) as exc:
-            self.fail(ConnectionError(f"Redis's reply could not be read: {exc}"))
+        except (ConnectionError, ValueError, RecursionError) as exc:
+            self.fail(ConnectionError(f"Redis's reply could not be read: {type(exc).__name__}"))
             return
         self.buffer = data[at:]
+        if len(self.buffer) > MAX_PENDING_REPLY:
+            self.fail(ConnectionError(f"Redis's reply is over {MAX_PENDING_REPLY} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(exc or ConnectionError("Redis closed the connection"))
