@@ -54,25 +54,28 @@ def _usd(micro: int | None) -> float | None:
 
 
 def _ledger_row(info: RequestInfo, team: Team, duration_ms: float, ttfb_ms: float | None, truncated: bool) -> LedgerRow:
-    # positional, in the fields' order: with seventeen keywords the call costs three times as much
-    return LedgerRow(
-        info.request_id,
-        info.client_request_id,
-        utc_iso_millis(info.started_ms),  # at: the time the request id carries
-        team.team_id,
-        team.key_id,
-        info.provider or "",
-        info.model,
-        info.status or 499,
-        info.input_tokens,
-        info.output_tokens,
-        info.cache_read_tokens,
-        info.cache_write_tokens,
-        info.reasoning_tokens,
-        info.cost_micro_usd,
-        duration_ms,
-        ttfb_ms,
-        not truncated and info.status != 0,  # complete
+    # the tuple itself, in the fields' order: a third of what calling the class with them costs
+    return tuple.__new__(
+        LedgerRow,
+        (
+            info.request_id,
+            info.client_request_id,
+            utc_iso_millis(info.started_ms),  # at: the time the request id carries
+            team.team_id,
+            team.key_id,
+            info.provider or "",
+            info.model,
+            info.status or 499,
+            info.input_tokens,
+            info.output_tokens,
+            info.cache_read_tokens,
+            info.cache_write_tokens,
+            info.reasoning_tokens,
+            info.cost_micro_usd,
+            duration_ms,
+            ttfb_ms,
+            not truncated and info.status != 0,  # complete
+        ),
     )
 
 
@@ -143,13 +146,11 @@ class RequestContext:
                     info.provider,
                     info.model,
                     team.team_id,
-                    (
-                        ("input", info.input_tokens),
-                        ("output", info.output_tokens),
-                        ("cache_read", info.cache_read_tokens),
-                        ("cache_write", info.cache_write_tokens),
-                        ("reasoning", info.reasoning_tokens),
-                    ),
+                    info.input_tokens,
+                    info.output_tokens,
+                    info.cache_read_tokens,
+                    info.cache_write_tokens,
+                    info.reasoning_tokens,
                     info.cost_micro_usd,
                 )
             if team is not None and info.provider is not None:

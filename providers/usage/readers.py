@@ -23,6 +23,8 @@ bytes (for the usage, which every provider puts near the end)."""
 MAX_MODEL_TRIES = 8
 """Events parsed only to learn the model, at most (Azure names the model ``""`` in its first chunk)."""
 
+_NO_WINDOW = bytearray()
+"""A body reader's windows until it needs its own (never written to)."""
 _BOUNDARIES = (b"\n\n", b"\n\r\n", b"\r\r")
 """A blank line ends an SSE event; lines end with LF, CRLF or CR. Each pattern is at most 3 bytes."""
 
@@ -268,8 +270,7 @@ class BodyReader:
         self._dialect = dialect
         self._head_size = head
         self._tail_size = tail
-        self._head = bytearray()
-        self._tail = bytearray()
+        self._head = self._tail = _NO_WINDOW  # windows are made for a body of several chunks
         self._total = 0
         self._failed = False
         self._whole: bytes | None = None
@@ -289,6 +290,9 @@ class BodyReader:
 
     def _feed_window(self, chunk: bytes) -> None:
         try:
+            if self._head is _NO_WINDOW:
+                self._head = bytearray()
+                self._tail = bytearray()
             self._total += len(chunk)
             with memoryview(chunk) as view:
                 room = self._head_size - len(self._head)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from functools import partial
 
 from providers.usage.decode import ENCODINGS, DecodingReader
 from providers.usage.dialects import ANTHROPIC, COHERE, GOOGLE, OPENAI, WORKERS_AI, Dialect
@@ -12,10 +14,8 @@ from providers.usage.readers import BodyReader, StreamReader
 _OPENAI_EMBEDDINGS = dataclasses.replace(OPENAI, embeddings=True)
 _COHERE_EMBED = dataclasses.replace(COHERE, embeddings=True)
 _FORMATS = frozenset({"openai-sse", "anthropic-sse", "google-sse", "cohere-sse", "workers-ai-sse"})
-_FOUND: dict[tuple[str, str], Dialect | None] = {}
-"""``dialect_for`` by (stream format, path), found once per worker for the paths it sees; bounded
-(paths come from requests)."""
 _MAX_FOUND = 4096
+"""Decisions kept per worker (paths come from requests: past this many, they are made each time)."""
 
 
 def _route(path: str) -> str:
@@ -58,6 +58,14 @@ def dialect_for(stream_format: str, path: str) -> Dialect | None:
     return dialect
 
 
+Maker = Callable[[], UsageReader]
+_MAKERS: dict[tuple[str, str, str, str | None], Maker | None] = {}
+"""What ``usage_reader`` decided, by (stream format, path, content type, content encoding): found
+once per worker for the responses it sees; bounded like ``_FOUND``."""
+NO_USAGE = NoUsage()
+"""The one reader of responses that cannot hold usage (it keeps nothing)."""
+
+
 def usage_reader(
     stream_format: str, path: str, status: int, content_type: str | None, content_encoding: str | None
 ) -> UsageReader:
@@ -71,31 +79,35 @@ def usage_reader(
     """
     try:
         if not 200 <= status < 300 or not content_type:
-            return NoUsage()
-        key = (stream_format, path)
+            return NO_USAGE
+        key = (stream_format, path, content_type, content_encoding)
         try:
-            dialect = _FOUND[key]
+            make = _MAKERS[key]
         except KeyError:
-            dialect = dialect_for(stream_format, path)
-            if len(_FOUND) < _MAX_FOUND:
-                _FOUND[key] = dialect
-        if dialect is None:
-            return NoUsage()
-        mime = content_type.partition(";")[0].strip().lower()
-        reader: UsageReader
-        if mime == "text/event-stream":
-            reader = StreamReader(dialect)
-        elif mime == "application/json" or mime.endswith("+json"):
-            reader = BodyReader(dialect)
-        else:
-            return NoUsage()
-        if not content_encoding:
-            return reader
-        encoding = content_encoding.strip().lower()
-        if encoding == "identity":
-            return reader
-        if encoding in ENCODINGS:
-            return DecodingReader(reader, encoding)
-        return NoUsage()
+            make = _maker(stream_format, path, content_type, content_encoding)
+            if len(_MAKERS) < _MAX_FOUND:
+                _MAKERS[key] = make
+        return NO_USAGE if make is None else make()
     except Exception:
-        return NoUsage()
+        return NO_USAGE
+
+
+def _maker(stream_format: str, path: str, content_type: str, content_encoding: str | None) -> Maker | None:
+    """How to make the reader of the responses ``usage_reader`` describes; ``None``: they hold no usage."""
+    dialect = dialect_for(stream_format, path)
+    if dialect is None:
+        return None
+    mime = content_type.partition(";")[0].strip().lower()
+    reader: type[StreamReader | BodyReader]
+    if mime == "text/event-stream":
+        reader = StreamReader
+    elif mime == "application/json" or mime.endswith("+json"):
+        reader = BodyReader
+    else:
+        return None
+    encoding = (content_encoding or "").strip().lower()
+    if not encoding or encoding == "identity":
+        return partial(reader, dialect)
+    if encoding in ENCODINGS:
+        return lambda: DecodingReader(reader(dialect), encoding)
+    return None

@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import structlog
 
@@ -28,8 +27,9 @@ FLUSH_SECONDS = 1.0
 BATCH = 1_000
 
 
-@dataclass(slots=True)
-class LedgerRow:
+class LedgerRow(NamedTuple):
+    """A tuple in the ledger table's column order: the stores bind it as it is."""
+
     request_id: str
     """The gateway's own id for the request (unique; ``x-gateway-request-id``)."""
     client_request_id: str | None

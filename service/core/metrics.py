@@ -46,6 +46,8 @@ FLUSH_SECONDS = 1.0
 MAX_MODEL_SERIES = 1000
 """Distinct (provider, model) pairs per worker in the token and cost metrics; later ones count as ``other``."""
 OTHER_MODEL = "other"
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_write", "reasoning")
+"""The ``kind`` label of ``gateway_tokens``, in the order ``Metrics.usage`` takes the counts."""
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 DIRECTORY_PREFIX = "gateway-metrics-"
@@ -354,9 +356,10 @@ class Metrics:
         self._last_written: bytes | None = b""  # None after a failed write
         self._counts: dict[tuple[str, str, str], int] = defaultdict(int)
         self._errors: dict[tuple[str, str], int] = defaultdict(int)
-        self._tokens: dict[tuple[str, ...], int] = defaultdict(int)
-        self._cost: dict[tuple[str, ...], int] = defaultdict(int)
-        self._unpriced: dict[tuple[str, ...], int] = defaultdict(int)
+        self._usage: dict[tuple[str, ...], list[int]] = {}
+        """By (provider, model[, team]): tokens by ``TOKEN_KINDS``, then the cost (micro-dollars) and
+        count of priced requests, then the count of unpriced ones: one lookup per metered response,
+        spread into the token, cost and unpriced series when published."""
         self._models: set[tuple[str, str]] = set()
         self._rows: dict[str, _Row] = {}
         self.cache_hits = 0
@@ -392,22 +395,40 @@ class Metrics:
         self._errors[(provider, kind)] += 1
 
     def usage(
-        self, provider: str, model: str, team: str, tokens: tuple[tuple[str, int | None], ...], cost: int | None
+        self,
+        provider: str,
+        model: str,
+        team: str,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cache_read: int | None,
+        cache_write: int | None,
+        reasoning: int | None,
+        cost: int | None,
     ) -> None:
         """One metered response: its token counts by kind, and its cost (``None``: unpriced)."""
+        sums = self._usage.get((provider, model, team) if self.team_labels else (provider, model))
+        if sums is None:
+            sums = self._new_usage_series(provider, model, team)
+        sums[0] += input_tokens or 0
+        sums[1] += output_tokens or 0
+        sums[2] += cache_read or 0
+        sums[3] += cache_write or 0
+        sums[4] += reasoning or 0
+        if cost is None:
+            sums[7] += 1
+        else:
+            sums[5] += cost
+            sums[6] += 1
+
+    def _new_usage_series(self, provider: str, model: str, team: str) -> list[int]:
         if (provider, model) not in self._models:
             if len(self._models) >= MAX_MODEL_SERIES:
                 model = OTHER_MODEL  # model names come from requests and answers: the series stay bounded
             else:
                 self._models.add((provider, model))
-        labels: tuple[str, ...] = (provider, model, team) if self.team_labels else (provider, model)
-        for kind, count in tokens:
-            if count:
-                self._tokens[(provider, model, kind, *labels[2:])] += count
-        if cost is None:
-            self._unpriced[labels] += 1
-        else:
-            self._cost[labels] += cost
+        labels = (provider, model, team) if self.team_labels else (provider, model)
+        return self._usage.setdefault(labels, [0] * (len(TOKEN_KINDS) + 3))
 
     # -- publishing -----------------------------------------------------------------------------
 
@@ -420,9 +441,14 @@ class Metrics:
             "requests": [[*labels, count] for labels, count in self._counts.items()],
             "upstream_errors": [[*labels, count] for labels, count in self._errors.items()],
             "auth_cache": {"hit": self.cache_hits, "miss": self.cache_misses},
-            "tokens": [[*labels, count] for labels, count in self._tokens.items()],
-            "cost": [[*labels, micro] for labels, micro in self._cost.items()],
-            "unpriced": [[*labels, count] for labels, count in self._unpriced.items()],
+            "tokens": [
+                [*labels[:2], kind, *labels[2:], sums[n]]
+                for labels, sums in self._usage.items()
+                for n, kind in enumerate(TOKEN_KINDS)
+                if sums[n]
+            ],
+            "cost": [[*labels, sums[5]] for labels, sums in self._usage.items() if sums[6]],
+            "unpriced": [[*labels, sums[7]] for labels, sums in self._usage.items() if sums[7]],
             "usage_rows_dropped": self.dropped_probe(),
             "histograms": {
                 "duration": {p: (r.duration, r.duration_sum) for p, r in self._rows.items()},

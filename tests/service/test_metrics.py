@@ -368,7 +368,7 @@ def test_model_series_stay_bounded(tmp_path: Path) -> None:
 
     metrics = metrics_module.Metrics(tmp_path / "bounded", pid=os.getpid())
     for n in range(metrics_module.MAX_MODEL_SERIES + 50):
-        metrics.usage("openai", f"model-{n}", "t", (("input", 1),), None)
+        metrics.usage("openai", f"model-{n}", "t", 1, None, None, None, None, None)
     text = metrics.exposition()[0].decode()
     assert text.count("gateway_unpriced_requests_total{") == metrics_module.MAX_MODEL_SERIES + 1
     assert 'gateway_unpriced_requests_total{model="other",provider="openai"} 50.0' in text

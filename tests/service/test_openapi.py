@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -107,7 +106,7 @@ def check_usage(gateway: GatewayProcess, produced: set[tuple[str, str, str]]) ->
         store = SQLiteStore(Path(gateway.env["DATABASE_URL"].removeprefix("sqlite:///")))
         await store.open()
         try:
-            await store.record_usage([row, replace(row, request_id="req_doc_2", model=None, cost_micro_usd=None)])
+            await store.record_usage([row, row._replace(request_id="req_doc_2", model=None, cost_micro_usd=None)])
         finally:
             await store.close()
 

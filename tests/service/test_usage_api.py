@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import io
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +45,7 @@ def row(n: int, at: str, **fields: object) -> LedgerRow:
         ttfb_ms=120.5,
         complete=True,
     )
-    return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+    return base._replace(**fields)
 
 
 ROWS = [

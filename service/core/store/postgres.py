@@ -49,7 +49,6 @@ from service.core.store.usage import (
     ReportRows,
     bound,
     daily_totals,
-    ledger_params,
     ledger_row,
     report_query,
     report_rows,
@@ -332,7 +331,7 @@ class PostgresStore:
         batch = unique(rows)
         if not batch:
             return
-        columns = [list(values) for values in zip(*(ledger_params(row) for row in batch), strict=True)]
+        columns = [list(values) for values in zip(*batch, strict=True)]
         assert len(columns) == len(LEDGER_COLUMNS)
         with self._unavailable:
             async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():

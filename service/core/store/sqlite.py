@@ -58,7 +58,6 @@ from service.core.store.usage import (
     ReportRows,
     bound,
     daily_totals,
-    ledger_params,
     ledger_row,
     prune_params,
     range_params,
@@ -376,7 +375,7 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 (last,) = db.execute(LAST_ROWID_SQLITE).fetchone()
-                inserted = db.executemany(INSERT_LEDGER_SQLITE, map(ledger_params, rows)).rowcount
+                inserted = db.executemany(INSERT_LEDGER_SQLITE, rows).rowcount
                 if inserted == len(rows):  # all new, as a rule: their totals are the batch's
                     db.executemany(UPSERT_DAILY_SQLITE, daily_totals(rows))
                 elif inserted:  # some were recorded before: the totals of those inserted, by rowid

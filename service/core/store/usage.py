@@ -20,9 +20,8 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from service.core.store.migrations import ParamStyle
@@ -214,10 +213,6 @@ def unique(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     for row in rows:
         first.setdefault(row.request_id, row)
     return list(first.values())
-
-
-ledger_params: Callable[[LedgerRow], tuple[object, ...]] = attrgetter(*LEDGER_COLUMNS)
-"""A ledger row's values in ``LEDGER_COLUMNS`` order (one C call, no Python per field)."""
 
 
 def ledger_row(record: Sequence[Any]) -> LedgerRow:
