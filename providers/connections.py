@@ -213,14 +213,19 @@ class ConnectionPool:
                 raise
             writer: asyncio.Task[None] | None = None
             try:
-                protocol.set_response_params(
-                    skip_payload=verb == b"HEAD",
-                    read_until_eof=True,  # a body without length or chunks ends with the connection
-                    auto_decompress=False,
-                    max_line_size=MAX_LINE,
-                    max_field_size=MAX_FIELD,
-                    max_headers=MAX_HEADERS,
-                )
+                head_only = verb == b"HEAD"
+                # a kept-alive connection's parser read its last answer to the end and goes on with
+                # the next, as parsers do on a connection (a new one costs ~9k instructions); a
+                # new connection, and a change to or from HEAD (answers without a body), get a new one
+                if not reused or protocol._skip_payload != head_only:  # aiohttp is pinned (pyproject)
+                    protocol.set_response_params(
+                        skip_payload=head_only,
+                        read_until_eof=True,  # a body without length or chunks ends with the connection
+                        auto_decompress=False,
+                        max_line_size=MAX_LINE,
+                        max_field_size=MAX_FIELD,
+                        max_headers=MAX_HEADERS,
+                    )
                 transport = protocol.transport
                 assert transport is not None
                 transport.write(data)

@@ -96,11 +96,20 @@ def cost_micro_usd(prices: PriceTable, provider: str, model: str | None, usage: 
         price = prices.price(provider, model)
         return None if price is None else _decimal_cost(price, usage)
     price, (per_input, per_output, per_cache_read, per_cache_write, per_reasoning) = rated
-    input_tokens, output_tokens, cache_read, cache_write, reasoning = _in_provider_terms(price, usage)
-    fresh = input_tokens - cache_read - cache_write if price.input_includes_cache else input_tokens
-    answer = output_tokens - reasoning if price.output_includes_reasoning else output_tokens
-    if fresh < 0 or answer < 0:
-        return None  # counts the provider reported inconsistently: unknown, never a guess
+    # _in_provider_terms, inlined (every metered response comes through here)
+    cache_read = usage.cache_read_tokens or 0
+    cache_write = usage.cache_write_tokens or 0
+    reasoning = usage.reasoning_tokens or 0
+    fresh = (usage.input_tokens or 0) - cache_read - cache_write
+    answer = (usage.output_tokens or 0) - reasoning
+    if fresh < 0:
+        if price.input_includes_cache:
+            return None  # counts the provider reported inconsistently: unknown, never a guess
+        fresh = 0
+    if answer < 0:
+        if price.output_includes_reasoning:
+            return None
+        answer = 0
     total = (
         fresh * per_input
         + answer * per_output

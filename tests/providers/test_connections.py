@@ -145,6 +145,33 @@ async def test_an_interim_100_answer_is_skipped() -> None:
         await pool.close()
 
 
+async def test_one_kept_alive_connection_reads_answers_of_every_framing_in_turn() -> None:
+    """A kept-alive connection's parser goes on from one answer to the next: answers sized, chunked
+    (with a trailer), empty (204, 304), after an interim 100 and to a HEAD, in any order, each read
+    whole and only its own, all on one connection."""
+    answers = [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst", b"first"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n", b"abcde"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", b""),  # to a HEAD: no body follows
+        (b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n", b""),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nnew", b"new"),
+        (b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbad!\r\n0\r\n\r\n", b"bad!"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast", b"last"),
+    ]
+    methods = ["POST", "GET", "POST", "HEAD", "GET", "POST", "POST", "GET"]
+    async with Upstream() as upstream:
+        queue = iter(answer for answer, _ in answers)
+        upstream.answer = lambda head: next(queue)
+        pool = ConnectionPool()
+        for method, (answer, body) in zip(methods, answers, strict=True):
+            status = int(answer.rsplit(b"HTTP/1.1 ", 1)[1][:3])
+            sent = None if method in ("GET", "HEAD") else b"{}"
+            assert await read(pool, upstream.url + "/f", method, body=sent) == (status, body)
+        await pool.close()
+    assert upstream.connections == 1
+
+
 async def test_a_connection_is_not_reused_after_close_an_unread_body_or_its_keepalive() -> None:
     async with Upstream() as upstream:
         answers = iter(
