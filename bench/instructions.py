@@ -4,10 +4,11 @@ Each server runs as the load bench starts it (the gateway from its Procfile line
 through uvicorn), but under ``valgrind --tool=callgrind``. One keep-alive client in this process sends
 the bench's request (the same POST wrk sends, with a real team key) sequentially: ``warmup`` requests,
 then ``requests`` measured ones. The server's instruction counter is read live (``callgrind_control
--e``, all threads summed) before and after the measured requests, then again after ``idle`` seconds
-with no traffic. Timers keep firing while the server is slowed down some 50 times by callgrind (uvicorn's tick,
-the gateway's key-cache refresh and metrics publication), so what they cost per second idle is
-subtracted over the measured window's duration::
+-e``, all threads summed). Timers keep firing while the server is slowed down some 50 times by
+callgrind (uvicorn's tick, the gateway's key-cache refresh and metrics publication), so what they
+cost per second is measured first, over ``idle`` seconds with no traffic once the warm-up's ledger
+rows are written, and subtracted over the measured window, which ends once the measured requests'
+own rows are written (the ledger writes at least once a second)::
 
     per request = (after - before - idle rate * window seconds) / requests
 
@@ -84,26 +85,39 @@ class Client:
         self.connection.close()
 
 
+SETTLE_SECONDS = 2.5
+"""Waited after the warm-up and after the measured requests: the usage ledger writes what was queued
+at least once a second, so its rows are written inside the window they belong to."""
+
+
 def count(server: Server, warmup: int, requests: int, idle: float) -> dict[str, float]:
-    """One server's figures: net instructions per request, and what they were made of."""
+    """One server's figures: net instructions per request, and what they were made of.
+
+    The idle rate is measured before the measured requests, after the warm-up's rows were written;
+    the window ends once the measured requests' rows are written too (a rate measured after the
+    window would hold the last rows' write, and subtract it many times over)."""
     client = Client(server)
+    pid = server.process.pid
     try:
         client.send(warmup)
-        pid = server.process.pid
+        time.sleep(SETTLE_SECONDS)
+        quiet, quiet_start = instructions(pid), time.monotonic()
+        time.sleep(idle)
         before, start = instructions(pid), time.monotonic()
         client.send(requests)
+        sent = time.monotonic()
+        time.sleep(SETTLE_SECONDS)
         after, end = instructions(pid), time.monotonic()
-        time.sleep(idle)
-        rested, rest_end = instructions(pid), time.monotonic()
     finally:
         client.close()
-    idle_per_second = (rested - after) / (rest_end - end)
+    idle_per_second = (before - quiet) / (start - quiet_start)
     window = end - start
     return {
         "instructions_per_request": (after - before - idle_per_second * window) / requests,
         "gross_instructions_per_request": (after - before) / requests,
         "idle_instructions_per_second": idle_per_second,
         "window_seconds": window,
+        "sending_seconds": sent - start,
         "requests": requests,
         "warmup": warmup,
     }

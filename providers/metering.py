@@ -48,76 +48,95 @@ def request_model(provider: str, rest: str, body: bytes) -> str | None:
 
 
 Rates = tuple[int, int, int, int, int]
-_RATES: dict[tuple[int, str, str], tuple[PriceTable, tuple[Price, Rates] | None]] = {}
-"""By (the table's id, provider, model): each entry holds its table, so the id stays its own."""
-_MAX_RATES = 10_000
+_MAX_MODELS = 10_000
 _SCALE = 10**6
 
 
-def _rates(prices: PriceTable, provider: str, model: str) -> tuple[Price, Rates] | None:
-    """The price of a model and its rates as whole millionths of a micro-dollar per token, found
-    once per worker (a price in USD per million tokens is exactly micro-dollars per token)."""
-    key = (id(prices), provider, model)
-    cached = _RATES.get(key)
-    if cached is not None:
-        return cached[1]
-    price = prices.price(provider, model)
-    found = None
-    if price is not None:
-        parts = (
-            price.input,
-            price.output,
-            price.input if price.cache_read is None else price.cache_read,
-            price.input if price.cache_write is None else price.cache_write,
-            price.output if price.reasoning is None else price.reasoning,
+def _rates(price: Price) -> Rates | None:
+    """A price's rates as whole millionths of a micro-dollar per token (a price in USD per million
+    tokens is exactly micro-dollars per token); ``None`` for a price with more than six decimals."""
+    parts = (
+        price.input,
+        price.output,
+        price.input if price.cache_read is None else price.cache_read,
+        price.input if price.cache_write is None else price.cache_write,
+        price.output if price.reasoning is None else price.reasoning,
+    )
+    scaled = tuple(part * _SCALE for part in parts)
+    if not all(value == int(value) for value in scaled):
+        return None
+    a, b, c, d, e = (int(value) for value in scaled)
+    return (a, b, c, d, e)
+
+
+class Pricer:
+    """What one provider's responses cost, each model's price and rates found once (the relay keeps
+    one per provider; a model's lookup is then one dictionary read)."""
+
+    __slots__ = ("_rated", "prices", "provider")
+
+    def __init__(self, prices: PriceTable, provider: str) -> None:
+        self.prices = prices
+        self.provider = provider
+        self._rated: dict[str, tuple[Price, Rates | None] | None] = {}
+
+    def _find(self, model: str) -> tuple[Price, Rates | None] | None:
+        price = self.prices.price(self.provider, model)
+        found = None if price is None else (price, _rates(price))
+        if len(self._rated) >= _MAX_MODELS:  # model names come from requests and answers
+            self._rated.clear()
+        self._rated[model] = found
+        return found
+
+    def cost(self, model: str | None, usage: Usage) -> int | None:
+        """What ``usage`` costs, exactly, in micro-dollars; ``None`` when unpriced or not known.
+
+        ``Usage`` counts every prompt token in ``input_tokens`` and every generated one in
+        ``output_tokens`` for every provider; a price states how its provider counts (Anthropic's
+        input leaves cache tokens out, Google's output leaves thoughts out), so the counts are put
+        back in the provider's own terms first. Integer arithmetic on the rates gives the same
+        result as ``Price.cost_micro_usd`` (one rounding, half up), which prices with more than six
+        decimals still use."""
+        if model is None or (usage.input_tokens is None and usage.output_tokens is None):
+            return None
+        try:
+            found = self._rated[model]
+        except KeyError:
+            found = self._find(model)
+        if found is None:
+            return None
+        price, rates = found
+        if rates is None:
+            return _decimal_cost(price, usage)
+        per_input, per_output, per_cache_read, per_cache_write, per_reasoning = rates
+        # _in_provider_terms, inlined (every metered response comes through here)
+        cache_read = usage.cache_read_tokens or 0
+        cache_write = usage.cache_write_tokens or 0
+        reasoning = usage.reasoning_tokens or 0
+        fresh = (usage.input_tokens or 0) - cache_read - cache_write
+        answer = (usage.output_tokens or 0) - reasoning
+        if fresh < 0:
+            if price.input_includes_cache:
+                return None  # counts the provider reported inconsistently: unknown, never a guess
+            fresh = 0
+        if answer < 0:
+            if price.output_includes_reasoning:
+                return None
+            answer = 0
+        total = (
+            fresh * per_input
+            + answer * per_output
+            + cache_read * per_cache_read
+            + cache_write * per_cache_write
+            + reasoning * per_reasoning
         )
-        scaled = tuple(part * _SCALE for part in parts)
-        if all(value == int(value) for value in scaled):  # six decimals or fewer: integers are exact
-            a, b, c, d, e = (int(value) for value in scaled)
-            found = (price, (a, b, c, d, e))
-    if len(_RATES) < _MAX_RATES:
-        _RATES[key] = (prices, found)
-    return found
+        return (total + _SCALE // 2) // _SCALE
 
 
 def cost_micro_usd(prices: PriceTable, provider: str, model: str | None, usage: Usage) -> int | None:
-    """What ``usage`` costs, exactly, in micro-dollars; ``None`` when unpriced or not known.
-
-    ``Usage`` counts every prompt token in ``input_tokens`` and every generated one in
-    ``output_tokens`` for every provider; a price states how its provider counts (Anthropic's input
-    leaves cache tokens out, Google's output leaves thoughts out), so the counts are put back in the
-    provider's own terms first. Integer arithmetic on rates found once per model gives the same
-    result as ``Price.cost_micro_usd`` (one rounding, half up), which prices with more than six
-    decimals still use."""
-    if model is None or (usage.input_tokens is None and usage.output_tokens is None):
-        return None
-    rated = _rates(prices, provider, model)
-    if rated is None:
-        price = prices.price(provider, model)
-        return None if price is None else _decimal_cost(price, usage)
-    price, (per_input, per_output, per_cache_read, per_cache_write, per_reasoning) = rated
-    # _in_provider_terms, inlined (every metered response comes through here)
-    cache_read = usage.cache_read_tokens or 0
-    cache_write = usage.cache_write_tokens or 0
-    reasoning = usage.reasoning_tokens or 0
-    fresh = (usage.input_tokens or 0) - cache_read - cache_write
-    answer = (usage.output_tokens or 0) - reasoning
-    if fresh < 0:
-        if price.input_includes_cache:
-            return None  # counts the provider reported inconsistently: unknown, never a guess
-        fresh = 0
-    if answer < 0:
-        if price.output_includes_reasoning:
-            return None
-        answer = 0
-    total = (
-        fresh * per_input
-        + answer * per_output
-        + cache_read * per_cache_read
-        + cache_write * per_cache_write
-        + reasoning * per_reasoning
-    )
-    return (total + _SCALE // 2) // _SCALE
+    """``Pricer(prices, provider).cost(model, usage)``: what ``usage`` costs, for a caller that
+    prices a model once (the relay keeps a ``Pricer``)."""
+    return Pricer(prices, provider).cost(model, usage)
 
 
 def _in_provider_terms(price: Price, usage: Usage) -> tuple[int, int, int, int, int]:

@@ -28,7 +28,7 @@ from providers.cache_scope import SKIP_CACHE, team_cache_key
 from providers.connections import ConnectionPool, RequestTargetError, Target, target
 from providers.cuts import ENDED_ON_PURPOSE, error_event, quiet_cuts_on_uvicorn
 from providers.headers import HeaderPolicy, without_credentials
-from providers.metering import cost_micro_usd, request_model
+from providers.metering import Pricer, request_model
 from providers.prices import PriceTable
 from providers.registry import credential_headers
 from providers.upstream import Upstream
@@ -84,6 +84,7 @@ class Relay:
         )
         self.prices = prices
         """The price table; ``None``: usage is not metered (``USAGE_METERING=off``)."""
+        self.pricer = Pricer(prices, provider.slug) if prices is not None else None
         self.inject_usage = (
             prices is not None and settings.usage_stream_options == "inject" and provider.stream_format == "openai-sse"
         )
@@ -331,7 +332,8 @@ class Relay:
     def _meter(self, info: RequestInfo, usage: Usage, rest: str, first_body: bytes) -> None:
         """What the response used and cost, onto the request's info (the ledger row and the access
         line read it there): the model the upstream named, else the one the request named."""
-        assert self.prices is not None
+        pricer = self.pricer
+        assert pricer is not None
         info.metered = usage.found  # only what was read counts in the token and cost metrics
         model = usage.model or request_model(self.provider.slug, rest, first_body)
         if model is not None and len(model) > MAX_MODEL_CHARS:
@@ -343,7 +345,7 @@ class Relay:
         info.cache_write_tokens = usage.cache_write_tokens
         info.reasoning_tokens = usage.reasoning_tokens
         if usage.found:
-            info.cost_micro_usd = cost = cost_micro_usd(self.prices, self.provider.slug, model, usage)
+            info.cost_micro_usd = cost = pricer.cost(model, usage)
             if cost is None and model not in self._unpriced and len(self._unpriced) < MAX_UNPRICED_LOGGED:
                 self._unpriced.add(model)
                 log.warning("model_unpriced", provider=self.provider.slug, model=model, hint="add it with PRICES_FILE")

@@ -14,7 +14,7 @@ from service.core.access import Access, access_for
 from service.core.limits.model import Limits
 
 if TYPE_CHECKING:  # service.core.ledger imports this module: the row class is for annotations only
-    from service.core.ledger import LedgerRow
+    from service.core.ledger import LedgerRow, LedgerValues
     from service.core.store.usage import FailureRows, ReportRows
 
 
@@ -351,7 +351,7 @@ class TokenStore(Protocol):
         """Micro-dollars a team's or key's priced usage cost from the day ``since`` (``None``: ever),
         from the daily totals of the usage ledger."""
 
-    async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+    async def record_usage(self, rows: Sequence[LedgerValues]) -> None:
         """Insert usage ledger rows and add them to the daily totals, in one transaction. A request
         id already recorded (a batch written again after its commit went unacknowledged) is skipped
         and adds nothing to the totals."""

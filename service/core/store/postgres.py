@@ -57,7 +57,7 @@ from service.core.store.usage import (
 )
 
 if TYPE_CHECKING:
-    from service.core.ledger import LedgerRow
+    from service.core.ledger import LedgerRow, LedgerValues
 
 log = structlog.get_logger("gateway.store")
 
@@ -324,7 +324,7 @@ class PostgresStore:
                 "UPDATE tokens SET last_used_at = $1 WHERE digest = $2", [(at, digest) for digest, at in used.items()]
             )
 
-    async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+    async def record_usage(self, rows: Sequence[LedgerValues]) -> None:
         """One transaction: the new rows in one statement (one array per column; a request id
         already recorded is skipped), then the daily totals of exactly the rows it inserted, in a
         fixed order, so replicas adding to the same totals at once never deadlock."""
@@ -336,7 +336,7 @@ class PostgresStore:
         with self._unavailable:
             async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 inserted = {str(row[0]) for row in await conn.fetch(INSERT_LEDGER_POSTGRES, *columns)}
-                totals = daily_totals([row for row in batch if row.request_id in inserted])
+                totals = daily_totals([row for row in batch if row[0] in inserted])
                 if totals:
                     await conn.executemany(upsert_daily("numeric"), totals)
 

@@ -66,7 +66,7 @@ from service.core.store.usage import (
 )
 
 if TYPE_CHECKING:
-    from service.core.ledger import LedgerRow
+    from service.core.ledger import LedgerRow, LedgerValues
 
 BUSY_TIMEOUT_SECONDS = 10.0
 unavailable = unavailable_on(sqlite3.Error)
@@ -358,7 +358,7 @@ class SQLiteStore:
         row = await self._read_one("SELECT version FROM gateway_state WHERE id = 1")
         return int(row[0]) if row else 0
 
-    async def record_usage(self, rows: Sequence[LedgerRow]) -> None:
+    async def record_usage(self, rows: Sequence[LedgerValues]) -> None:
         """The rows, in one transaction on the ledger's own connection, in one hop to a thread: the
         new rows (a request id already recorded, or twice in the batch, is skipped), then the daily
         totals of exactly the rows inserted."""
@@ -367,7 +367,7 @@ class SQLiteStore:
         with unavailable:
             await asyncio.to_thread(self._record_usage, rows)
 
-    def _record_usage(self, rows: Sequence[LedgerRow]) -> None:
+    def _record_usage(self, rows: Sequence[LedgerValues]) -> None:
         with self._ledger_lock:
             db = self._ledger_db
             if db is None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from service.core.store.migrations import ParamStyle
 
 if TYPE_CHECKING:  # service.core.ledger imports the store package: the class is only imported to build rows
-    from service.core.ledger import LedgerRow
+    from service.core.ledger import LedgerRow, LedgerValues
 
 LEDGER_COLUMNS = (
     "request_id",
@@ -207,11 +207,11 @@ def report_rows(report: Report, raw: Sequence[Sequence[Any]]) -> ReportRows:
     return rows
 
 
-def unique(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+def unique(rows: Sequence[LedgerValues]) -> list[LedgerValues]:
     """The rows with the first of each request id (a batch holding one twice counts it once)."""
-    first: dict[str, LedgerRow] = {}
+    first: dict[str, LedgerValues] = {}
     for row in rows:
-        first.setdefault(row.request_id, row)
+        first.setdefault(row[0], row)
     return list(first.values())
 
 
@@ -224,22 +224,22 @@ def ledger_row(record: Sequence[Any]) -> LedgerRow:
     return LedgerRow(*values)
 
 
-def daily_totals(rows: Sequence[LedgerRow]) -> list[tuple[object, ...]]:
+def daily_totals(rows: Sequence[LedgerValues]) -> list[tuple[object, ...]]:
     """What ``rows`` add to ``usage_daily``, one tuple per (day, team, key, provider, model) in
     ``DAILY_COLUMNS`` order, sorted: writers touch the totals in one order, so never deadlock."""
     totals: dict[tuple[str, str, str, str, str], list[int]] = {}
-    for row in rows:
-        key = (row.at[:10], row.team_id, row.key_id, row.provider, row.model or "")
+    for _, _, at, team_id, key_id, provider, model, _, *tokens, cost, _, _, _ in rows:
+        key = (at[:10], team_id, key_id, provider, model or "")
         sums = totals.get(key)
         if sums is None:
             sums = totals[key] = [0] * len(DAILY_SUMS)
         sums[0] += 1
-        sums[1] += row.input_tokens or 0
-        sums[2] += row.output_tokens or 0
-        sums[3] += row.cache_read_tokens or 0
-        sums[4] += row.cache_write_tokens or 0
-        sums[5] += row.reasoning_tokens or 0
-        cost = row.cost_micro_usd
+        input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
+        sums[1] += input_tokens or 0
+        sums[2] += output_tokens or 0
+        sums[3] += cache_read or 0
+        sums[4] += cache_write or 0
+        sums[5] += reasoning or 0
         if cost is None:
             sums[7] += 1
         else:
