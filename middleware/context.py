@@ -74,7 +74,7 @@ def _ledger_row(
         info.cost_micro_usd,
         duration_ms,
         ttfb_ms,
-        not truncated and info.status != 0,  # complete
+        1 if not truncated and info.status != 0 else 0,  # complete
     )
 
 

@@ -618,6 +618,11 @@ async def test_usage_rows_are_recorded_whole_and_read_back(location: str) -> Non
     assert await store.usage_request(row.request_id) == row
     assert await store.usage_request(unpriced.request_id) == unpriced
     assert await store.usage_request("req_unknown") is None
+    cut, whole = usage(3, complete=False), usage(4)  # as the request path queues them: plain tuples, 1 or 0
+    await store.record_usage([(*cut[:-1], 0), (*whole[:-1], 1)])
+    assert await store.usage_request(cut.request_id) == cut
+    assert await store.usage_request(whole.request_id) == whole
+    assert (await store.usage_request(whole.request_id)).complete is True  # type: ignore[union-attr]
     await store.record_usage([])  # nothing to do, no error
     await store.close()
 

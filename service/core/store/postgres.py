@@ -333,6 +333,7 @@ class PostgresStore:
             return
         columns = [list(values) for values in zip(*batch, strict=True)]
         assert len(columns) == len(LEDGER_COLUMNS)
+        columns[-1] = [bool(complete) for complete in columns[-1]]  # 1 or 0 from the request path
         with self._unavailable:
             async with self.pool.acquire(timeout=self.timeout) as conn, conn.transaction():
                 inserted = {str(row[0]) for row in await conn.fetch(INSERT_LEDGER_POSTGRES, *columns)}
