@@ -61,7 +61,7 @@ def dialect_for(stream_format: str, path: str) -> Dialect | None:
 Maker = Callable[[], UsageReader]
 _MAKERS: dict[tuple[str, str, str, str | None], Maker | None] = {}
 """What ``usage_reader`` decided, by (stream format, path, content type, content encoding): found
-once per worker for the responses it sees; bounded like ``_FOUND``."""
+once per worker for the responses it sees; at most ``_MAX_FOUND`` (paths come from requests)."""
 NO_USAGE = NoUsage()
 """The one reader of responses that cannot hold usage (it keeps nothing)."""
 
