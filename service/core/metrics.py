@@ -410,11 +410,16 @@ class Metrics:
         sums = self._usage.get((provider, model, team) if self.team_labels else (provider, model))
         if sums is None:
             sums = self._new_usage_series(provider, model, team)
-        sums[0] += input_tokens or 0
-        sums[1] += output_tokens or 0
-        sums[2] += cache_read or 0
-        sums[3] += cache_write or 0
-        sums[4] += reasoning or 0
+        if input_tokens:  # None (not reported) and 0 add nothing
+            sums[0] += input_tokens
+        if output_tokens:
+            sums[1] += output_tokens
+        if cache_read:
+            sums[2] += cache_read
+        if cache_write:
+            sums[3] += cache_write
+        if reasoning:
+            sums[4] += reasoning
         if cost is None:
             sums[7] += 1
         else:

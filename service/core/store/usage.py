@@ -228,18 +228,22 @@ def daily_totals(rows: Sequence[LedgerValues]) -> list[tuple[object, ...]]:
     """What ``rows`` add to ``usage_daily``, one tuple per (day, team, key, provider, model) in
     ``DAILY_COLUMNS`` order, sorted: writers touch the totals in one order, so never deadlock."""
     totals: dict[tuple[str, str, str, str, str], list[int]] = {}
-    for _, _, at, team_id, key_id, provider, model, _, *tokens, cost, _, _, _ in rows:
+    for _, _, at, team_id, key_id, provider, model, _, inp, out, read, write, reasoning, cost, _, _, _ in rows:
         key = (at[:10], team_id, key_id, provider, model or "")
         sums = totals.get(key)
         if sums is None:
             sums = totals[key] = [0] * len(DAILY_SUMS)
         sums[0] += 1
-        input_tokens, output_tokens, cache_read, cache_write, reasoning = tokens
-        sums[1] += input_tokens or 0
-        sums[2] += output_tokens or 0
-        sums[3] += cache_read or 0
-        sums[4] += cache_write or 0
-        sums[5] += reasoning or 0
+        if inp:  # None (not reported) and 0 add nothing: no addition at all
+            sums[1] += inp
+        if out:
+            sums[2] += out
+        if read:
+            sums[3] += read
+        if write:
+            sums[4] += write
+        if reasoning:
+            sums[5] += reasoning
         if cost is None:
             sums[7] += 1
         else:
