@@ -82,9 +82,8 @@ class Relay:
             allowed_cf_aig=settings.cf_aig_allowed_headers,
             team_cache=self.scope_cache,
         )
-        self.prices = prices
-        """The price table; ``None``: usage is not metered (``USAGE_METERING=off``)."""
         self.pricer = Pricer(prices, provider.slug) if prices is not None else None
+        """This provider's prices; ``None``: usage is not metered (``USAGE_METERING=off``)."""
         self.inject_usage = (
             prices is not None and settings.usage_stream_options == "inject" and provider.stream_format == "openai-sse"
         )
@@ -268,7 +267,7 @@ class Relay:
         down.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gateway * 1000, wait * 1000)))
         clean = False
         reader: UsageReader | None = None
-        if self.prices is not None:
+        if self.pricer is not None:
             reader = usage_reader(
                 self.provider.stream_format,
                 scope[REST_KEY],
