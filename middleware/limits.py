@@ -7,16 +7,16 @@ budget its body is read first (bounded by ``MAX_REQUEST_BYTES``) for the prompt 
 and its output maximum, then handed on whole. Admitted, the response carries the ``x-ratelimit-*``
 headers of the tightest limit, and when the request ends, however it ends (answered, upstream error,
 client gone, timeout, the gateway's own error, cancellation), its lease is released with the real
-tokens and cost the relay read.
+tokens and cost the relay read. The relay writes the headers (``RequestInfo.limit_headers``) in place
+of any the upstream sent of the same kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import itemgetter
 from typing import NamedTuple
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware.body import ClientLeft, read_body, replay
 from service.core.errors import Forbidden
@@ -52,21 +52,6 @@ class _Plan(NamedTuple):
     """Whether the body is read for the worst case (a budget or a tokens-per-minute limit)."""
 
 
-_REQUESTS = frozenset({b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"})
-_TOKENS = frozenset({b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens"})
-_BOTH = _REQUESTS | _TOKENS
-
-
-def _replaced(extra: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The names of the ``x-ratelimit-*`` headers the limits answer with (of requests, tokens or
-    both), which replace any of the same name from upstream."""
-    if len(extra) > 3:
-        return _BOTH
-    return _REQUESTS if extra[0][0] in _REQUESTS else _TOKENS
-
-
-_RATE_PREFIX = b"x-ratelimit-"
-_name = itemgetter(0)
 _PLANS_KEPT = 10_000
 
 
@@ -108,31 +93,20 @@ class LimitsGate:
             except ClientLeft:
                 return
             receive = replay(body, receive)
-            estimate = self.estimate(scope, body)
-            tokens = estimate.tokens
+            tokens, worst, model = self.estimate(scope, body)
             budgeted = plan.budgeted
             if budgeted is not None:
-                if estimate.cost is None:
-                    reads_only = estimate.model is None and scope["method"] in _READS
+                if worst is None:
+                    reads_only = model is None and scope["method"] in _READS
                     if not self.unpriced_allowed and not reads_only:
-                        raise unpriced(estimate.model, budgeted)
+                        raise unpriced(model, budgeted)
                 else:
-                    cost = estimate.cost
+                    cost = worst
         limiter: Limiter = scope["state"]["limiter"]
         grant = await limiter.admit(plan.subjects, tokens, cost, info.request_id)
-        extra = grant.headers
-        if extra:
-
-            async def send_with_limits(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    headers = message.get("headers", ())
-                    if b"\n".join(map(_name, headers)).lower().find(_RATE_PREFIX) >= 0:  # not `in`: paths.safe_rest
-                        names = _replaced(extra)
-                        headers = [(k, v) for k, v in headers if k.lower() not in names]
-                    message["headers"] = [*headers, *extra]
-                await send(message)
-
+        if grant.headers:
+            info.limit_headers = grant.headers  # the relay answers with them
         try:
-            await self.app(scope, receive, send_with_limits if extra else send)
+            await self.app(scope, receive, send)
         finally:
             limiter.release(grant, (info.input_tokens or 0) + (info.output_tokens or 0), info.cost_micro_usd or 0)

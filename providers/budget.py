@@ -12,7 +12,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import Scope
 
-from providers.metering import cost_micro_usd, request_model
+from providers.metering import BODY_LOOKED_AT, BODY_MODEL, MODELS_IN_PATH, cost_micro_usd, path_model
 from providers.prices import PriceTable
 from providers.usage import Usage
 from service.core.limits.outcome import Estimate
@@ -21,6 +21,8 @@ from service.core.request import REST_KEY
 BYTES_PER_TOKEN = 4
 MAX_OUTPUT_TOKENS = 10_000_000
 MILLION = 1_000_000
+_UNKNOWN = (-1, -1)
+"""A model not priced yet (``BudgetEstimator._rates``)."""
 _FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _KEY_ENDS = (b'_tokens"', b'OutputTokens"')
 """How every name ``output_limit`` reads ends, as a key in the JSON text (quoted, unescaped): a
@@ -57,6 +59,7 @@ class BudgetEstimator:
         self.prices = prices
         self.default_max_tokens = default_max_tokens
         self._rates: dict[str, tuple[int, int] | None] = {}
+        self.models_in_path = provider in MODELS_IN_PATH
 
     def rates(self, model: str) -> tuple[int, int] | None:
         """What a million input tokens and a million output tokens of ``model`` cost, in
@@ -76,14 +79,19 @@ class BudgetEstimator:
 
     def __call__(self, scope: Scope, body: bytes) -> Estimate:
         prompt = (len(body) + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
-        model = request_model(self.provider, scope[REST_KEY], body)
+        model = path_model(self.provider, scope[REST_KEY]) if self.models_in_path else None
+        if model is None:  # as metering.request_model, inline: every request under a budget asks
+            match = BODY_MODEL.search(body, 0, BODY_LOOKED_AT)
+            model = match.group(1).decode("utf-8", "replace") if match is not None else None
         if self.prices is None or model is None:
-            return Estimate(prompt, None, model)
-        rates = self.rates(model)
+            return (prompt, None, model)
+        rates = self._rates.get(model, _UNKNOWN)
+        if rates is _UNKNOWN:
+            rates = self.rates(model)
         if rates is None:
-            return Estimate(prompt, None, model)
+            return (prompt, None, model)
         output = output_limit(body)
         if output is None:
             output = self.default_max_tokens
         # both at once, rounded half up once, as the metering prices a response
-        return Estimate(prompt, (prompt * rates[0] + output * rates[1] + MILLION // 2) // MILLION, model)
+        return (prompt, (prompt * rates[0] + output * rates[1] + MILLION // 2) // MILLION, model)

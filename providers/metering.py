@@ -13,7 +13,7 @@ import re
 from providers.prices import Price, PriceTable
 from providers.usage import Usage
 
-_BODY_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+BODY_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 _GEMINI_MODEL = re.compile(r"models/([^/:?]{1,200})")
 BODY_LOOKED_AT = 64 * 1024
 
@@ -34,6 +34,10 @@ def path_model(provider: str, rest: str) -> str | None:
     return None
 
 
+MODELS_IN_PATH = frozenset({"google-ai-studio", "workers-ai", "azure-openai"})
+"""The providers whose paths may name the model (``path_model``)."""
+
+
 def request_model(provider: str, rest: str, body: bytes) -> str | None:
     """The model the request named: in its path for the providers that put it there, else the
     body's ``model`` (looked for in the first ``BODY_LOOKED_AT`` bytes the relay received)."""
@@ -41,7 +45,7 @@ def request_model(provider: str, rest: str, body: bytes) -> str | None:
     if found is not None:
         return found
     if body:
-        match = _BODY_MODEL.search(body, 0, BODY_LOOKED_AT)
+        match = BODY_MODEL.search(body, 0, BODY_LOOKED_AT)
         if match is not None:
             return match.group(1).decode("utf-8", "replace")
     return None

@@ -43,6 +43,7 @@ from service.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from service.core.limits.outcome import with_rate_headers
 from service.core.metrics import Metrics
 from service.core.request import REST_KEY, SCOPE_KEY, RequestInfo
 
@@ -262,6 +263,8 @@ class Relay:
         info.upstream_wait = wait = headers_at - sent_at
         gateway = headers_at - info.started - wait
         down, stream, content_type, content_encoding = header_policy.down(response.raw_headers)
+        if info.limit_headers is not None:
+            down = with_rate_headers(down, info.limit_headers)
         if stream:
             metrics.streams.inc()
         down.append((b"server-timing", b"gateway;dur=%.3f, upstream;dur=%.3f" % (gateway * 1000, wait * 1000)))

@@ -210,7 +210,13 @@ class MockUpstream:
             return web.json_response(
                 {"error": {"message": f"upstream says {status}", "type": "rate_limit_error"}},
                 status=status,
-                headers={"Retry-After": "7", "x-request-id": "req_upstream_error"},
+                headers={
+                    "Retry-After": "7",
+                    "x-request-id": "req_upstream_error",
+                    "X-RateLimit-Limit-Requests": "10000",
+                    "X-RateLimit-Remaining-Requests": "0",
+                    "X-RateLimit-Limit-Tokens": "30000",
+                },
             )
         if name == "slow-headers":
             try:

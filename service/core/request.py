@@ -37,6 +37,7 @@ class RequestInfo:
         "cost_micro_usd",
         "error_shape",
         "input_tokens",
+        "limit_headers",
         "metadata",
         "metered",
         "model",
@@ -86,5 +87,7 @@ class RequestInfo:
         """When the request arrived, in milliseconds since the epoch (its id and its ledger row's
         time carry it; ``started`` is monotonic)."""
         self.metadata: str | None = None
+        self.limit_headers: list[tuple[bytes, bytes]] | None = None
+        """The ``x-ratelimit-*`` headers of the limits that admitted the request, for its response."""
         self.error_shape: Shape = "plain"
         """How this request's errors look: its provider's shape once the mount knows it."""

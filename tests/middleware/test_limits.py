@@ -64,6 +64,23 @@ def test_requests_per_minute_and_concurrency_in_memory(gateway: GatewayProcess) 
     claude.close()
 
 
+def test_the_upstreams_rate_headers_of_a_limited_kind_give_way_to_the_gateways(gateway: GatewayProcess) -> None:
+    """The upstream's 429 says 10,000 requests and 30,000 tokens a minute (its own limits, on the
+    gateway's shared account); the team's requests limit answers instead, its tokens limit does not
+    exist, so the upstream's tokens headers pass."""
+    patch(gateway, "/teams/team_headers", {"limits": {"requestsPerMinute": 50}})
+    key = gateway.create_key("team_headers")
+    answer = httpx.get(f"{gateway.url}/openai/_mock/status/429", headers={"authorization": f"Bearer {key}"})
+    assert answer.status_code == 429
+    assert answer.headers.get_list("x-ratelimit-limit-requests") == ["50"]
+    assert answer.headers.get_list("x-ratelimit-remaining-requests") == ["49"]
+    assert answer.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert answer.headers.get_list("x-ratelimit-limit-tokens") == ["30000"]
+    unlimited = gateway.create_key("team_without_limits")
+    plain = httpx.get(f"{gateway.url}/openai/_mock/status/429", headers={"authorization": f"Bearer {unlimited}"})
+    assert plain.headers.get_list("x-ratelimit-limit-requests") == ["10000"]  # a team without limits: untouched
+
+
 def state(gateway: GatewayProcess, path: str) -> dict[str, object]:
     found: dict[str, object] = httpx.get(f"{gateway.url}{path}", headers=ADMIN).json()["state"]
     return found

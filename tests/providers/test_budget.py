@@ -39,6 +39,6 @@ def test_the_worst_case_is_priced_as_the_metering_prices_a_response() -> None:
         prompt = -(-len(raw) // 4)
         usage = Usage(input_tokens=prompt, output_tokens=int(payload.get("max_tokens", 4096)), found=True)
         assert found == (prompt, cost_micro_usd(prices, "openai", str(payload["model"]), usage), payload["model"])
-    assert estimate(scope, b'{"model": "no-such-model"}').cost is None
+    assert estimate(scope, b'{"model": "no-such-model"}')[1] is None
     assert estimate(scope, b"{}") == (1, None, None)
-    assert BudgetEstimator("openai", None, 10)(scope, b'{"model": "gpt-4o"}').cost is None
+    assert BudgetEstimator("openai", None, 10)(scope, b'{"model": "gpt-4o"}')[1] is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
 
 from service.core.errors import TooManyRequests
 from service.core.limits.outcome import (
@@ -21,6 +22,7 @@ from service.core.limits.outcome import (
     SubjectState,
     Tally,
     budget_retry,
+    periods_at,
     rate_headers,
     refusal,
 )
@@ -47,7 +49,8 @@ class _Books:
         self.spent: dict[str, int] = {}
         """Budget period → micro-dollars settled."""
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float, first: int) -> None:
+        """Drop the leases expired at ``now`` and the seconds before ``first``."""
         leases = self.leases
         if leases:
             expired = []
@@ -58,22 +61,10 @@ class _Books:
             for lease in expired:
                 self.reserved -= leases.pop(lease)[1]
         seconds = self.seconds
-        first = int(now) - WINDOW_SECONDS + 1
         while seconds and seconds[0][0] < first:
             _, requests, tokens = seconds.popleft()
             self.requests -= requests
             self.tokens -= tokens
-
-    def count(self, second: int, tokens: int) -> None:
-        seconds = self.seconds
-        if seconds and seconds[-1][0] == second:
-            counts = seconds[-1]
-            counts[1] += 1
-            counts[2] += tokens
-        else:
-            seconds.append([second, 1, tokens])
-        self.requests += 1
-        self.tokens += tokens
 
     def settle(self, second: int, delta: int) -> None:
         """Correct the tokens counted in ``second``, while it is in the window."""
@@ -85,12 +76,30 @@ class _Books:
             if counts[0] < second:
                 return
 
-    def tally(self) -> Tally:
+    def oldest_token(self) -> int:
+        return next((counts[0] for counts in self.seconds if counts[2]), -1)
+
+    def tally(self, subject: Subject) -> Tally:
         seconds = self.seconds
         if not seconds:
-            return Tally(0, 0, -1, -1)
-        oldest_token = next((counts[0] for counts in seconds if counts[2]), -1)
-        return Tally(self.requests, self.tokens, seconds[0][0], oldest_token)
+            return (subject, 0, 0, -1, -1)
+        return (subject, self.requests, self.tokens, seconds[0][0], self.oldest_token())
+
+
+class _Group(NamedTuple):
+    """A request's subjects with their figures and budget periods, valid from ``start`` to ``end``
+    (seconds since the epoch): kept per subjects tuple (the limits gate keeps one per key)."""
+
+    subjects: Sequence[Subject]
+    entries: tuple[tuple[Subject, _Books, str | None], ...]
+    periods: tuple[str | None, ...]
+    start: float
+    end: float
+    rated: bool
+    """Whether a subject has a requests or a tokens per minute limit (the response says how much is left)."""
+
+
+_GROUPS_KEPT = 10_000
 
 
 class MemoryLimiter:
@@ -102,6 +111,7 @@ class MemoryLimiter:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self._books: dict[str, _Books] = {}
+        self._groups: dict[int, _Group] = {}
 
     async def start(self) -> None:
         return None
@@ -122,57 +132,81 @@ class MemoryLimiter:
             if period not in books.spent:  # another request may have seeded it meanwhile
                 books.spent = {period: found}  # only the current period is kept
 
+    def _group(self, subjects: Sequence[Subject], now: float) -> _Group:
+        periods, start, end = periods_at(subjects, now)
+        entries = tuple((subject, self._of(subject), period) for subject, period in zip(subjects, periods, strict=True))
+        rated = any(subject.rpm is not None or subject.tpm is not None for subject in subjects)
+        if len(self._groups) >= _GROUPS_KEPT:
+            self._groups.clear()
+        group = self._groups[id(subjects)] = _Group(subjects, entries, periods, start, end, rated)
+        return group
+
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         """Count the request against every subject, or raise the 429 of the first limit it would pass."""
         now = self.clock()
-        periods = tuple(subject.period(now) for subject in subjects)
-        all_books = [self._of(subject) for subject in subjects]
-        unseeded = [(s, p) for s, b, p in zip(subjects, all_books, periods, strict=True) if p and p not in b.spent]
-        if unseeded:
-            for first_use, its_period in unseeded:
-                await self._seeded(first_use, its_period)
-            now = self.clock()
+        group = self._groups.get(id(subjects))
+        if group is None or group.subjects is not subjects or not group.start <= now < group.end:
+            group = self._group(subjects, now)
+        entries = group.entries
+        for _, books, period in entries:
+            if period is not None and period not in books.spent:
+                for first_use, _, its_period in entries:
+                    await self._seeded(first_use, its_period)
+                now = self.clock()
+                break
         # from here on, no await: checking and taking are one step
-        for books in all_books:
-            books.sweep(now)
-        for subject, books, period in zip(subjects, all_books, periods, strict=True):
+        first = int(now) - WINDOW_SECONDS + 1
+        for subject, books, period in entries:
+            if books.leases or (books.seconds and books.seconds[0][0] < first):
+                books.sweep(now, first)
             limits = subject.limits
             if limits.max_concurrent is not None and len(books.leases) >= limits.max_concurrent:
-                raise self._refusal(subject, "concurrent", 1, subjects, all_books, now)
+                raise self._refusal(subject, "concurrent", 1, entries, now)
             if limits.requests_per_minute is not None and books.requests + 1 > limits.requests_per_minute:
                 wait = books.seconds[0][0] + WINDOW_SECONDS - now
-                raise self._refusal(subject, "rpm", wait, subjects, all_books, now)
+                raise self._refusal(subject, "rpm", wait, entries, now)
             if limits.tokens_per_minute is not None and books.tokens + tokens > limits.tokens_per_minute:
-                oldest = books.tally().oldest_token
+                oldest = books.oldest_token()
                 wait = (oldest if oldest >= 0 else int(now)) + WINDOW_SECONDS - now
-                raise self._refusal(subject, "tpm", wait, subjects, all_books, now)
+                raise self._refusal(subject, "tpm", wait, entries, now)
             if limits.budget_micro_usd is not None and period is not None:
                 spent = books.spent.get(period, 0)
                 if spent + books.reserved + cost > limits.budget_micro_usd:
                     wait = budget_retry(subject, spent, cost, now)
-                    raise self._refusal(subject, "budget", wait, subjects, all_books, now, spent, books.reserved)
+                    raise self._refusal(subject, "budget", wait, entries, now, spent, books.reserved)
         second = int(now)
         held = (now + self.lease_seconds, cost)
-        for books in all_books:
-            books.count(second, tokens)
+        tallies: list[Tally] = []
+        for subject, books, _ in entries:
+            seconds = books.seconds
+            if seconds and seconds[-1][0] == second:
+                counts = seconds[-1]
+                counts[1] += 1
+                counts[2] += tokens
+            else:
+                seconds.append([second, 1, tokens])
+            books.requests += 1
+            books.tokens += tokens
             books.leases[lease] = held
             books.reserved += cost
-        headers = rate_headers(subjects, [books.tally() for books in all_books], now)
-        return Grant(lease, subjects, second, tokens, cost, periods, headers)
+            if group.rated:
+                oldest_token = books.oldest_token() if subject.tpm is not None else -1
+                tallies.append((subject, books.requests, books.tokens, seconds[0][0], oldest_token))
+        headers = rate_headers(tallies, now) if tallies else []
+        return Grant(lease, subjects, second, tokens, cost, group.periods, headers, place=entries)
 
     @staticmethod
     def _refusal(
         subject: Subject,
         kind: str,
         wait: float,
-        subjects: Sequence[Subject],
-        all_books: Sequence[_Books],
+        entries: Sequence[tuple[Subject, _Books, str | None]],
         now: float,
         spent: int = 0,
         reserved: int = 0,
     ) -> TooManyRequests:
-        tallies = [books.tally() for books in all_books]
-        return refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
+        tallies = [books.tally(each) for each, books, _ in entries]
+        return refusal(subject, kind, wait, tallies, now, spent=spent, reserved=reserved)
 
     def release(self, grant: Grant, tokens: int, cost: int) -> None:
         """The request ended: its lease goes, its real cost is spent, its tokens settle to the real count."""
@@ -180,13 +214,16 @@ class MemoryLimiter:
             return
         grant.released = True
         delta = tokens - grant.tokens
-        for subject, period in zip(grant.subjects, grant.periods, strict=True):
-            books = self._of(subject)
-            held = books.leases.pop(grant.lease, None)
+        lease = grant.lease
+        entries: tuple[tuple[Subject, _Books, str | None], ...] = grant.place
+        for _, books, period in entries:
+            held = books.leases.pop(lease, None)
             if held is not None:
                 books.reserved -= held[1]
-            if period is not None and period in books.spent:
-                books.spent[period] += cost
+            if period is not None:
+                spent = books.spent
+                if period in spent:
+                    spent[period] += cost
             if delta:
                 books.settle(grant.second, delta)
 
@@ -194,6 +231,7 @@ class MemoryLimiter:
         period = subject.period(self.clock())
         await self._seeded(subject, period)
         books = self._of(subject)
-        books.sweep(self.clock())
+        now = self.clock()
+        books.sweep(now, int(now) - WINDOW_SECONDS + 1)
         spent = books.spent.get(period) if period is not None else None
         return SubjectState(spent, books.reserved, books.requests, books.tokens, len(books.leases))

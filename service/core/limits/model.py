@@ -98,20 +98,25 @@ _CURRENT: dict[str, tuple[float, float, str]] = {}
 """Per kind of period, the one last asked for: (its start, its end, in seconds since the epoch; its name)."""
 
 
-def period_at(period: str, now: float) -> str:
-    """``period_key`` at ``now`` in seconds since the epoch, worked out once per period (every
-    request under a budget asks)."""
+def period_span(period: str, now: float) -> tuple[float, float, str]:
+    """The period ``now`` (seconds since the epoch) is in: its start and its end in seconds since
+    the epoch (infinite for ``total``) and its name as ``period_key`` gives it; worked out once per
+    period (every request under a budget asks)."""
     found = _CURRENT.get(period)
     if found is not None and found[0] <= now < found[1]:
-        return found[2]
+        return found
     start, end = period_bounds(period, datetime.fromtimestamp(now, UTC))
-    name = "total" if start is None else start.date().isoformat()
-    _CURRENT[period] = (
+    found = _CURRENT[period] = (
         -math.inf if start is None else start.timestamp(),
         math.inf if end is None else end.timestamp(),
-        name,
+        "total" if start is None else start.date().isoformat(),
     )
-    return name
+    return found
+
+
+def period_at(period: str, now: float) -> str:
+    """``period_key`` at ``now`` in seconds since the epoch."""
+    return period_span(period, now)[2]
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -13,10 +13,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
+from operator import itemgetter
+from typing import Any
 
 from service.core.errors import TooManyRequests
-from service.core.limits.model import Limits, period_at, period_bounds, usd
+from service.core.limits.model import Limits, period_at, period_bounds, period_span, usd
 
 WINDOW_SECONDS = 60
 BUDGET_RETRY_SECONDS = 1
@@ -31,9 +32,15 @@ class Subject:
     limits: Limits
     name: str = field(init=False, compare=False, repr=False)
     """The subject's place in a shared store: ``team:team_123``, ``key:key_…``."""
+    rpm: bytes | None = field(init=False, compare=False, repr=False)
+    tpm: bytes | None = field(init=False, compare=False, repr=False)
+    """The requests and tokens per minute limits as their header values, written once."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", f"{self.kind}:{self.ident}")
+        rpm, tpm = self.limits.requests_per_minute, self.limits.tokens_per_minute
+        object.__setattr__(self, "rpm", None if rpm is None else b"%d" % rpm)
+        object.__setattr__(self, "tpm", None if tpm is None else b"%d" % tpm)
 
     def period(self, now: float) -> str | None:
         """The budget period ``now`` is in (``2026-11-01``, ``total``), or ``None`` without a budget."""
@@ -42,13 +49,26 @@ class Subject:
         return period_at(self.limits.budget_period or "month", now)
 
 
-class Tally(NamedTuple):
-    """One subject's window after a check (this request included when admitted)."""
+def periods_at(subjects: Sequence[Subject], now: float) -> tuple[tuple[str | None, ...], float, float]:
+    """Each subject's budget period at ``now``, and the span of time (start, end, in seconds since
+    the epoch) over which they all stay the same: a limiter works them out once per span."""
+    periods: list[str | None] = []
+    start, end = -math.inf, math.inf
+    for subject in subjects:
+        if subject.limits.budget_micro_usd is None:
+            periods.append(None)
+            continue
+        period = subject.limits.budget_period or "month"
+        since, until, name = period_span(period, now)
+        periods.append(name)
+        start, end = max(start, since), min(end, until)
+    return tuple(periods), start, end
 
-    requests: int
-    tokens: int
-    oldest_request: int
-    oldest_token: int
+
+Tally = tuple[Subject, int, int, int, int]
+"""One subject's window after a check (this request included when admitted): the subject, its
+requests, its tokens, the oldest second holding a request and the oldest holding tokens (-1: none).
+A plain tuple, made for every admitted request."""
 
 
 @dataclass(slots=True)
@@ -66,6 +86,8 @@ class Grant:
     released: bool = False
     offline: bool = False
     """Admitted unchecked while the limits' store was unreachable (``LIMITS_FAIL_MODE=open``)."""
+    place: Any = None
+    """Where the limiter that made it finds what to release (its figures, or its keys)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,44 +124,72 @@ def _iso(moment: datetime | None) -> str | None:
 
 def duration(seconds: float) -> str:
     """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``1m0s``."""
+    return _reset(seconds).decode()
+
+
+def _reset(seconds: float) -> bytes:
+    """``duration`` as a header value, written with integer formatting only (a request admitted
+    under a per-minute limit writes one or two)."""
     if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    if seconds < 60:
-        return f"{round(seconds, 3):g}s"
+        return b"%dms" % max(0, round(seconds * 1000))
+    if seconds < WINDOW_SECONDS:
+        whole, millis = divmod(round(seconds * 1000), 1000)
+        if millis:
+            return b"%d.%ss" % (whole, (b"%03d" % millis).rstrip(b"0"))
+        return b"%ds" % whole
     minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes}m{rest}s"
+    return b"%dm%ds" % (minutes, rest)
 
 
-def rate_headers(subjects: Sequence[Subject], tallies: Sequence[Tally], now: float) -> list[tuple[bytes, bytes]]:
+def rate_headers(tallies: Sequence[Tally], now: float) -> list[tuple[bytes, bytes]]:
     """``x-ratelimit-*`` for the tightest requests-per-minute and tokens-per-minute limits."""
-    headers: list[tuple[bytes, bytes]] = []
     requests = tokens = None
-    for subject, tally in zip(subjects, tallies, strict=True):
-        limits = subject.limits
-        limit = limits.requests_per_minute
+    for subject, counted, tokens_counted, oldest_request, oldest_token in tallies:
+        limit = subject.rpm
         if limit is not None:
-            remaining = max(0, limit - tally.requests)
+            remaining = max(0, subject.limits.requests_per_minute - counted)  # type: ignore[operator]
             if requests is None or remaining < requests[1]:
-                requests = (limit, remaining, tally.oldest_request)
-        limit = limits.tokens_per_minute
+                requests = (limit, remaining, oldest_request)
+        limit = subject.tpm
         if limit is not None:
-            remaining = max(0, limit - tally.tokens)
+            remaining = max(0, subject.limits.tokens_per_minute - tokens_counted)  # type: ignore[operator]
             if tokens is None or remaining < tokens[1]:
-                tokens = (limit, remaining, tally.oldest_token)
+                tokens = (limit, remaining, oldest_token)
+    headers: list[tuple[bytes, bytes]] = []
     if requests is not None:
         limit, remaining, oldest = requests
         headers += (
-            (b"x-ratelimit-limit-requests", b"%d" % limit),
+            (b"x-ratelimit-limit-requests", limit),
             (b"x-ratelimit-remaining-requests", b"%d" % remaining),
-            (b"x-ratelimit-reset-requests", duration(oldest + WINDOW_SECONDS - now).encode()),
+            (b"x-ratelimit-reset-requests", _reset(oldest + WINDOW_SECONDS - now)),
         )
     if tokens is not None:
         limit, remaining, oldest = tokens
         headers += (
-            (b"x-ratelimit-limit-tokens", b"%d" % limit),
+            (b"x-ratelimit-limit-tokens", limit),
             (b"x-ratelimit-remaining-tokens", b"%d" % remaining),
-            (b"x-ratelimit-reset-tokens", duration(oldest + WINDOW_SECONDS - now).encode()),
+            (b"x-ratelimit-reset-tokens", _reset(oldest + WINDOW_SECONDS - now)),
         )
+    return headers
+
+
+_REQUESTS = frozenset({b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests"})
+_TOKENS = frozenset({b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens"})
+_BOTH = _REQUESTS | _TOKENS
+_RATE_PREFIX = b"x-ratelimit-"
+_name = itemgetter(0)
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def with_rate_headers(headers: Headers, extra: Headers) -> Headers:
+    """A response's ``headers`` with the limits' ``x-ratelimit-*`` (``extra``: of requests, tokens or
+    both) in place of any upstream ones of the same kind."""
+    if b"\n".join(map(_name, headers)).lower().find(_RATE_PREFIX) >= 0:  # not `in`: paths.safe_rest
+        names = _BOTH if len(extra) > 3 else _REQUESTS if extra[0][0] in _REQUESTS else _TOKENS
+        headers = [(name, value) for name, value in headers if name.lower() not in names]
+    headers += extra
     return headers
 
 
@@ -155,7 +205,6 @@ def refusal(
     subject: Subject,
     kind: str,
     retry_after: float,
-    subjects: Sequence[Subject],
     tallies: Sequence[Tally],
     now: float,
     *,
@@ -178,7 +227,7 @@ def refusal(
         detail = str(value)
     message = f"Limit reached: {subject.kind} '{subject.ident}' {KINDS[kind]} ({detail})."
     wait = str(max(1, math.ceil(retry_after))).encode()
-    return TooManyRequests(message, headers=[(b"retry-after", wait), *rate_headers(subjects, tallies, now)])
+    return TooManyRequests(message, headers=[(b"retry-after", wait), *rate_headers(tallies, now)])
 
 
 def budget_retry(subject: Subject, spent: int, cost: int, now: float) -> float:
@@ -191,10 +240,7 @@ def budget_retry(subject: Subject, spent: int, cost: int, now: float) -> float:
     return 86_400.0 if reset is None else reset.timestamp() - now
 
 
-class Estimate(NamedTuple):
-    """A request's worst case before it goes upstream: its prompt in tokens (estimated), the model
-    it names, and what it may cost at most in micro-dollars (``None`` when the model has no price)."""
-
-    tokens: int
-    cost: int | None
-    model: str | None
+Estimate = tuple[int, int | None, str | None]
+"""A request's worst case before it goes upstream: its prompt in tokens (estimated), what it may
+cost at most in micro-dollars (``None`` when the model has no price), and the model it names. A plain
+tuple, made for every request under a budget or a tokens-per-minute limit."""

@@ -41,7 +41,16 @@ from service.core.errors import ServiceUnavailable
 from service.core.limits import scripts
 from service.core.limits.memory import Seeder
 from service.core.limits.model import period_bounds
-from service.core.limits.outcome import Grant, Subject, SubjectState, Tally, budget_retry, rate_headers, refusal
+from service.core.limits.outcome import (
+    Grant,
+    Subject,
+    SubjectState,
+    Tally,
+    budget_retry,
+    periods_at,
+    rate_headers,
+    refusal,
+)
 from service.core.limits.resp import Reply, ReplyError, RespConnection, encode
 
 log = structlog.get_logger("gateway.limits")
@@ -76,14 +85,20 @@ def _int(value: int) -> bytes:
 
 
 class _Shape(NamedTuple):
-    """The parts of a script call fixed by a request's subjects and their budget periods, made once."""
+    """The parts of a script call fixed by a request's subjects and their budget periods, made once
+    per subjects tuple and kept while the periods last (from ``start`` to ``end``)."""
 
     subjects: Sequence[Subject]
     periods: tuple[str | None, ...]
     admit: bytes
-    """``EVALSHA``, the admission script, its keys and the subjects' limits: all but the request's own."""
+    """``EVALSHA``, the admission script, its keys, the subjects' limits and the lease's life: all but
+    the request's own argument."""
     keys: bytes
     """The subjects' keys, as the release script takes them."""
+    start: float
+    end: float
+    rated: bool
+    """Whether a subject has a requests or a tokens per minute limit (the response says how much is left)."""
 
 
 class RedisLimiter:
@@ -166,49 +181,51 @@ class RedisLimiter:
         base = self.prefix + subject.name
         return [base + ":m", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
 
-    def _shape(self, subjects: Sequence[Subject], periods: tuple[str | None, ...]) -> _Shape:
-        """By the identity of ``subjects`` (the limits gate keeps one tuple per key and team)."""
+    def _shape(self, subjects: Sequence[Subject], clock: float) -> _Shape:
+        """``subjects``'s shape at ``clock``, kept by the identity of ``subjects`` (the limits gate
+        keeps one tuple per key and team)."""
         found = self._shapes.get(id(subjects))
-        if found is None or found.subjects is not subjects or found.periods != periods:
-            if len(self._shapes) >= 10_000:
-                self._shapes.clear()
-            keys = b"".join(
-                _bulk(key.encode())
-                for subject, period in zip(subjects, periods, strict=True)
-                for key in self._keys(subject, period)
+        if found is not None and found.subjects is subjects and found.start <= clock < found.end:
+            return found
+        if len(self._shapes) >= 10_000:
+            self._shapes.clear()
+        periods, start, end = periods_at(subjects, clock)
+        keys = b"".join(
+            _bulk(key.encode())
+            for subject, period in zip(subjects, periods, strict=True)
+            for key in self._keys(subject, period)
+        )
+        limits = b"".join(
+            _int(-1 if value is None else value)
+            for subject in subjects
+            for value in (
+                subject.limits.requests_per_minute,
+                subject.limits.tokens_per_minute,
+                subject.limits.max_concurrent,
+                subject.limits.budget_micro_usd,
             )
-            limits = b"".join(
-                _int(-1 if value is None else value)
-                for subject in subjects
-                for value in (
-                    subject.limits.requests_per_minute,
-                    subject.limits.tokens_per_minute,
-                    subject.limits.max_concurrent,
-                    subject.limits.budget_micro_usd,
-                )
-            )
-            count = len(subjects)
-            head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (7 + 8 * count, ADMIT_SHA, _int(4 * count))
-            found = self._shapes[id(subjects)] = _Shape(subjects, periods, head + keys + limits, keys)
+        )
+        count = len(subjects)
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (5 + 8 * count, ADMIT_SHA, _int(4 * count))
+        rated = any(subject.rpm is not None or subject.tpm is not None for subject in subjects)
+        found = self._shapes[id(subjects)] = _Shape(
+            subjects, periods, head + keys + limits + self._lease_ms_arg, keys, start, end, rated
+        )
         return found
 
     def _settle_command(self, batch: Sequence[Release]) -> bytes:
         keys: list[bytes] = []
         args: list[bytes] = []
-        keys_count = 0
+        count = 0
         for grant, tokens, cost in batch:
-            keys.append(self._shape(grant.subjects, grant.periods).keys)
-            keys_count += 4 * len(grant.subjects)
-            lease = grant.lease.encode()
-            second = b"%d" % grant.second
-            delta = b"%d" % (0 if grant.offline else tokens - grant.tokens)
-            spent = b"%d" % cost
-            args.append(
-                b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$1\r\n%d\r\n"
-                % (len(lease), lease, len(second), second, len(delta), delta, len(spent), spent, len(grant.subjects))
-            )
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + keys_count + 5 * len(batch), SETTLE_SHA)
-        return b"".join((head, _int(keys_count), *keys, *args))
+            keys.append(grant.place)
+            subjects = len(grant.subjects)
+            count += subjects
+            delta = 0 if grant.offline else tokens - grant.tokens
+            arg = f"{grant.lease} {grant.second} {delta} {cost} {subjects}".encode()
+            args.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (3 + 4 * count + len(batch), SETTLE_SHA, _int(4 * count))
+        return b"".join((head, *keys, *args))
 
     async def _load_scripts(self) -> None:
         for reply in await self.lane.call(LOAD_SCRIPTS, 3):
@@ -227,19 +244,10 @@ class RedisLimiter:
     # -- admission --------------------------------------------------------------------------------
 
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
-        clock = time.time()
-        periods = tuple([subject.period(clock) for subject in subjects])
-        lease_arg, tokens_arg, cost_arg = lease.encode(), b"%d" % tokens, b"%d" % cost
-        command = b"%s$%d\r\n%s\r\n%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            self._shape(subjects, periods).admit,
-            len(lease_arg),
-            lease_arg,
-            self._lease_ms_arg,
-            len(tokens_arg),
-            tokens_arg,
-            len(cost_arg),
-            cost_arg,
-        )
+        shape = self._shape(subjects, time.time())
+        periods = shape.periods
+        own = f"{lease} {tokens} {cost}".encode()
+        command = b"%s$%d\r\n%s\r\n" % (shape.admit, len(own), own)
         try:
             for _ in range(len(subjects) + 2):
                 reply = await self._call_admit(command)
@@ -259,30 +267,30 @@ class RedisLimiter:
             self._down(exc)
             if not self.fail_open:
                 raise ServiceUnavailable(UNAVAILABLE) from None
-            return Grant(lease, subjects, 0, 0, 0, periods, [], offline=True)
+            return Grant(lease, subjects, 0, 0, 0, periods, [], offline=True, place=shape.keys)
         self._up()
-        now = int(words[1]) / 1000
+        now_ms = int(words[1])
+        now = now_ms / 1000
         if words[0] == b"ok":
-            grant = Grant(
-                lease, subjects, int(now), tokens, cost, periods, rate_headers(subjects, _tallies(words, 2), now)
-            )
+            headers = rate_headers(_tallies(subjects, words, 2), now) if shape.rated else []
+            grant = Grant(lease, subjects, now_ms // 1000, tokens, cost, periods, headers, place=shape.keys)
             self._held[lease] = grant
             return grant
         index = int(words[2]) - 1
         kind = words[3].decode()
         spent, reserved = int(words[4]), int(words[5])
-        tallies = _tallies(words, 6)
+        tallies = _tallies(subjects, words, 6)
         subject = subjects[index]
         if kind == "rpm":
-            wait = tallies[index].oldest_request + 60 - now
+            wait = tallies[index][3] + 60 - now
         elif kind == "tpm":
-            oldest = tallies[index].oldest_token
+            oldest = tallies[index][4]
             wait = (oldest if oldest >= 0 else int(now)) + 60 - now
         elif kind == "budget":
             wait = budget_retry(subject, spent, cost, now)
         else:
             wait = 1
-        raise refusal(subject, kind, wait, subjects, tallies, now, spent=spent, reserved=reserved)
+        raise refusal(subject, kind, wait, tallies, now, spent=spent, reserved=reserved)
 
     async def _call_admit(self, command: bytes) -> Reply:
         """The admission's reply; the releases waiting to be sent go in the same write."""
@@ -327,7 +335,11 @@ class RedisLimiter:
             asyncio.get_running_loop().call_soon(self._send_pending)
 
     def _take(self) -> list[Release]:
-        batch, self._pending = self._pending[:SETTLE_BATCH], self._pending[SETTLE_BATCH:]
+        batch = self._pending
+        if len(batch) <= SETTLE_BATCH:
+            self._pending = []
+            return batch
+        batch, self._pending = batch[:SETTLE_BATCH], batch[SETTLE_BATCH:]
         return batch
 
     def _keep(self, batch: list[Release]) -> None:
@@ -418,6 +430,10 @@ class RedisLimiter:
         return SubjectState(spent if spent >= 0 else None, int(found[3]), int(found[0]), int(found[1]), int(found[2]))
 
 
-def _tallies(words: Sequence[bytes], start: int) -> list[Tally]:
-    """The four figures per subject from ``words[start]`` on."""
-    return [Tally(*map(int, words[i : i + 4])) for i in range(start, len(words), 4)]
+def _tallies(subjects: Sequence[Subject], words: Sequence[bytes], start: int) -> list[Tally]:
+    """Each subject with its four figures, from ``words[start]`` on."""
+    found = []
+    for subject in subjects:
+        found.append((subject, int(words[start]), int(words[start + 1]), int(words[start + 2]), int(words[start + 3])))
+        start += 4
+    return found

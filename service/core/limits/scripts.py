@@ -69,13 +69,15 @@ ADMIT = (
     COMMON
     + """
 -- KEYS: w, l, a, s per subject. ARGV: per subject rpm, tpm, concurrent, budget (-1: no such
--- limit), then lease, lease_ms, tokens, cost. The answer is one line of words:
+-- limit), then lease_ms, then the request's own "<lease> <tokens> <cost>" (one argument, written
+-- at once). The answer is one line of words:
 --   ok <now ms> then per subject <requests> <tokens> <oldest request> <oldest token> (this one counted)
 --   no <now ms> <subject> <limit kind> <spent> <reserved> then per subject the four, as found
 --   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
-local lease, lease_ms = ARGV[4 * n + 1], tonumber(ARGV[4 * n + 2])
-local tokens, cost = tonumber(ARGV[4 * n + 3]), tonumber(ARGV[4 * n + 4])
+local lease_ms = tonumber(ARGV[4 * n + 1])
+local lease, tokens, cost = string.match(ARGV[4 * n + 2], '^(.+) (%d+) (%d+)$')
+tokens, cost = tonumber(tokens), tonumber(cost)
 local function line(words)
   for i = 1, #words do
     if type(words[i]) == 'number' then words[i] = string.format('%d', words[i]) end
@@ -146,15 +148,14 @@ return line(out)
 )
 
 SETTLE = """
--- Releases, any number. KEYS: w, l, a, s of every subject of every release, in order. ARGV: per
--- release, its lease, the second it was counted in, its token correction, its cost, its number of
--- subjects. The spent amount grows only where it exists: absent, it is seeded from the ledger,
--- which has it.
+-- Releases, any number. KEYS: w, l, a, s of every subject of every release, in order. ARGV: one
+-- per release, "<lease> <second it was counted in> <token correction> <cost> <number of subjects>".
+-- The spent amount grows only where it exists: absent, it is seeded from the ledger, which has it.
 local k = 0
-for j = 1, #ARGV, 5 do
-  local lease, second = ARGV[j], ARGV[j + 1]
-  local delta, cost = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
-  for i = 1, tonumber(ARGV[j + 4]) do
+for j = 1, #ARGV do
+  local lease, second, delta, cost, n = string.match(ARGV[j], '^(.+) (%d+) (%-?%d+) (%-?%d+) (%d+)$')
+  delta, cost = tonumber(delta), tonumber(cost)
+  for i = 1, tonumber(n) do
     local w, l, a, s = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
     k = k + 4
     redis.call('ZREM', l, lease)
