@@ -249,26 +249,20 @@ class RedisLimiter:
         own = f"{lease} {tokens} {cost}".encode()
         command = b"%s$%d\r\n%s\r\n" % (shape.admit, len(own), own)
         try:
-            for _ in range(len(subjects) + 2):
+            if self._pending and not self.degraded:
                 reply = await self._call_admit(command)
-                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    await self._load_scripts()
-                    continue
-                if not isinstance(reply, bytes):
-                    raise RedisError(f"the admission script answered {reply!r}")
-                words = reply.split()
-                if words[0] != b"seed":
-                    break
-                index = int(words[1]) - 1
-                await self._seed_spent(subjects[index], periods[index], self._keys(subjects[index], periods[index])[3])
             else:
-                raise RedisError("the admission script asked to seed every time")
+                reply = (await self.lane.call(command))[0]
+            if reply.__class__ is not bytes or reply.startswith(b"seed"):
+                reply = await self._admit_again(reply, command, subjects, periods)
         except ERRORS as exc:
             self._down(exc)
             if not self.fail_open:
                 raise ServiceUnavailable(UNAVAILABLE) from None
             return Grant(lease, subjects, 0, 0, 0, periods, [], offline=True, place=shape.keys)
-        self._up()
+        if self.down_since is not None:
+            self._up()
+        words = reply.split()
         now_ms = int(words[1])
         now = now_ms / 1000
         if words[0] == b"ok":
@@ -291,6 +285,25 @@ class RedisLimiter:
         else:
             wait = 1
         raise refusal(subject, kind, wait, tallies, now, spent=spent, reserved=reserved)
+
+    async def _admit_again(
+        self, reply: Reply, command: bytes, subjects: Sequence[Subject], periods: tuple[str | None, ...]
+    ) -> bytes:
+        """The admission's ``ok`` or ``no`` after a first ``reply`` that was neither: the scripts
+        loaded when Redis had none (``NOSCRIPT``), a budget period's spent amount seeded when
+        missing (``seed <subject>``), and the admission sent again."""
+        for _ in range(len(subjects) + 2):
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                await self._load_scripts()
+            elif not isinstance(reply, bytes):
+                raise RedisError(f"the admission script answered {reply!r}")
+            elif reply.startswith(b"seed"):
+                index = int(reply.split()[1]) - 1
+                await self._seed_spent(subjects[index], periods[index], self._keys(subjects[index], periods[index])[3])
+            else:
+                return reply
+            reply = await self._call_admit(command)
+        raise RedisError("the admission script asked to seed every time")
 
     async def _call_admit(self, command: bytes) -> Reply:
         """The admission's reply; the releases waiting to be sent go in the same write."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
@@ -201,12 +201,21 @@ class RespConnection:
     def connected(self) -> bool:
         return self._link is not None and self._link.lost is None
 
-    async def call(self, payload: bytes, count: int = 1) -> list[Reply]:
-        """Write ``payload`` (``count`` commands, one after another) and return their replies;
-        an error reply is returned as a ``ReplyError``, not raised."""
+    def call(self, payload: bytes, count: int = 1) -> Awaitable[list[Reply]]:
+        """Write ``payload`` (``count`` commands, one after another); awaited, their replies (an
+        error reply is returned as a ``ReplyError``, not raised). Written at once when the
+        connection is open (a future to await, no coroutine in between), else once it is."""
         link = self._link
         if link is None or link.lost is not None:
-            link = await self._connect()
+            return self._call_connecting(payload, count)
+        future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
+        link.call(payload, _Call(count, future, None))
+        if self._watchdog is None:
+            self._watch_later()
+        return future
+
+    async def _call_connecting(self, payload: bytes, count: int) -> list[Reply]:
+        link = await self._connect()
         future: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
         link.call(payload, _Call(count, future, None))
         if self._watchdog is None:
