@@ -24,9 +24,9 @@ MILLION = 1_000_000
 _UNKNOWN = (-1, -1)
 """A model not priced yet (``BudgetEstimator._rates``)."""
 _FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-_KEY_ENDS = (b'_tokens"', b'OutputTokens"')
-"""How every name ``output_limit`` reads ends, as a key in the JSON text (quoted, unescaped): a
-body holding neither names none of them, at any depth, and is not parsed."""
+_KEY_END = b'okens"'
+"""How every name ``output_limit`` reads ends (``…_tokens``, ``maxOutputTokens``), as a key in the
+JSON text (quoted, unescaped): a body without it names none of them, at any depth, and is not parsed."""
 
 
 def _whole(value: object) -> int | None:
@@ -37,7 +37,7 @@ def _whole(value: object) -> int | None:
 
 def output_limit(body: bytes) -> int | None:
     """The most the request lets the model write, when it says."""
-    if body.find(_KEY_ENDS[0]) < 0 and body.find(_KEY_ENDS[1]) < 0:
+    if body.find(_KEY_END) < 0:
         return None
     try:
         payload = orjson.loads(body) if body[:1] == b"{" else None

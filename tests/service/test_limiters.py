@@ -124,6 +124,24 @@ async def test_a_request_passes_its_key_and_its_team(make: Callable[..., Limiter
     assert state.requests == 1  # a refused request is counted nowhere
 
 
+async def test_the_headers_name_the_tightest_limit_of_each_kind(make: Callable[..., Limiter]) -> None:
+    """Requests from the key, tokens from the team: both limiters answer alike, the resets when the
+    request's own second leaves the window (a minute from now)."""
+    limiter = make()
+    await limiter.start()
+    subjects = [team(requests_per_minute=10, tokens_per_minute=50), key(requests_per_minute=3, tokens_per_minute=1000)]
+    headers = dict((await limiter.admit(subjects, 20, 0, "one")).headers)
+    resets = [headers.pop(b"x-ratelimit-reset-requests").decode(), headers.pop(b"x-ratelimit-reset-tokens").decode()]
+    assert headers == {
+        b"x-ratelimit-limit-requests": b"3",
+        b"x-ratelimit-remaining-requests": b"2",
+        b"x-ratelimit-limit-tokens": b"50",
+        b"x-ratelimit-remaining-tokens": b"30",
+    }
+    for reset in resets:
+        assert reset == "60s" or (reset.endswith("s") and 58.9 <= float(reset.removesuffix("s")) < 60), reset
+
+
 async def test_tokens_per_minute_settle_to_the_real_count(make: Callable[..., Limiter]) -> None:
     limiter = make()
     await limiter.start()

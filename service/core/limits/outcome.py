@@ -32,15 +32,15 @@ class Subject:
     limits: Limits
     name: str = field(init=False, compare=False, repr=False)
     """The subject's place in a shared store: ``team:team_123``, ``key:key_…``."""
-    rpm: bytes | None = field(init=False, compare=False, repr=False)
-    tpm: bytes | None = field(init=False, compare=False, repr=False)
-    """The requests and tokens per minute limits as their header values, written once."""
+    rpm: tuple[bytes, bytes] | None = field(init=False, compare=False, repr=False)
+    tpm: tuple[bytes, bytes] | None = field(init=False, compare=False, repr=False)
+    """The requests and tokens per minute limits as their ``x-ratelimit-limit-*`` headers, written once."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", f"{self.kind}:{self.ident}")
         rpm, tpm = self.limits.requests_per_minute, self.limits.tokens_per_minute
-        object.__setattr__(self, "rpm", None if rpm is None else b"%d" % rpm)
-        object.__setattr__(self, "tpm", None if tpm is None else b"%d" % tpm)
+        object.__setattr__(self, "rpm", None if rpm is None else (b"x-ratelimit-limit-requests", b"%d" % rpm))
+        object.__setattr__(self, "tpm", None if tpm is None else (b"x-ratelimit-limit-tokens", b"%d" % tpm))
 
     def period(self, now: float) -> str | None:
         """The budget period ``now`` is in (``2026-11-01``, ``total``), or ``None`` without a budget."""
@@ -131,7 +131,7 @@ def _reset(seconds: float) -> bytes:
     """``duration`` as a header value, written with integer formatting only (a request admitted
     under a per-minute limit writes one or two)."""
     if seconds < 1:
-        return b"%dms" % max(0, round(seconds * 1000))
+        return b"%dms" % (seconds * 1000 + 0.5) if seconds > 0 else b"0ms"
     if seconds < WINDOW_SECONDS:
         whole, millis = divmod(round(seconds * 1000), 1000)
         if millis:
@@ -145,30 +145,54 @@ def rate_headers(tallies: Sequence[Tally], now: float) -> list[tuple[bytes, byte
     """``x-ratelimit-*`` for the tightest requests-per-minute and tokens-per-minute limits."""
     requests = tokens = None
     for subject, counted, tokens_counted, oldest_request, oldest_token in tallies:
-        limit = subject.rpm
-        if limit is not None:
-            remaining = max(0, subject.limits.requests_per_minute - counted)  # type: ignore[operator]
+        header = subject.rpm
+        if header is not None:
+            remaining = subject.limits.requests_per_minute - counted  # type: ignore[operator]
             if requests is None or remaining < requests[1]:
-                requests = (limit, remaining, oldest_request)
-        limit = subject.tpm
-        if limit is not None:
-            remaining = max(0, subject.limits.tokens_per_minute - tokens_counted)  # type: ignore[operator]
+                requests = (header, remaining, oldest_request)
+        header = subject.tpm
+        if header is not None:
+            remaining = subject.limits.tokens_per_minute - tokens_counted  # type: ignore[operator]
             if tokens is None or remaining < tokens[1]:
-                tokens = (limit, remaining, oldest_token)
+                tokens = (header, remaining, oldest_token)
     headers: list[tuple[bytes, bytes]] = []
     if requests is not None:
-        limit, remaining, oldest = requests
+        header, remaining, oldest = requests
+        reset = oldest + WINDOW_SECONDS - now
         headers += (
-            (b"x-ratelimit-limit-requests", limit),
-            (b"x-ratelimit-remaining-requests", b"%d" % remaining),
-            (b"x-ratelimit-reset-requests", _reset(oldest + WINDOW_SECONDS - now)),
+            header,
+            (b"x-ratelimit-remaining-requests", b"%d" % remaining if remaining > 0 else b"0"),
+            (b"x-ratelimit-reset-requests", b"%dms" % (reset * 1000 + 0.5) if 0 < reset < 1 else _reset(reset)),
         )
     if tokens is not None:
-        limit, remaining, oldest = tokens
+        header, remaining, oldest = tokens
+        reset = oldest + WINDOW_SECONDS - now
         headers += (
-            (b"x-ratelimit-limit-tokens", limit),
-            (b"x-ratelimit-remaining-tokens", b"%d" % remaining),
-            (b"x-ratelimit-reset-tokens", _reset(oldest + WINDOW_SECONDS - now)),
+            header,
+            (b"x-ratelimit-remaining-tokens", b"%d" % remaining if remaining > 0 else b"0"),
+            (b"x-ratelimit-reset-tokens", b"%dms" % (reset * 1000 + 0.5) if 0 < reset < 1 else _reset(reset)),
+        )
+    return headers
+
+
+def written_rate_headers(words: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """``rate_headers`` from figures a shared store worked out and wrote (``scripts.ADMIT``): for
+    requests, then for tokens, the tightest limit, what is left of it and when it resets in whole
+    milliseconds, or ``-`` three times where there is no such limit."""
+    headers: list[tuple[bytes, bytes]] = []
+    if words[0] != b"-":
+        reset = words[2]
+        headers += (
+            (b"x-ratelimit-limit-requests", words[0]),
+            (b"x-ratelimit-remaining-requests", words[1]),
+            (b"x-ratelimit-reset-requests", reset + b"ms" if len(reset) < 4 else _reset(int(reset) / 1000)),
+        )
+    if words[3] != b"-":
+        reset = words[5]
+        headers += (
+            (b"x-ratelimit-limit-tokens", words[3]),
+            (b"x-ratelimit-remaining-tokens", words[4]),
+            (b"x-ratelimit-reset-tokens", reset + b"ms" if len(reset) < 4 else _reset(int(reset) / 1000)),
         )
     return headers
 

@@ -48,8 +48,8 @@ from service.core.limits.outcome import (
     Tally,
     budget_retry,
     periods_at,
-    rate_headers,
     refusal,
+    written_rate_headers,
 )
 from service.core.limits.resp import Reply, ReplyError, RespConnection, encode
 
@@ -263,13 +263,12 @@ class RedisLimiter:
         if self.down_since is not None:
             self._up()
         words = reply.split()
-        now_ms = int(words[1])
-        now = now_ms / 1000
         if words[0] == b"ok":
-            headers = rate_headers(_tallies(subjects, words, 2), now) if shape.rated else []
-            grant = Grant(lease, subjects, now_ms // 1000, tokens, cost, periods, headers, place=shape.keys)
+            headers = written_rate_headers(words[2:]) if shape.rated else []
+            grant = Grant(lease, subjects, int(words[1]), tokens, cost, periods, headers, place=shape.keys)
             self._held[lease] = grant
             return grant
+        now = int(words[1]) / 1000
         index = int(words[2]) - 1
         kind = words[3].decode()
         spent, reserved = int(words[4]), int(words[5])

@@ -71,7 +71,8 @@ ADMIT = (
 -- KEYS: w, l, a, s per subject. ARGV: per subject rpm, tpm, concurrent, budget (-1: no such
 -- limit), then lease_ms, then the request's own "<lease> <tokens> <cost>" (one argument, written
 -- at once). The answer is one line of words:
---   ok <now ms> then per subject <requests> <tokens> <oldest request> <oldest token> (this one counted)
+--   ok <second> then for requests and for tokens the tightest limit (this request counted):
+--      <limit> <remaining> <reset in ms>, or - - - without such a limit
 --   no <now ms> <subject> <limit kind> <spent> <reserved> then per subject the four, as found
 --   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
@@ -119,7 +120,7 @@ for i = 1, n do
     return line(out)
   end
 end
-local out = {'ok', now}
+local rq_limit, rq_left, rq_oldest, tk_limit, tk_left, tk_oldest = -1, 0, 0, -1, 0, 0
 for i = 1, n do
   local w, l, a = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1]
   redis.call('ZADD', l, now + lease_ms, lease)
@@ -137,13 +138,22 @@ for i = 1, n do
   end
   redis.call('PEXPIRE', l, lease_ms + 60000)
   redis.call('PEXPIRE', a, lease_ms + 60000)
+  -- the tightest requests and tokens limits (the first of equals), for the response's headers
   local f = found[i]
-  table.insert(out, f[1] + 1)
-  table.insert(out, f[2] + tokens)
-  table.insert(out, f[3] >= 0 and f[3] or second)
-  table.insert(out, f[4] >= 0 and f[4] or second)
+  local rpm, tpm = tonumber(ARGV[4 * i - 3]), tonumber(ARGV[4 * i - 2])
+  if rpm >= 0 and (rq_limit < 0 or rpm - f[1] - 1 < rq_left) then
+    rq_limit, rq_left, rq_oldest = rpm, rpm - f[1] - 1, f[3] >= 0 and f[3] or second
+  end
+  if tpm >= 0 and (tk_limit < 0 or tpm - f[2] - tokens < tk_left) then
+    tk_limit, tk_left, tk_oldest = tpm, tpm - f[2] - tokens, f[4] >= 0 and f[4] or second
+  end
 end
-return line(out)
+local function rate(limit, left, oldest)
+  if limit < 0 then return '- - -' end
+  return string.format('%d %d %d', limit, math.max(left, 0), math.max((oldest + 60) * 1000 - now, 0))
+end
+return 'ok ' .. string.format('%d', second) .. ' ' .. rate(rq_limit, rq_left, rq_oldest) .. ' '
+  .. rate(tk_limit, tk_left, tk_oldest)
 """
 )
 
