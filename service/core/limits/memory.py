@@ -193,7 +193,7 @@ class MemoryLimiter:
                 oldest_token = books.oldest_token() if subject.tpm is not None else -1
                 tallies.append((subject, books.requests, books.tokens, seconds[0][0], oldest_token))
         headers = rate_headers(tallies, now) if tallies else []
-        return Grant(lease, subjects, second, tokens, cost, group.periods, headers, place=entries)
+        return Grant(lease, subjects, second, tokens, cost, group.periods, headers, entries)
 
     @staticmethod
     def _refusal(

@@ -83,11 +83,11 @@ class Grant:
     cost: int
     periods: tuple[str | None, ...]
     headers: list[tuple[bytes, bytes]]
+    place: Any
+    """Where the limiter that made it finds what to release (its figures, or its keys)."""
     released: bool = False
     offline: bool = False
     """Admitted unchecked while the limits' store was unreachable (``LIMITS_FAIL_MODE=open``)."""
-    place: Any = None
-    """Where the limiter that made it finds what to release (its figures, or its keys)."""
 
 
 @dataclass(frozen=True, slots=True)

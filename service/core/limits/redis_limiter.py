@@ -95,6 +95,8 @@ class _Shape(NamedTuple):
     the request's own argument."""
     keys: bytes
     """The subjects' keys, as the release script takes them."""
+    settle: bytes
+    """``EVALSHA``, the release script and the keys: a release's script call, but for its argument."""
     start: float
     end: float
     rated: bool
@@ -209,20 +211,33 @@ class RedisLimiter:
         head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (5 + 8 * count, ADMIT_SHA, _int(4 * count))
         rated = any(subject.rpm is not None or subject.tpm is not None for subject in subjects)
         found = self._shapes[id(subjects)] = _Shape(
-            subjects, periods, head + keys + limits + self._lease_ms_arg, keys, start, end, rated
+            subjects,
+            periods,
+            head + keys + limits + self._lease_ms_arg,
+            keys,
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s%s" % (4 + 4 * count, SETTLE_SHA, _int(4 * count), keys),
+            start,
+            end,
+            rated,
         )
         return found
 
     def _settle_command(self, batch: Sequence[Release]) -> bytes:
+        if len(batch) == 1:  # a release alone, as most are: the script call's head is its shape's
+            grant, tokens, cost = batch[0]
+            shape: _Shape = grant.place
+            delta = 0 if grant.offline else tokens - grant.tokens
+            arg = f"{grant.lease} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
+            return b"%s$%d\r\n%s\r\n" % (shape.settle, len(arg), arg)
         keys: list[bytes] = []
         args: list[bytes] = []
         count = 0
         for grant, tokens, cost in batch:
-            keys.append(grant.place)
-            subjects = len(grant.subjects)
-            count += subjects
+            shape = grant.place
+            keys.append(shape.keys)
+            count += len(shape.subjects)
             delta = 0 if grant.offline else tokens - grant.tokens
-            arg = f"{grant.lease} {grant.second} {delta} {cost} {subjects}".encode()
+            arg = f"{grant.lease} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
             args.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
         head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (3 + 4 * count + len(batch), SETTLE_SHA, _int(4 * count))
         return b"".join((head, *keys, *args))
@@ -249,7 +264,7 @@ class RedisLimiter:
         own = f"{lease} {tokens} {cost}".encode()
         command = b"%s$%d\r\n%s\r\n" % (shape.admit, len(own), own)
         try:
-            if self._pending and not self.degraded:
+            if self._pending and self.down_since is None:
                 reply = await self._call_admit(command)
             else:
                 reply = (await self.lane.call(command))[0]
@@ -259,13 +274,13 @@ class RedisLimiter:
             self._down(exc)
             if not self.fail_open:
                 raise ServiceUnavailable(UNAVAILABLE) from None
-            return Grant(lease, subjects, 0, 0, 0, periods, [], offline=True, place=shape.keys)
+            return Grant(lease, subjects, 0, 0, 0, periods, [], shape, offline=True)
         if self.down_since is not None:
             self._up()
         words = reply.split()
         if words[0] == b"ok":
             headers = written_rate_headers(words[2:]) if shape.rated else []
-            grant = Grant(lease, subjects, int(words[1]), tokens, cost, periods, headers, place=shape.keys)
+            grant = Grant(lease, subjects, int(words[1]), tokens, cost, periods, headers, shape)
             self._held[lease] = grant
             return grant
         now = int(words[1]) / 1000
@@ -306,7 +321,7 @@ class RedisLimiter:
 
     async def _call_admit(self, command: bytes) -> Reply:
         """The admission's reply; the releases waiting to be sent go in the same write."""
-        if not self._pending or self.degraded:
+        if not self._pending or self.down_since is not None:
             return (await self.lane.call(command))[0]
         batch = self._take()
         try:
@@ -363,7 +378,7 @@ class RedisLimiter:
         """The releases of this loop turn, written without waiting for Redis's answer; the
         background task sends them instead while Redis is away or the connection is not open."""
         self._sending = False
-        if self.degraded or not self.lane.connected:
+        if self.down_since is not None or not self.lane.connected:
             self._wake.set()
             return
         while self._pending:
