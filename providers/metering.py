@@ -18,9 +18,15 @@ _GEMINI_MODEL = re.compile(r"models/([^/:?]{1,200})")
 BODY_LOOKED_AT = 64 * 1024
 
 
+MODELS_IN_PATH = frozenset({"google-ai-studio", "workers-ai", "azure-openai"})
+"""The providers whose paths may name the model (``path_model``)."""
+
+
 def path_model(provider: str, rest: str) -> str | None:
     """The model a provider's path names: Gemini ``models/{m}:…``, Workers AI ``@cf/…``, Azure's
     deployment (``{resource}/{deployment}/…``)."""
+    if provider not in MODELS_IN_PATH:
+        return None
     if provider == "google-ai-studio":
         found = _GEMINI_MODEL.search(rest)
         return found.group(1) if found else None
@@ -32,10 +38,6 @@ def path_model(provider: str, rest: str) -> str | None:
         deployment = tail.partition("/")[0]
         return deployment or None
     return None
-
-
-MODELS_IN_PATH = frozenset({"google-ai-studio", "workers-ai", "azure-openai"})
-"""The providers whose paths may name the model (``path_model``)."""
 
 
 def request_model(provider: str, rest: str, body: bytes) -> str | None:

@@ -8,7 +8,8 @@ upstream. With ``token`` set it refuses calls without ``cf-aig-authorization: Be
 an authenticated Cloudflare gateway does.
 
 Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``gzip``,
-``sse?n=&interval=``, ``status/{code}``, ``slow-headers?seconds=``, ``reset`` (before answering),
+``sse?n=&interval=``, ``status/{code}`` (an error with ``retry-after`` and the upstream's own
+``x-ratelimit-*``), ``slow-headers?seconds=``, ``reset`` (before answering),
 ``die`` (mid-stream) and ``hang`` (one event, then a minute of silence), both with
 ``?content_type=`` for a body other than an event stream.
 

@@ -255,7 +255,8 @@ def test_periods_are_calendar_utc() -> None:
 
 
 def test_durations_and_dollars_as_shown() -> None:
-    assert [duration(s) for s in (0.02, 1.5, 59.9994, 90)] == ["20ms", "1.5s", "59.999s", "1m30s"]
+    assert [duration(s) for s in (0.02, 1.5, 59.9994, 90)] == [b"20ms", b"1.5s", b"59.999s", b"1m30s"]
+    assert [duration(s) for s in (-3, 0, 0.9996, 1, 59.9996, 60)] == [b"0ms", b"0ms", b"1000ms", b"1s", b"60s", b"1m0s"]
     assert usd(1) == 0.000001
     assert usd(None) is None
 

@@ -156,9 +156,10 @@ class MemoryLimiter:
                 break
         # from here on, no await: checking and taking are one step
         first = int(now) - WINDOW_SECONDS + 1
-        for subject, books, period in entries:
+        for _, books, _ in entries:  # all first: a refusal's headers tell of every subject
             if books.leases or (books.seconds and books.seconds[0][0] < first):
                 books.sweep(now, first)
+        for subject, books, period in entries:
             limits = subject.limits
             if limits.max_concurrent is not None and len(books.leases) >= limits.max_concurrent:
                 raise self._refusal(subject, "concurrent", 1, entries, now)

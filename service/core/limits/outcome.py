@@ -2,9 +2,9 @@
 (``Tally``), and how that becomes the answer: the ``x-ratelimit-*`` headers of the tightest limit,
 or a 429 naming the limit hit, with ``retry-after``.
 
-A window is the last 60 whole seconds (the current one included), counted per second: ``requests``
-and ``tokens`` are the sums over it, ``oldest_*`` the earliest second still holding some (it leaves
-the window first, which is when room comes back).
+A window is the last 60 whole seconds (the current one included), counted per second: a tally's
+requests and tokens are the sums over it, its oldest seconds the earliest still holding some (it
+leaves the window first, which is when room comes back).
 """
 
 from __future__ import annotations
@@ -122,14 +122,9 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
-def duration(seconds: float) -> str:
-    """A reset time as OpenAI writes it: ``20ms``, ``1.5s``, ``1m0s``."""
-    return _reset(seconds).decode()
-
-
-def _reset(seconds: float) -> bytes:
-    """``duration`` as a header value, written with integer formatting only (a request admitted
-    under a per-minute limit writes one or two)."""
+def duration(seconds: float) -> bytes:
+    """A reset time as OpenAI writes it (``20ms``, ``1.5s``, ``1m0s``), as a header value, written
+    with integer formatting only (a request admitted under a per-minute limit writes one or two)."""
     if seconds < 1:
         return b"%dms" % (seconds * 1000 + 0.5) if seconds > 0 else b"0ms"
     if seconds < WINDOW_SECONDS:
@@ -148,11 +143,15 @@ def rate_headers(tallies: Sequence[Tally], now: float) -> list[tuple[bytes, byte
         header = subject.rpm
         if header is not None:
             remaining = subject.limits.requests_per_minute - counted  # type: ignore[operator]
+            if remaining < 0:  # over (settled above the estimate, or a limit lowered): the first at 0 is named
+                remaining = 0
             if requests is None or remaining < requests[1]:
                 requests = (header, remaining, oldest_request)
         header = subject.tpm
         if header is not None:
             remaining = subject.limits.tokens_per_minute - tokens_counted  # type: ignore[operator]
+            if remaining < 0:
+                remaining = 0
             if tokens is None or remaining < tokens[1]:
                 tokens = (header, remaining, oldest_token)
     headers: list[tuple[bytes, bytes]] = []
@@ -161,16 +160,16 @@ def rate_headers(tallies: Sequence[Tally], now: float) -> list[tuple[bytes, byte
         reset = oldest + WINDOW_SECONDS - now
         headers += (
             header,
-            (b"x-ratelimit-remaining-requests", b"%d" % remaining if remaining > 0 else b"0"),
-            (b"x-ratelimit-reset-requests", b"%dms" % (reset * 1000 + 0.5) if 0 < reset < 1 else _reset(reset)),
+            (b"x-ratelimit-remaining-requests", b"%d" % remaining),
+            (b"x-ratelimit-reset-requests", b"%dms" % (reset * 1000 + 0.5) if 0 < reset < 1 else duration(reset)),
         )
     if tokens is not None:
         header, remaining, oldest = tokens
         reset = oldest + WINDOW_SECONDS - now
         headers += (
             header,
-            (b"x-ratelimit-remaining-tokens", b"%d" % remaining if remaining > 0 else b"0"),
-            (b"x-ratelimit-reset-tokens", b"%dms" % (reset * 1000 + 0.5) if 0 < reset < 1 else _reset(reset)),
+            (b"x-ratelimit-remaining-tokens", b"%d" % remaining),
+            (b"x-ratelimit-reset-tokens", b"%dms" % (reset * 1000 + 0.5) if 0 < reset < 1 else duration(reset)),
         )
     return headers
 
@@ -185,14 +184,14 @@ def written_rate_headers(words: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
         headers += (
             (b"x-ratelimit-limit-requests", words[0]),
             (b"x-ratelimit-remaining-requests", words[1]),
-            (b"x-ratelimit-reset-requests", reset + b"ms" if len(reset) < 4 else _reset(int(reset) / 1000)),
+            (b"x-ratelimit-reset-requests", reset + b"ms" if len(reset) < 4 else duration(int(reset) / 1000)),
         )
     if words[3] != b"-":
         reset = words[5]
         headers += (
             (b"x-ratelimit-limit-tokens", words[3]),
             (b"x-ratelimit-remaining-tokens", words[4]),
-            (b"x-ratelimit-reset-tokens", reset + b"ms" if len(reset) < 4 else _reset(int(reset) / 1000)),
+            (b"x-ratelimit-reset-tokens", reset + b"ms" if len(reset) < 4 else duration(int(reset) / 1000)),
         )
     return headers
 

@@ -306,7 +306,7 @@ class RedisLimiter:
         """The admission's ``ok`` or ``no`` after a first ``reply`` that was neither: the scripts
         loaded when Redis had none (``NOSCRIPT``), a budget period's spent amount seeded when
         missing (``seed <subject>``), and the admission sent again."""
-        for _ in range(len(subjects) + 2):
+        for _ in range(len(subjects) + 2):  # each reply looked at: NOSCRIPT once, a seed per subject, the answer
             if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
                 await self._load_scripts()
             elif not isinstance(reply, bytes):
