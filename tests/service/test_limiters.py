@@ -350,3 +350,18 @@ async def test_a_redis_that_lost_its_scripts_is_given_them_again(private_redis: 
     finally:
         await admin.aclose()
         await limiter.stop()
+
+
+async def test_a_refusal_tells_of_every_subjects_current_window() -> None:
+    """Refused by the key, the headers still show the team's window as it is now: the tokens that
+    left it are not counted."""
+    now = [1_000_000.0]
+    limiter = MemoryLimiter(seed, clock=lambda: now[0])
+    the_team, the_key = team(tokens_per_minute=10_000), key(requests_per_minute=1)
+    await limiter.admit([the_team], 500, 0, "through-another-key")
+    now[0] += 30
+    await limiter.admit([the_key, the_team], 100, 0, "first")
+    now[0] += 45  # the 500 tokens have left the team's window, the key's request has not
+    headers = dict((await refused(limiter, [the_key, the_team])).headers)
+    assert headers[b"x-ratelimit-remaining-tokens"] == b"9900"
+    assert headers[b"x-ratelimit-reset-tokens"] == b"15s"
