@@ -68,7 +68,7 @@ def periods_at(subjects: Sequence[Subject], now: float) -> tuple[tuple[str | Non
 Tally = tuple[Subject, int, int, int, int]
 """One subject's window after a check (this request included when admitted): the subject, its
 requests, its tokens, the oldest second holding a request and the oldest holding tokens (-1: none).
-A plain tuple, made for every admitted request."""
+A plain tuple: the memory limiter makes one per subject for every request it admits."""
 
 
 @dataclass(slots=True)
