@@ -12,7 +12,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import Scope
 
-from providers.metering import BODY_LOOKED_AT, BODY_MODEL, MODELS_IN_PATH, cost_micro_usd, path_model
+from providers.metering import BODY_LOOKED_AT, BODY_MODEL, MODELS_IN_PATH, Pricer, path_model
 from providers.prices import PriceTable
 from providers.usage import Usage
 from service.core.limits.outcome import Estimate
@@ -56,7 +56,7 @@ def output_limit(body: bytes) -> int | None:
 class BudgetEstimator:
     def __init__(self, provider: str, prices: PriceTable | None, default_max_tokens: int) -> None:
         self.provider = provider
-        self.prices = prices
+        self.pricer = None if prices is None else Pricer(prices, provider)
         self.default_max_tokens = default_max_tokens
         self._rates: dict[str, tuple[int, int] | None] = {}
         self.models_in_path = provider in MODELS_IN_PATH
@@ -66,13 +66,13 @@ class BudgetEstimator:
         micro-dollars (a price in USD per million tokens is micro-dollars per token), found once."""
         if model in self._rates:
             return self._rates[model]
-        assert self.prices is not None
+        assert self.pricer is not None
         if len(self._rates) >= 10_000:
             self._rates.clear()
         million_in = Usage(input_tokens=MILLION, output_tokens=0, found=True)
         million_out = Usage(input_tokens=0, output_tokens=MILLION, found=True)
-        per_input = cost_micro_usd(self.prices, self.provider, model, million_in)
-        per_output = cost_micro_usd(self.prices, self.provider, model, million_out)
+        per_input = self.pricer.cost(model, million_in)
+        per_output = self.pricer.cost(model, million_out)
         found = None if per_input is None or per_output is None else (per_input, per_output)
         self._rates[model] = found
         return found
@@ -83,7 +83,7 @@ class BudgetEstimator:
         if model is None:  # as metering.request_model, inline: every request under a budget asks
             match = BODY_MODEL.search(body, 0, BODY_LOOKED_AT)
             model = match.group(1).decode("utf-8", "replace") if match is not None else None
-        if self.prices is None or model is None:
+        if self.pricer is None or model is None:
             return (prompt, None, model)
         rates = self._rates.get(model, _UNKNOWN)
         if rates is _UNKNOWN:

@@ -139,12 +139,6 @@ class Pricer:
         return (total + _SCALE // 2) // _SCALE
 
 
-def cost_micro_usd(prices: PriceTable, provider: str, model: str | None, usage: Usage) -> int | None:
-    """``Pricer(prices, provider).cost(model, usage)``: what ``usage`` costs, for a caller that
-    prices a model once (the relay keeps a ``Pricer``)."""
-    return Pricer(prices, provider).cost(model, usage)
-
-
 def _in_provider_terms(price: Price, usage: Usage) -> tuple[int, int, int, int, int]:
     cache_read = usage.cache_read_tokens or 0
     cache_write = usage.cache_write_tokens or 0

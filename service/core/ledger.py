@@ -61,8 +61,8 @@ LedgerValues = tuple[
     float, float | None, int,
 ]  # fmt: skip
 """A row as the request path makes it: a plain tuple of ``LedgerRow``'s fields in order, ``complete``
-as 1 or 0 (a ``bool`` costs sqlite3 a failed adapter lookup per row). The stores bind it as it is; a
-tuple of another type (a ``LedgerRow`` itself) costs sqlite3 half as much again."""
+as 1 or 0 (sqlite3 sends a ``bool`` through its adapters: a call per row). The stores bind it as it is;
+a tuple of another type (a ``LedgerRow`` itself) costs sqlite3 half as much again."""
 
 
 class UsageStore(Protocol):

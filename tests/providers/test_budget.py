@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from providers.budget import BudgetEstimator, output_limit
-from providers.metering import cost_micro_usd
+from providers.metering import Pricer
 from providers.prices import load_prices
 from providers.usage import Usage
 from service.core.request import REST_KEY
@@ -38,7 +38,7 @@ def test_the_worst_case_is_priced_as_the_metering_prices_a_response() -> None:
         found = estimate(scope, raw)
         prompt = -(-len(raw) // 4)
         usage = Usage(input_tokens=prompt, output_tokens=int(payload.get("max_tokens", 4096)), found=True)
-        assert found == (prompt, cost_micro_usd(prices, "openai", str(payload["model"]), usage), payload["model"])
+        assert found == (prompt, Pricer(prices, "openai").cost(str(payload["model"]), usage), payload["model"])
     assert estimate(scope, b'{"model": "no-such-model"}')[1] is None
     assert estimate(scope, b"{}") == (1, None, None)
     assert BudgetEstimator("openai", None, 10)(scope, b'{"model": "gpt-4o"}')[1] is None

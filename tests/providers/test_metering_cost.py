@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers.metering import cost_micro_usd, path_model, request_model
+from providers.metering import Pricer, path_model, request_model
 from providers.prices import load_prices
 from providers.usage import Usage
 
@@ -38,14 +38,14 @@ def test_integer_rates_equal_the_tables_arithmetic(
         cache_write,
         reasoning,
     )
-    assert cost_micro_usd(PRICES, provider, name, usage) == expected
+    assert Pricer(PRICES, provider).cost(name, usage) == expected
 
 
 def test_unpriced_and_unknown_usage_cost_nothing_known() -> None:
-    assert cost_micro_usd(PRICES, "openai", "no-such-model", Usage(10, 10, found=True)) is None
-    assert cost_micro_usd(PRICES, "openai", None, Usage(10, 10, found=True)) is None
-    assert cost_micro_usd(PRICES, "openai", "gpt-4o-mini", Usage(found=False)) is None
-    assert cost_micro_usd(PRICES, "openai", "gpt-4o-mini", Usage(5, 6, reasoning_tokens=9, found=True)) is None
+    assert Pricer(PRICES, "openai").cost("no-such-model", Usage(10, 10, found=True)) is None
+    assert Pricer(PRICES, "openai").cost(None, Usage(10, 10, found=True)) is None
+    assert Pricer(PRICES, "openai").cost("gpt-4o-mini", Usage(found=False)) is None
+    assert Pricer(PRICES, "openai").cost("gpt-4o-mini", Usage(5, 6, reasoning_tokens=9, found=True)) is None
 
 
 def test_the_model_a_request_names() -> None:
