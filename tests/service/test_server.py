@@ -351,6 +351,28 @@ def test_a_chunked_body_is_still_read(gateway: GatewayProcess) -> None:
         assert answer.status == 200
 
 
+def test_pipelined_responses_come_back_whole_and_in_order(gateway: GatewayProcess) -> None:
+    # a HEAD answer is a head alone: the writer holds it until its response ends, behind the one before
+    probe = (
+        request("/healthz")
+        + request("/healthz").replace(b"GET", b"HEAD", 1)
+        + request("/healthz", ("Connection", "close"))
+    )
+    with connect(gateway) as sock:
+        sock.sendall(probe)
+        stream = wait_closed(sock, 10)
+    bodies = []
+    for method in ("GET", "HEAD", "GET"):
+        head, _, stream = stream.partition(b"\r\n\r\n")
+        answer = parse_response(head + b"\r\n\r\n")
+        assert answer.status == 200
+        length = int(answer.headers["content-length"]) if method == "GET" else 0
+        bodies.append(stream[:length])
+        stream = stream[length:]
+    assert stream == b""
+    assert bodies[0] == bodies[2] != b"" and bodies[1] == b""
+
+
 # -- the runner -------------------------------------------------------------------------------
 
 
