@@ -180,6 +180,12 @@ class RequestContext:
                         "truncated": truncated,
                     }
                 )
+            # the request is over: what its scope holds (its info, the relay's exchange, a copy of the
+            # app's state, its headers) goes now, not when its connection's next request begins
+            headers = scope["headers"]
+            if type(headers) is list:
+                headers.clear()
+            scope.clear()
 
     @staticmethod
     async def _refuse(error: GatewayError, info: RequestInfo, send: Send) -> None:

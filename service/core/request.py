@@ -17,11 +17,21 @@ calls ``scope[DISCONNECT_KEY]`` (when a request put a callable there) as soon as
 lost before the response is complete, so the relay needs no task waiting on ``receive`` for it."""
 
 
+_random_parts: list[str] = []
+"""80 random bits as 20 hex digits each, drawn from the system's random source 128 at a time (one
+``getrandom`` call for 128 requests rather than one each); emptied in a forked child, which must not
+hand out its parent's."""
+os.register_at_fork(after_in_child=_random_parts.clear)
+
+
 def new_request_id(started_ms: int) -> str:
     """The gateway's own id for a request (``x-gateway-request-id``, the ledger row's key): when it
     started, in milliseconds since the epoch, as 12 hex digits, then 80 random bits as 20 more. Ids
     sort by time, so the SQLite ledger reads a time range by its key and needs no time index."""
-    return f"{started_ms:012x}{os.urandom(10).hex()}"
+    if not _random_parts:
+        digits = os.urandom(10 * 128).hex()
+        _random_parts.extend([digits[i : i + 20] for i in range(0, len(digits), 20)])
+    return f"{started_ms:012x}{_random_parts.pop()}"
 
 
 class RequestInfo:

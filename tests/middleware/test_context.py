@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ from starlette.types import Message, Receive, Scope, Send
 from middleware.context import RequestContext
 from service.core.errors import NotFound, TooManyRequests
 from service.core.metrics import Metrics
-from service.core.request import SCOPE_KEY
+from service.core.request import SCOPE_KEY, new_request_id
 from service.core.store import StoreUnavailableError
 
 
@@ -102,3 +103,45 @@ async def test_a_finished_response_is_not_truncated() -> None:
 
     _, lines = await call(fine)
     assert lines[0]["truncated"] is False and lines[0]["bytes_out"] == 2
+
+
+def test_request_ids_are_unique_sort_by_time_and_a_forked_child_draws_its_own() -> None:
+    ids = [new_request_id(1_700_000_000_000 + n // 100) for n in range(1000)]  # past several refills
+    assert len(set(ids)) == 1000 and ids == sorted(ids, key=lambda i: i[:12])
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    new_request_id(0)  # the parent holds random digits drawn before the fork
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        os.write(write, "".join(new_request_id(0) for _ in range(64)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read()
+    mine = "".join(new_request_id(0) for _ in range(64))
+    assert len(theirs) == len(mine) == 64 * 32
+    assert not {theirs[i : i + 32] for i in range(0, len(theirs), 32)} & {
+        mine[i : i + 32] for i in range(0, len(mine), 32)
+    }
+
+
+async def test_a_finished_request_lets_go_of_what_it_held() -> None:
+    # an idle kept-alive connection keeps its last request's scope until the next request begins: the
+    # request's info, the relay's exchange, the state copy and the headers go when it ends instead
+    async def answering(s: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    held = scope()
+    headers = held["headers"]
+    await RequestContext(answering, write_access=None, metrics=Metrics())(held, receive_nothing, discard)
+    assert held == {} and headers == []
+
+
+async def receive_nothing() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def discard(message: Message) -> None:
+    pass
