@@ -181,7 +181,10 @@ class RequestContext:
                     }
                 )
             # the request is over: what its scope holds (its info, the relay's exchange, a copy of the
-            # app's state, its headers) goes now, not when its connection's next request begins
+            # app's state, its headers) goes now, not when its connection's next request begins; and
+            # the reference cycle the scope is part of (through the relay's exchange and the request's
+            # task) is broken, so ~40 objects a request are freed here rather than piling up for the
+            # garbage collector
             headers = scope["headers"]
             if type(headers) is list:
                 headers.clear()

@@ -127,8 +127,9 @@ def test_request_ids_are_unique_sort_by_time_and_a_forked_child_draws_its_own() 
 
 
 async def test_a_finished_request_lets_go_of_what_it_held() -> None:
-    # an idle kept-alive connection keeps its last request's scope until the next request begins: the
-    # request's info, the relay's exchange, the state copy and the headers go when it ends instead
+    # an idle kept-alive connection keeps its last request's scope until the next request begins, and
+    # the scope is part of a reference cycle: the request's info, the relay's exchange, the state copy
+    # and the headers go when it ends instead
     async def answering(s: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
