@@ -123,7 +123,8 @@ class HeadWithBody:
         held = self.held
         if held is not None:
             self.held = None
-            self.transport.write(held)
+            if not self.transport.is_closing():  # the client may have gone within the turn
+                self.transport.write(held)
 
     def next_response(self) -> None:
         """The response is complete: out with anything held, and hold the next one's head."""

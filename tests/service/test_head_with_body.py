@@ -69,3 +69,17 @@ async def test_every_response_on_a_connection_gets_its_head_held_and_order_is_ke
     assert transport.closed
     await asyncio.sleep(0)
     assert transport.writes == [b"HEAD 1", b"HEAD 2body 2", b"HEAD 3"]
+
+
+async def test_a_head_held_when_the_client_goes_is_dropped_quietly() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        out, transport = writer()
+        out.write(b"HEAD")
+        transport.close()  # the connection is lost within the turn
+        await asyncio.sleep(0)  # the end-of-turn flush: nothing written to a closed transport, no error
+    finally:
+        loop.set_exception_handler(None)
+    assert transport.writes == [] and errors == []
