@@ -180,15 +180,16 @@ class RequestContext:
                         "truncated": truncated,
                     }
                 )
-            # the request is over: what its scope holds (its info, the relay's exchange, a copy of the
-            # app's state, its headers) goes now, not when its connection's next request begins; and
-            # the reference cycle the scope is part of (through the relay's exchange and the request's
-            # task) is broken, so ~40 objects a request are freed here rather than piling up for the
-            # garbage collector
-            headers = scope["headers"]
-            if type(headers) is list:
-                headers.clear()
-            scope.clear()
+        # the request is over: what its scope holds (its info, the relay's exchange, a copy of the
+        # app's state, its headers) goes now, not when its connection's next request begins; and the
+        # reference cycle the scope is part of (through the relay's exchange and the request's task) is
+        # broken, so ~40 objects a request are freed here rather than piling up for the garbage
+        # collector. Not when the request was cancelled: the server may still answer it (its own 500),
+        # and reads the scope to do so.
+        headers = scope["headers"]
+        if type(headers) is list:
+            headers.clear()
+        scope.clear()
 
     @staticmethod
     async def _refuse(error: GatewayError, info: RequestInfo, send: Send) -> None:

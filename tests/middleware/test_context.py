@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -146,3 +147,15 @@ async def receive_nothing() -> Message:
 
 async def discard(message: Message) -> None:
     pass
+
+
+async def test_a_cancelled_request_keeps_its_scope_for_the_servers_own_answer() -> None:
+    # the server answers a request cancelled before its response (its graceful shutdown ran out) with
+    # its own 500, and reads the request's method from the scope to do so
+    async def waiting(s: Scope, receive: Receive, send: Send) -> None:
+        raise asyncio.CancelledError
+
+    held = scope()
+    with pytest.raises(asyncio.CancelledError):
+        await RequestContext(waiting, write_access=None, metrics=Metrics())(held, receive_nothing, discard)
+    assert held["method"] == "GET" and held["headers"]

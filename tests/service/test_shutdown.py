@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
 import httpx
@@ -90,3 +91,34 @@ def test_streams_cut_by_the_grace_are_one_warning_each(tmp_path: Path, upstream:
         assert about[1]["truncated"] is True
     assert not [line for line in lines if line["level"] in ("error", "critical")], gw.log_text()
     assert "CancelledError" not in gw.log_text() and "without completing response" not in gw.log_text()
+
+
+def test_a_request_still_waiting_for_the_upstream_when_the_grace_ends_gets_a_503(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    gw = start(tmp_path, upstream, "1")
+    auth = {"authorization": f"Bearer {gw.create_key()}"}
+    answers: list[httpx.Response | Exception] = []
+
+    def call() -> None:
+        try:
+            answers.append(httpx.get(f"{gw.url}/openai/_mock/slow-headers?seconds=30", headers=auth, timeout=30))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(
+        lambda: any(r.path.endswith("slow-headers") for r in list(upstream.recent)),
+        10,
+        "the request reaching the upstream",
+    )
+    gw.process.send_signal(signal.SIGTERM)
+    caller.join(20)
+    assert gw.process.wait(20) in (0, -signal.SIGTERM)
+    assert len(answers) == 1
+    answer = answers[0]
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503, answer
+    assert "shutting down" in answer.json()["error"]["message"]
+    assert "Traceback" not in gw.log_text()
+    assert not [line for line in gw.log_lines() if line["level"] in ("error", "critical")], gw.log_text()
