@@ -150,8 +150,8 @@ async def discard(message: Message) -> None:
 
 
 async def test_a_cancelled_request_keeps_its_scope_for_the_servers_own_answer() -> None:
-    # the server answers a request cancelled before its response (its graceful shutdown ran out) with
-    # its own 500, and reads the request's method from the scope to do so
+    # uvicorn answers a request whose app ended by an exception (a cancellation included) before
+    # responding with its own 500, and reads the request's method from the scope to do so
     async def waiting(s: Scope, receive: Receive, send: Send) -> None:
         raise asyncio.CancelledError
 
