@@ -184,12 +184,13 @@ class RequestContext:
         # app's state, its headers) goes now, not when its connection's next request begins; and the
         # reference cycle the scope is part of (through the relay's exchange and the request's task) is
         # broken, so ~40 objects a request are freed here rather than piling up for the garbage
-        # collector. Not when the request was cancelled: uvicorn may still answer it (its own 500) and
-        # reads the scope to do so.
-        headers = scope["headers"]
-        if type(headers) is list:
-            headers.clear()
-        scope.clear()
+        # collector. Not when the request was cancelled or no response was started: uvicorn may still
+        # answer it (its own 500) and reads the scope to do so.
+        if info.status:
+            headers = scope["headers"]
+            if type(headers) is list:
+                headers.clear()
+            scope.clear()
 
     @staticmethod
     async def _refuse(error: GatewayError, info: RequestInfo, send: Send) -> None:

@@ -159,3 +159,12 @@ async def test_a_cancelled_request_keeps_its_scope_for_the_servers_own_answer() 
     with pytest.raises(asyncio.CancelledError):
         await RequestContext(waiting, write_access=None, metrics=Metrics())(held, receive_nothing, discard)
     assert held["method"] == "GET" and held["headers"]
+
+
+async def test_a_request_that_returns_without_answering_keeps_its_scope_for_the_servers_own_answer() -> None:
+    async def silent(s: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    held = scope()
+    await RequestContext(silent, write_access=None, metrics=Metrics())(held, receive_nothing, discard)
+    assert held["method"] == "GET" and held["headers"]
