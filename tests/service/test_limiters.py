@@ -193,12 +193,14 @@ async def test_a_running_request_keeps_its_lease(redis_prefix: str) -> None:
     limiter = RedisLimiter(REDIS_URL, redis_prefix, seed, lease_seconds=0.6)
     await limiter.start()
     try:
-        subject = team(max_concurrent=1)
-        grant = await limiter.admit([subject], 0, 0, "long")
-        await asyncio.sleep(1.5)  # well past its first expiry: renewed meanwhile
-        assert (await limiter.state(subject)).in_flight == 1
-        limiter.release(grant, 0, 0)
-        await settled(limiter, subject, in_flight=0)
+        subject = team(max_concurrent=1, budget_micro_usd=1000, budget_period="day")
+        grant = await limiter.admit([subject], 0, 40, "long")
+        await asyncio.sleep(1.5)  # well past its first expiry: renewed meanwhile, with what it reserved
+        state = await limiter.state(subject)
+        assert (state.in_flight, state.reserved) == (1, 40)
+        limiter.release(grant, 0, 30)
+        await settled(limiter, subject, in_flight=0, reserved=0)
+        assert (await limiter.state(subject)).spent == (state.spent or 0) + 30
     finally:
         await limiter.stop()
 
@@ -287,6 +289,28 @@ async def test_seconds_leave_the_redis_window_as_they_age(redis_prefix: str) -> 
         await limiter.client.hset(window, mapping={"o": second - 200})  # an idle minute and more: all gone
         state = await limiter.state(subject)
         assert (state.requests, state.tokens) == (0, 0)
+    finally:
+        await limiter.stop()
+
+
+async def test_a_redis_window_with_empty_seconds_before_its_oldest_request(redis_prefix: str) -> None:
+    """Seconds with nothing in them before the oldest request are skipped once: the reset is when that
+    request leaves the window, and the next checks start from it."""
+    limiter = RedisLimiter(REDIS_URL, redis_prefix, seed)
+    await limiter.start()
+    try:
+        subject = team(requests_per_minute=100)
+        window = f"{redis_prefix}team:team_1:m"
+        second = int((await limiter.client.time())[0])
+        await limiter.client.hset(
+            window, mapping={f"r{second - 50}": 4, f"t{second - 50}": 0, "o": second - 58, "R": 4, "T": 0}
+        )
+        for lease in ("one", "two"):
+            headers = dict((await limiter.admit([subject], 0, 0, lease)).headers)
+            reset = float(headers[b"x-ratelimit-reset-requests"].decode().removesuffix("s"))
+            assert 8 <= reset <= 10  # the 4 requests 50 s old leave in 10 s
+        assert headers[b"x-ratelimit-remaining-requests"] == b"94"
+        assert int(await limiter.client.hget(window, "o")) == second - 50
     finally:
         await limiter.stop()
 

@@ -181,7 +181,7 @@ class RedisLimiter:
 
     def _keys(self, subject: Subject, period: str | None) -> list[str]:
         base = self.prefix + subject.name
-        return [base + ":m", base + ":l", base + ":a", f"{base}:s:{period or '-'}"]
+        return [base + ":m", base + ":l", base + ":r", f"{base}:s:{period or '-'}"]
 
     def _shape(self, subjects: Sequence[Subject], clock: float) -> _Shape:
         """``subjects``'s shape at ``clock``, kept by the identity of ``subjects`` (the limits gate
@@ -227,7 +227,7 @@ class RedisLimiter:
             grant, tokens, cost = batch[0]
             shape: _Shape = grant.place
             delta = 0 if grant.offline else tokens - grant.tokens
-            arg = f"{grant.lease} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
+            arg = f"{grant.lease} {grant.cost} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
             return b"%s$%d\r\n%s\r\n" % (shape.settle, len(arg), arg)
         keys: list[bytes] = []
         args: list[bytes] = []
@@ -237,7 +237,7 @@ class RedisLimiter:
             keys.append(shape.keys)
             count += len(shape.subjects)
             delta = 0 if grant.offline else tokens - grant.tokens
-            arg = f"{grant.lease} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
+            arg = f"{grant.lease} {grant.cost} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
             args.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
         head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (3 + 4 * count + len(batch), SETTLE_SHA, _int(4 * count))
         return b"".join((head, *keys, *args))
@@ -407,8 +407,8 @@ class RedisLimiter:
         leases: list[str] = []
         for grant in list(self._held.values()):
             for subject, period in zip(grant.subjects, grant.periods, strict=True):
-                keys += self._keys(subject, period)[1:3]  # the leases and their amounts
-                leases.append(grant.lease)
+                keys += self._keys(subject, period)[1:3]  # the leases and what they reserve
+                leases.append(f"{grant.lease} {grant.cost}")
         await self._renew(keys=keys, args=[self.lease_ms, *leases])
 
     async def _run(self) -> None:
