@@ -47,8 +47,16 @@ async def lane() -> AsyncIterator[RespConnection]:
 
 
 async def test_calls_sharing_the_connection_get_their_own_replies(lane: RespConnection) -> None:
-    calls = [lane.call(encode("ECHO", f"call {n}")) for n in range(50)]
+    calls = [lane.call(encode("ECHO", f"call {n}")) for n in range(50)]  # while it connects
     assert await asyncio.gather(*calls) == [[f"call {n}".encode()] for n in range(50)]
+    link = lane._link
+    assert link is not None and link.transport is not None
+    writes: list[bytes] = []
+    write = link.transport.write
+    link.transport.write = lambda data: (writes.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
+    calls = [lane.call(encode("ECHO", f"turn {n}")) for n in range(50)]  # in one loop turn, connected
+    assert await asyncio.gather(*calls) == [[f"turn {n}".encode()] for n in range(50)]
+    assert writes == [encode("ECHO", "turn 0"), b"".join(encode("ECHO", f"turn {n}") for n in range(1, 50))]
     pipelined = await lane.call(encode("PING") + encode("ECHO", "x" * 100_000) + encode("NOSUCHCOMMAND"), 3)
     assert pipelined[:2] == [b"PONG", b"x" * 100_000]  # a reply larger than one read
     assert isinstance(pipelined[2], ReplyError)
