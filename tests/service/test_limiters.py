@@ -294,22 +294,26 @@ async def test_seconds_leave_the_redis_window_as_they_age(redis_prefix: str) -> 
 
 
 async def test_a_redis_window_with_empty_seconds_before_its_oldest_request(redis_prefix: str) -> None:
-    """Seconds with nothing in them before the oldest request are skipped once: the reset is when that
-    request leaves the window, and the next checks start from it."""
+    """Trimmed, the window starts at its oldest request, past the empty seconds before it: the reset
+    is when that request leaves the window."""
     limiter = RedisLimiter(REDIS_URL, redis_prefix, seed)
     await limiter.start()
     try:
-        subject = team(requests_per_minute=100)
+        subject = team(requests_per_minute=100, tokens_per_minute=1000)
         window = f"{redis_prefix}team:team_1:m"
         second = int((await limiter.client.time())[0])
-        await limiter.client.hset(
-            window, mapping={f"r{second - 50}": 4, f"t{second - 50}": 0, "o": second - 58, "R": 4, "T": 0}
-        )
+        seconds = {second - 62: (1, 5), second - 50: (4, 0), second - 40: (1, 30)}  # requests, tokens
+        for at, (requests, tokens) in seconds.items():
+            await limiter.client.hset(window, mapping={f"r{at}": requests, f"t{at}": tokens})
+        await limiter.client.hset(window, mapping={"o": second - 62, "R": 6, "T": 35})
         for lease in ("one", "two"):
             headers = dict((await limiter.admit([subject], 0, 0, lease)).headers)
             reset = float(headers[b"x-ratelimit-reset-requests"].decode().removesuffix("s"))
             assert 8 <= reset <= 10  # the 4 requests 50 s old leave in 10 s
-        assert headers[b"x-ratelimit-remaining-requests"] == b"94"
+            reset = float(headers[b"x-ratelimit-reset-tokens"].decode().removesuffix("s"))
+            assert 18 <= reset <= 20  # the 30 tokens 40 s old in 20 s
+        assert headers[b"x-ratelimit-remaining-requests"] == b"93"
+        assert headers[b"x-ratelimit-remaining-tokens"] == b"970"
         assert int(await limiter.client.hget(window, "o")) == second - 50
     finally:
         await limiter.stop()

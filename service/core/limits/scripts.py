@@ -21,12 +21,15 @@ from __future__ import annotations
 COMMON = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local second = math.floor(now / 1000)
+local second = tonumber(clock[1])
 local first = second - 59
+-- numbers handed to redis.call are written out with "%.17g" each time: the ones used more than
+-- once are written once, as strings
+local now_s, r_now, t_now = string.format('%d', now), 'r' .. clock[1], 't' .. clock[1]
 
 -- the leases that expired: gone, and what they reserved given back
 local function expire(l, r)
-  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now)
+  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now_s)
   if #gone > 0 then
     local freed = 0
     for _, member in ipairs(gone) do
@@ -35,44 +38,50 @@ local function expire(l, r)
     if freed > 0 then
       redis.call('DECRBY', r, freed)
     end
-    redis.call('ZREMRANGEBYSCORE', l, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', l, '-inf', now_s)
   end
 end
 
--- the window of the last 60 seconds: {requests, tokens, oldest second with requests (-1: none, or
--- not looked for), oldest with tokens, this second's requests, this second's tokens, o}; ``rated``:
--- whether the oldest seconds are looked for (a requests or tokens limit says when they reset)
-local function window(w, rated)
-  local meta = redis.call('HMGET', w, 'o', 'R', 'T', 'r' .. second, 't' .. second)
+-- the window of the last 60 seconds: {requests, tokens, o, this second's requests, this second's
+-- tokens}. ``o`` is the oldest second holding requests (nil: the window is empty), kept so by
+-- every script that trims the window, so it is also where room for requests comes back.
+local function window(w)
+  local meta = redis.call('HMGET', w, 'o', 'R', 'T', r_now, t_now)
   local o, r, t = tonumber(meta[1]), tonumber(meta[2]) or 0, tonumber(meta[3]) or 0
   local rs, ts = tonumber(meta[4]) or 0, tonumber(meta[5]) or 0
   if o and o < first then
-    if first - o >= 60 then
-      redis.call('DEL', w)
-      o, r, t, rs, ts = nil, 0, 0, 0, 0
-    else
-      for s = o, first - 1 do
+    local s = o
+    if first - o < 60 then
+      while s < first do  -- the seconds that left the window since it was last trimmed
         local old = redis.call('HMGET', w, 'r' .. s, 't' .. s)
         if old[1] or old[2] then
           r = r - (tonumber(old[1]) or 0)
           t = t - (tonumber(old[2]) or 0)
           redis.call('HDEL', w, 'r' .. s, 't' .. s)
         end
+        s = s + 1
       end
-      o = first
-      redis.call('HSET', w, 'o', o, 'R', r, 'T', t)
+    end
+    if r > 0 and first - o < 60 then
+      while s < second and redis.call('HEXISTS', w, 'r' .. s) == 0 do s = s + 1 end
+      o = s
+      redis.call('HSET', w, 'o', string.format('%d', o), 'R', string.format('%d', r), 'T', string.format('%d', t))
+    else  -- nothing left in it
+      redis.call('DEL', w)
+      o, r, t, rs, ts = nil, 0, 0, 0, 0
     end
   end
-  local oldest_r, oldest_t = -1, -1
-  if rated and o and (r > 0 or t > 0) then
-    for s = o, second do
-      local counts = redis.call('HMGET', w, 'r' .. s, 't' .. s)
-      if oldest_r < 0 and (tonumber(counts[1]) or 0) > 0 then oldest_r = s end
-      if oldest_t < 0 and (tonumber(counts[2]) or 0) > 0 then oldest_t = s end
-      if (oldest_r >= 0 or r <= 0) and (oldest_t >= 0 or t <= 0) then break end
+  return {r, t, o, rs, ts}
+end
+
+-- the oldest second of the window holding tokens (-1: none)
+local function oldest_tokens(w, f)
+  if f[2] > 0 and f[3] then
+    for s = f[3], second do
+      if (tonumber(redis.call('HGET', w, 't' .. s)) or 0) > 0 then return s end
     end
   end
-  return {r, t, oldest_r, oldest_t, rs, ts, o}
+  return -1
 end
 """
 
@@ -88,9 +97,10 @@ ADMIT = (
 --   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
 local lease_ms = tonumber(ARGV[4 * n + 1])
-local member, tokens, cost = string.match(ARGV[4 * n + 2], '^(.+) (%d+) (%d+)$')
-member = member .. ' ' .. cost  -- the lease with its amount, as its release names it
-tokens, cost = tonumber(tokens), tonumber(cost)
+local member, tokens, cost_s = string.match(ARGV[4 * n + 2], '^(.+) (%d+) (%d+)$')
+member = member .. ' ' .. cost_s  -- the lease with its amount, as its release names it
+local cost = tonumber(cost_s)
+tokens = tonumber(tokens)
 local function line(words)
   for i = 1, #words do
     if type(words[i]) == 'number' then words[i] = string.format('%d', words[i]) end
@@ -100,9 +110,11 @@ end
 local found, spent, reserved = {}, {}, {}
 for i = 1, n do  -- every subject read first (a refusal's headers tell the tightest limit of all)
   local base = 4 * (i - 1)
-  local l, r = KEYS[base + 2], KEYS[base + 3]
+  local w, l, r = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
   expire(l, r)
-  found[i] = window(KEYS[base + 1], tonumber(ARGV[base + 1]) >= 0 or tonumber(ARGV[base + 2]) >= 0)
+  local f = window(w)
+  local oldest_t = tonumber(ARGV[base + 2]) >= 0 and oldest_tokens(w, f) or -1
+  found[i] = {f[1], f[2], f[1] > 0 and f[3] or -1, oldest_t, f[4], f[5], f[3]}
   if tonumber(ARGV[base + 4]) >= 0 then
     local values = redis.call('MGET', KEYS[base + 4], r)
     if not values[1] then
@@ -135,28 +147,30 @@ for i = 1, n do
   end
 end
 local rq_limit, rq_left, rq_oldest, tk_limit, tk_left, tk_oldest = -1, 0, 0, -1, 0, 0
+local held_until, keep = string.format('%d', now + lease_ms), string.format('%d', lease_ms + 60000)
 for i = 1, n do
   local base = 4 * (i - 1)
   local w, l, r = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
   local f = found[i]
-  redis.call('ZADD', l, now + lease_ms, member)
-  redis.call('PEXPIRE', l, lease_ms + 60000)
+  redis.call('ZADD', l, held_until, member)
+  redis.call('PEXPIRE', l, keep)
   if cost > 0 then
     if reserved[i] then  -- read above: written with its life in one call
-      redis.call('SET', r, reserved[i] + cost, 'PX', lease_ms + 60000)
+      redis.call('SET', r, string.format('%d', reserved[i] + cost), 'PX', keep)
     else
-      redis.call('INCRBY', r, cost)
-      redis.call('PEXPIRE', r, lease_ms + 60000)
+      redis.call('INCRBY', r, cost_s)
+      redis.call('PEXPIRE', r, keep)
     end
   end
-  local o = f[7]
-  if not o or (f[3] > o) then
-    o = f[3] >= 0 and f[3] or second  -- a new window, or the seconds before its oldest request are empty
+  local counts = {r_now, string.format('%d', f[5] + 1), t_now, string.format('%d', f[6] + tokens),
+    'R', string.format('%d', f[1] + 1), 'T', string.format('%d', f[2] + tokens)}
+  if not f[7] then  -- a new window: it starts now
+    table.insert(counts, 'o')
+    table.insert(counts, clock[1])
   end
-  redis.call('HSET', w, 'r' .. second, f[5] + 1, 't' .. second, f[6] + tokens,
-    'R', f[1] + 1, 'T', f[2] + tokens, 'o', o)
+  redis.call('HSET', w, unpack(counts))
   if f[5] == 0 then  -- the window gains a second: it outlives it by a minute
-    redis.call('PEXPIRE', w, 120000)
+    redis.call('PEXPIRE', w, '120000')
   end
   -- the tightest requests and tokens limits (the first of equals), for the response's headers
   local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
@@ -198,7 +212,8 @@ for j = 1, #ARGV do
     if delta ~= 0 then
       local counts = redis.call('HMGET', w, 't' .. second, 'T')
       if counts[1] then
-        redis.call('HSET', w, 't' .. second, tonumber(counts[1]) + delta, 'T', (tonumber(counts[2]) or 0) + delta)
+        redis.call('HSET', w, 't' .. second, string.format('%d', tonumber(counts[1]) + delta),
+          'T', string.format('%d', (tonumber(counts[2]) or 0) + delta))
       end
     end
   end
@@ -226,7 +241,7 @@ STATE = (
     + """
 -- KEYS: w, l, r, s of one subject: requests, tokens, in flight, reserved, spent (-1: not seeded).
 expire(KEYS[2], KEYS[3])
-local f = window(KEYS[1], false)
+local f = window(KEYS[1])
 local values = redis.call('MGET', KEYS[3], KEYS[4])
 return {f[1], f[2], redis.call('ZCARD', KEYS[2]), tonumber(values[1] or '0'), tonumber(values[2] or '-1')}
 """
