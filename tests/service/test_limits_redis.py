@@ -164,7 +164,7 @@ async def spend(gateway: GatewayProcess, team_id: str, key_id: str, micro_usd: i
 
 def test_a_thousand_cut_short_requests_leave_nothing_held(pair: list[GatewayProcess]) -> None:
     """Streams cancelled by their clients at random points, upstream errors, upstream timeouts,
-    clients leaving before any answer: afterwards nothing is reserved or in flight, and a team at
+    clients leaving before any answer, the gateway's own refusals after admission: afterwards nothing is reserved or in flight, and a team at
     10% of its budget was never refused (each request reserves 1% of it: leaks would show at once).
     The concurrency limit is twice the clients' own: a lease ends a moment after its client left."""
     a, b = pair
@@ -180,7 +180,7 @@ def test_a_thousand_cut_short_requests_leave_nothing_held(pair: list[GatewayProc
 
     async def one(n: int, http: httpx.AsyncClient) -> None:
         base = pair[n % 2].url + "/openai"
-        kind = rng.choice(["cut", "cut", "cut", "error", "reset", "timeout", "gone", "whole"])
+        kind = rng.choice(["cut", "cut", "cut", "error", "reset", "timeout", "gone", "own", "whole"])
         async with limit:
             try:
                 if kind == "cut":  # a long stream the client leaves after a few events
@@ -194,6 +194,9 @@ def test_a_thousand_cut_short_requests_leave_nothing_held(pair: list[GatewayProc
                 elif kind == "gone":  # the client leaves before the answer
                     with pytest.raises(httpx.TimeoutException):
                         await http.post(f"{base}/_mock/slow-headers?seconds=2", json=body, timeout=0.1)
+                elif kind == "own":  # admitted, then refused by the relay (a method it never forwards)
+                    response = await http.request("TRACE", f"{base}/v1/chat/completions", json=body)
+                    assert response.status_code == 405, response.text
                 else:
                     path = {
                         "error": "_mock/status/500",
@@ -213,7 +216,7 @@ def test_a_thousand_cut_short_requests_leave_nothing_held(pair: list[GatewayProc
             await asyncio.gather(*(one(n, http) for n in range(1000)))
 
     asyncio.run(run())
-    assert sum(outcomes.values()) == 1000 and len(outcomes) == 6
+    assert sum(outcomes.values()) == 1000 and len(outcomes) == 7
     for gateway in pair:
         wait_for_state(gateway, "team_storm", reservedUsd=0.0, inFlight=0)
     refused = [line for g in pair for line in g.log_lines() if line.get("status") == 429]
