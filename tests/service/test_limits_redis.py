@@ -164,8 +164,9 @@ async def spend(gateway: GatewayProcess, team_id: str, key_id: str, micro_usd: i
 
 def test_a_thousand_cut_short_requests_leave_nothing_held(pair: list[GatewayProcess]) -> None:
     """Streams cancelled by their clients at random points, upstream errors, upstream timeouts,
-    clients leaving before any answer, the gateway's own refusals after admission: afterwards nothing is reserved or in flight, and a team at
-    10% of its budget was never refused (each request reserves 1% of it: leaks would show at once).
+    clients leaving before any answer, the gateway's own refusals after admission: afterwards
+    nothing is reserved or in flight, and a team at 10% of its budget was never refused (each
+    request reserves 1% of it: leaks would show at once).
     The concurrency limit is twice the clients' own: a lease ends a moment after its client left."""
     a, b = pair
     key = a.create_key("team_storm")

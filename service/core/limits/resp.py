@@ -7,8 +7,8 @@ observability plumbing, a stream reader and a parser per line), against about 25
 it the two system calls. redis-py stays the client for the lease renewals and the probes while
 Redis is away. The URL means the same to both: it is read by redis-py's ``parse_url``.
 
-Concurrent callers share the connection: a call is written at once (the calls that follow it in
-the same loop turn in one write at the turn's end) and waits for its replies in turn. A call that
+Concurrent callers share the connection: a call is written at once (or, while others wait, with
+the rest of its loop turn's calls at the turn's end) and waits for its replies in turn. A call that
 waits longer than ``timeout`` fails with ``TimeoutError``, and with it the connection (later replies
 could no longer be matched): the next call connects anew.
 """
@@ -116,9 +116,10 @@ class _Call:
 class _Link(asyncio.Protocol):
     """One physical connection; the calls waiting on it, oldest first.
 
-    The first call of a loop turn is written at once; the calls after it in the same turn wait for
-    the turn's end and leave in one write: under load, the admissions of the requests a turn
-    handles share a system call (and a wake-up of Redis) instead of taking one each."""
+    A call made while none waits is written at once; one made while others wait for their replies
+    (requests running side by side) waits for the end of the loop turn and leaves in one write with
+    the rest of that turn's: under load, the admissions of the requests a turn handles share a system
+    call and a wake-up of Redis instead of taking one each."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -126,21 +127,22 @@ class _Link(asyncio.Protocol):
         self.waiting: deque[_Call] = deque()
         self.lost: Exception | None = None
         self.queued: list[bytes] | None = None
-        """The calls written after the turn's first, waiting for its end; ``None``: none written yet."""
+        """What waits for the turn's end to be written."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def call(self, payload: bytes, call: _Call) -> None:
         assert self.transport is not None
-        self.waiting.append(call)
-        queued = self.queued
-        if queued is None:
-            self.transport.write(payload)
-            self.queued = []
+        waiting = self.waiting
+        if self.queued is not None:
+            self.queued.append(payload)
+        elif waiting:
+            self.queued = [payload]
             asyncio.get_running_loop().call_soon(self.write_queued)
         else:
-            queued.append(payload)
+            self.transport.write(payload)
+        waiting.append(call)
 
     def write_queued(self) -> None:
         queued = self.queued
