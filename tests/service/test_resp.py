@@ -59,9 +59,12 @@ async def test_calls_sharing_the_connection_get_their_own_replies(lane: RespConn
     # the first finds nothing waiting: written at once; the others leave together at the turn's end
     assert writes == [encode("ECHO", "turn 0"), b"".join(encode("ECHO", f"turn {n}") for n in range(1, 50))]
     writes.clear()
-    assert await lane.call(encode("ECHO", "alone")) == [b"alone"]
-    assert await lane.call(encode("ECHO", "next")) == [b"next"]
-    assert writes == [encode("ECHO", "alone"), encode("ECHO", "next")]  # one after another: each at once
+    answers: list[object] = []
+    lane.send(encode("ECHO", "released"), answers.append)  # a release: nobody awaits it
+    alone = lane.call(encode("ECHO", "alone"))
+    assert writes == [encode("ECHO", "released"), encode("ECHO", "alone")]  # at once: only a release waits
+    assert await alone == [b"alone"]
+    assert answers == [[b"released"]]
     pipelined = await lane.call(encode("PING") + encode("ECHO", "x" * 100_000) + encode("NOSUCHCOMMAND"), 3)
     assert pipelined[:2] == [b"PONG", b"x" * 100_000]  # a reply larger than one read
     assert isinstance(pipelined[2], ReplyError)

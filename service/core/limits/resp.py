@@ -7,8 +7,8 @@ observability plumbing, a stream reader and a parser per line), against about 25
 it the two system calls. redis-py stays the client for the lease renewals and the probes while
 Redis is away. The URL means the same to both: it is read by redis-py's ``parse_url``.
 
-Concurrent callers share the connection: a call is written at once (or, while others wait, with
-the rest of its loop turn's calls at the turn's end) and waits for its replies in turn. A call that
+Concurrent callers share the connection: a call is written at once (or, while another is awaited,
+with the rest of its loop turn's calls at the turn's end) and waits for its replies in turn. A call that
 waits longer than ``timeout`` fails with ``TimeoutError``, and with it the connection (later replies
 could no longer be matched): the next call connects anew.
 """
@@ -116,10 +116,11 @@ class _Call:
 class _Link(asyncio.Protocol):
     """One physical connection; the calls waiting on it, oldest first.
 
-    A call made while none waits is written at once; one made while others wait for their replies
-    (requests running side by side) waits for the end of the loop turn and leaves in one write with
-    the rest of that turn's: under load, the admissions of the requests a turn handles share a system
-    call and a wake-up of Redis instead of taking one each."""
+    A call made while the last one written is awaited by its caller (requests running side by side)
+    waits for the end of the loop turn and leaves in one write with the rest of that turn's: under
+    load, the admissions of the requests a turn handles share a system call and a wake-up of Redis
+    instead of taking one each. Otherwise (one request at a time, whose release, never awaited, may
+    still wait for its reply) it is written at once."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -137,7 +138,7 @@ class _Link(asyncio.Protocol):
         waiting = self.waiting
         if self.queued is not None:
             self.queued.append(payload)
-        elif waiting:
+        elif waiting and waiting[-1].future is not None:  # awaited by a request still running
             self.queued = [payload]
             asyncio.get_running_loop().call_soon(self.write_queued)
         else:
