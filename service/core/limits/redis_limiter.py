@@ -2,12 +2,12 @@
 
 Each admission is one script run (``scripts.ADMIT``: sweep, check every subject, reserve on all, or
 refuse, atomically on the server), sent through the limits' own lean connection (``resp``): one
-write and one read per request. A release is written on the same connection as soon as the event
-loop is free, never awaited by the request: the releases of one loop turn go in one script call
-(``scripts.SETTLE``), in the same write as an admission when one is made in that turn. A release
-Redis did not take is kept and retried by one background task, which also renews the leases of
-requests still running (a process that dies stops renewing, and its leases expire by themselves
-after ``LIMITS_LEASE_SECONDS``).
+write and one read per request, shared by the requests of one loop turn under load. A release is
+written on the same connection as soon as the event loop is free, never awaited by the request: the
+releases of one loop turn go in one script call (``scripts.SETTLE``), in the same write as an
+admission when one is made in that turn. A release Redis did not take is kept and retried by one
+background task, which also renews the leases of requests still running (a process that dies stops
+renewing, and its leases expire by themselves after ``LIMITS_LEASE_SECONDS``).
 
 The spent amount of a budget period lives under a key named after the period, so a new period is a
 new key. A key that is missing (first use, a Redis restarted empty, a period just begun) is seeded
