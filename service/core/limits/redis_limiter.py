@@ -226,9 +226,7 @@ class RedisLimiter:
         if len(batch) == 1:  # a release alone, as most are: the script call's head is its shape's
             grant, tokens, cost = batch[0]
             shape: _Shape = grant.place
-            delta = 0 if grant.offline else tokens - grant.tokens
-            arg = f"{grant.lease} {grant.cost} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
-            return b"%s$%d\r\n%s\r\n" % (shape.settle, len(arg), arg)
+            return shape.settle + _release_arg(grant, tokens, cost)
         keys: list[bytes] = []
         args: list[bytes] = []
         count = 0
@@ -236,9 +234,7 @@ class RedisLimiter:
             shape = grant.place
             keys.append(shape.keys)
             count += len(shape.subjects)
-            delta = 0 if grant.offline else tokens - grant.tokens
-            arg = f"{grant.lease} {grant.cost} {grant.second} {delta} {cost} {len(shape.subjects)}".encode()
-            args.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+            args.append(_release_arg(grant, tokens, cost))
         head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (3 + 4 * count + len(batch), SETTLE_SHA, _int(4 * count))
         return b"".join((head, *keys, *args))
 
@@ -455,6 +451,14 @@ class RedisLimiter:
         self._up()
         spent = int(found[4])
         return SubjectState(spent if spent >= 0 else None, int(found[3]), int(found[0]), int(found[1]), int(found[2]))
+
+
+def _release_arg(grant: Grant, tokens: int, cost: int) -> bytes:
+    """A release's argument to ``scripts.SETTLE``: "<lease> <reserved> <second> <token correction>
+    <cost> <number of subjects>", as a bulk string."""
+    delta = 0 if grant.offline else tokens - grant.tokens
+    arg = f"{grant.lease} {grant.cost} {grant.second} {delta} {cost} {len(grant.subjects)}".encode()
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
 def _tallies(subjects: Sequence[Subject], words: Sequence[bytes], start: int) -> list[Tally]:
