@@ -2,10 +2,10 @@
 
 The key is taken from ``Authorization: Bearer sk_…`` (OpenAI SDK, curl), ``x-api-key: sk_…``
 (Anthropic SDK) or the header the provider's own SDK uses (``x-goog-api-key``, ``api-key``). A
-cached valid key costs a dict read and nothing more; an uncached one one store query. A missing or
-unknown key is refused with a 401 (raised: the error boundary shapes it as the provider's
-error), and nothing reaches the upstream; a store it cannot reach raises ``StoreUnavailableError``
-(503).
+cached valid key costs two dict reads (its digest, remembered once the key was found valid, and its
+team) and nothing more; an uncached one one store query. A missing or unknown key is refused with a
+401 (raised: the error boundary shapes it as the provider's error), and nothing reaches the
+upstream; a store it cannot reach raises ``StoreUnavailableError`` (503).
 
 The brake on key guessing (``UNKNOWN_KEY_LIMIT``) is ``middleware.key_guard``.
 """
@@ -75,7 +75,10 @@ class Auth:
             raise MISSING if key is None else INVALID
         state = scope["state"]
         teams: TeamDirectory = state["teams"]
-        digest = keys.digest(key)
+        digest = teams.digests.get(key)
+        hashed = digest is None
+        if digest is None:
+            digest = keys.digest(key)
         team = teams.peek(digest)
         metrics: Metrics = state["metrics"]
         if team is None or team is UNKNOWN:  # not known to be valid: the guessing brake applies
@@ -99,6 +102,8 @@ class Auth:
             metrics.cache_hits += 1
         if team.expires is not None or team.grace_until is not None:
             check_deadlines(team)
+        if hashed:
+            teams.remember(key, digest)
         teams.used(digest)
         info.team = team
         await self.app(scope, receive, send)

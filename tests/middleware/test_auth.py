@@ -116,6 +116,39 @@ async def test_a_valid_key_passes_with_its_team_and_is_then_served_from_the_cach
     assert (metrics.cache_hits, metrics.cache_misses) == (1, 1)  # a dict read, no query
 
 
+async def test_a_valid_keys_digest_is_remembered_only_while_it_is_valid(teams: TeamDirectory) -> None:
+    """The request path hashes a key once: its digest is kept for the key's next requests, never for
+    an unknown key, and a revoked key is refused and gone from memory (revoked by its id, without the
+    secret, in another process: the change marker empties the cache)."""
+    key, team = await teams.issue("team_1", "Acme")
+    other, _ = await teams.issue("team_2", "Other")
+    app = Reached()
+    metrics = Metrics()
+    auth = Auth(app)
+    await auth(scope_for(teams, metrics, ("authorization", f"Bearer {key}")), receive, send)
+    assert teams.digests == {key: keys.digest(key)}
+
+    unknown = keys.new_key()
+    with pytest.raises(AuthenticationFailed):
+        await auth(scope_for(teams, metrics, ("authorization", f"Bearer {unknown}")), receive, send)
+    assert unknown not in teams.digests
+
+    await auth(scope_for(teams, metrics, ("authorization", f"Bearer {other}")), receive, send)
+    assert await teams.revoke(other)
+    assert other not in teams.digests and key not in teams.digests  # every entry goes with a change
+    with pytest.raises(AuthenticationFailed):
+        await auth(scope_for(teams, metrics, ("authorization", f"Bearer {other}")), receive, send)
+
+    await auth(scope_for(teams, metrics, ("authorization", f"Bearer {key}")), receive, send)
+    assert key in teams.digests
+    await teams.store.delete_id(team.key_id)  # as another process would: this cache learns it from the store
+    teams.changed(None)
+    assert teams.digests == {}
+    with pytest.raises(AuthenticationFailed):
+        await auth(scope_for(teams, metrics, ("authorization", f"Bearer {key}")), receive, send)
+    assert [scope[SCOPE_KEY].team.team_id for scope in app.scopes] == ["team_1", "team_2", "team_1"]
+
+
 async def test_a_well_formed_bearer_wins_and_provider_key_headers_count_only_where_configured(
     teams: TeamDirectory,
 ) -> None:
