@@ -17,20 +17,26 @@ app sees anything:
   (the relay's), which stops the upstream call at once.
 
 It also sends a response's head and the start of its body in one write when the body is in hand in the
-same loop turn (``HeadWithBody``): one packet and one wake-up of the client instead of two.
+same loop turn (``HeadWithBody``): one packet and one wake-up of the client instead of two, and makes
+that head with uvicorn's checks for a fraction of their cost (``GatewayCycle``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+import re
+import urllib.parse
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import httptools
 import orjson
 import structlog
+from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.server import ServerState
 
 from config import Settings
@@ -137,6 +143,118 @@ class HeadWithBody:
     def close(self) -> None:
         self.flush()
         self.transport.close()
+
+
+_NAME_FORBIDDEN = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
+"""What a header name may not hold (uvicorn's rule: a name is a token)."""
+_VALUE_BREAKS = bytes(0 if (byte < 0x20 and byte != 0x09) or byte == 0x7F else 1 for byte in range(256))
+"""A ``bytes.translate`` table marking (0) what a header value may not hold: control characters but tab."""
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+MAX_NAMES_SEEN = 1024
+_names_seen: set[bytes] = set()
+"""Header names already found valid in this worker (names repeat from response to response)."""
+
+
+class GatewayCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, sending what uvicorn's sends, checked as uvicorn checks it,
+    for less: uvicorn runs two regular expressions over every header of every response (~3.5k
+    instructions a header, some 20k a proxied response). Here a name is checked once per worker
+    (names repeat; the valid ones seen are kept, at most ``MAX_NAMES_SEEN``), and every value at once:
+    in the whole head, the bytes no value may hold (control characters but tab) must be exactly its
+    line ends. A name or value that fails is the same ``RuntimeError`` as uvicorn's, before anything is
+    written. Made by ``GatewayHttpProtocol.on_headers_complete``."""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{message['type']}'.")
+            self.transport.write(self.head(message["status"], message.get("headers", ())))
+        elif not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{message['type']}'.")
+            body: bytes = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+            elif self.chunked_encoding:
+                if more_body:
+                    if body:
+                        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+                else:
+                    self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n")
+            else:
+                if len(body) > self.expected_content_length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.expected_content_length -= len(body)
+                self.transport.write(body)
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+        else:
+            raise RuntimeError(f"Unexpected ASGI message '{message['type']}' sent, after response already completed.")
+
+    def head(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """The response's status line and headers (the server's first, as uvicorn writes them)."""
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(self.scope),
+                self.scope["method"],
+                get_path_with_query_string(self.scope),
+                self.scope["http_version"],
+                status,
+            )
+        content = [STATUS_LINE[status]]
+        seen = _names_seen
+        lines = 0
+        closing = False
+        for headers_of in (self.default_headers, headers):
+            for name, value in headers_of:
+                name = name.lower()
+                if name not in seen:
+                    if _NAME_FORBIDDEN.search(name):
+                        raise RuntimeError("Invalid HTTP header name.")
+                    if len(seen) >= MAX_NAMES_SEEN:
+                        seen.clear()
+                    seen.add(name)
+                if name in _FRAMING:
+                    if name == b"content-length":
+                        if self.chunked_encoding is None:
+                            self.expected_content_length = int(value.decode())
+                            self.chunked_encoding = False
+                    elif name == b"transfer-encoding":
+                        if value.lower() == b"chunked":
+                            self.expected_content_length = 0
+                            self.chunked_encoding = True
+                    elif b"close" in [token.lower().strip() for token in value.split(b",")]:
+                        self.keep_alive = False
+                        closing = True
+                content += (name, b": ", value, b"\r\n")
+                lines += 1
+        if not self.keep_alive and not closing:
+            content.append(b"connection: close\r\n")
+            lines += 1
+        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+            lines += 1
+        content.append(b"\r\n")
+        head = b"".join(content)
+        # the status line's end, each header line's and the head's: nothing else may break a value
+        if head.translate(_VALUE_BREAKS).count(0) != 2 * (lines + 2):
+            raise RuntimeError("Invalid HTTP header value.")
+        return head
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -281,12 +399,53 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        """uvicorn's, with the gateway's cycle writing through ``HeadWithBody``: the request's scope
+        completed from the parser, its cycle made, its task started (or queued behind a pipelined
+        response still being sent)."""
         self.awaiting_head = False
         self.clear_head_deadline()
-        self.scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]  # this server reports a client leaving
-        super().on_headers_complete()
-        if self.cycle is not None:
-            self.cycle.transport = self.writer  # type: ignore[assignment]
+        scope = self.scope
+        scope[DISCONNECT_KEY] = None  # type: ignore[literal-required]  # this server reports a client leaving
+        parser = self.parser
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = url.query or b""
+        app = self.app
+        if self.limit_concurrency is not None and (
+            len(self.connections) >= self.limit_concurrency or len(self.tasks) >= self.limit_concurrency
+        ):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        previous = self.cycle
+        self.cycle = GatewayCycle(
+            scope=scope,
+            transport=self.writer,  # type: ignore[arg-type]
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if previous is None or previous.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined: it starts when the response before it is complete
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
