@@ -88,16 +88,20 @@ def merge_metadata(team_id: str, team_name: str, request_id: str, client: bytes 
 class Metadata:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        # the team part of the header, rendered once per team: request ids need no JSON escaping
-        self._prefixes: dict[Team, str] = {}
+        # the team part of the header, rendered once per team (by its id, with the name it was rendered
+        # with: a key's cached Team would be hashed and compared field by field): request ids need no
+        # JSON escaping
+        self._prefixes: dict[str, tuple[str, str]] = {}
 
     def _prefix(self, team: Team) -> str:
-        prefix = self._prefixes.get(team)
-        if prefix is None:
-            if len(self._prefixes) >= MAX_CACHED_TEAMS:
-                self._prefixes.clear()
-            rendered = header_json({"team_id": team.team_id, "team_name": team.name})
-            prefix = self._prefixes[team] = rendered[:-1] + ',"request_id":"'
+        found = self._prefixes.get(team.team_id)
+        if found is not None and found[0] == team.name:
+            return found[1]
+        if len(self._prefixes) >= MAX_CACHED_TEAMS:
+            self._prefixes.clear()
+        rendered = header_json({"team_id": team.team_id, "team_name": team.name})
+        prefix = rendered[:-1] + ',"request_id":"'
+        self._prefixes[team.team_id] = (team.name, prefix)
         return prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import aiohappyeyeballs
@@ -63,9 +63,9 @@ class UpstreamProtocolError(ClientError):
     """The upstream's answer is not HTTP/1.1 (as aiohttp's ``ClientResponseError`` for the session)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """One scheme://host:port: the pool keeps idle connections per origin."""
+class Origin(NamedTuple):
+    """One scheme://host:port: the pool keeps idle connections per origin (a tuple: hashed and
+    compared in C at each request's two pool lookups, where a frozen dataclass runs Python)."""
 
     host: str
     port: int
