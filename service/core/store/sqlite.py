@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,22 @@ class _Migrating:
             return {int(row[0]) for row in await cur.fetchall()}
 
 
+async def _use_wal(db: aiosqlite.Connection) -> None:
+    """Switch the database to WAL. The switch needs the file to itself, and SQLite answers "database is
+    locked" at once, without waiting its busy timeout, while another connection holds it (workers and
+    processes opening a new database together): the switch is tried again until the busy timeout has
+    passed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.01)
+
+
 class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -141,7 +158,7 @@ class SQLiteStore:
             self._db = await self._connect()
         try:
             with unavailable(f"cannot prepare SQLite database at {self.path}"):
-                await self._db.execute("PRAGMA journal_mode=WAL")
+                await _use_wal(self._db)
                 await self._db.execute("PRAGMA synchronous=NORMAL")
                 async with self._transaction() as db:  # one writer: concurrent starters wait, then find it done
                     await migrate(_Migrating(db))
