@@ -14,7 +14,8 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.protocol import GatewayHttpProtocol, Limits, configure
+from service import protocol as gateway_protocol
+from service.protocol import GatewayHttpProtocol
 from tests.support import free_port
 
 HEADERS: dict[str, list[tuple[bytes, bytes]]] = {
@@ -54,7 +55,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 @pytest.fixture
 async def servers() -> AsyncIterator[dict[str, int]]:
-    configure(Limits(64 * 1024, 16 * 1024, 30.0, 1000))
+    before = gateway_protocol._State.limits  # this process's: put back afterwards
+    gateway_protocol.configure(gateway_protocol.Limits(64 * 1024, 16 * 1024, 10.0, 1000))
     ports: dict[str, int] = {}
     running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
     for name, protocol in (("uvicorn", HttpToolsProtocol), ("gateway", GatewayHttpProtocol)):
@@ -70,6 +72,7 @@ async def servers() -> AsyncIterator[dict[str, int]]:
     for server, task in running:
         server.should_exit = True
         await task
+    gateway_protocol._State.limits = before
 
 
 async def exchange(port: int, method: str, path: str) -> tuple[bytes, bool]:
