@@ -32,8 +32,28 @@ HEADERS: dict[str, list[tuple[bytes, bytes]]] = {
 }
 
 
+MISUSE = ("/longer", "/shorter", "/after", "/body-first")
+"""An app breaking the ASGI contract: its server's ``RuntimeError``s, and what reaches the client."""
+BIG = 16 * 1024 * 1024
 CYCLES: dict[int, str] = {}
 """The class of the cycle that served each server port."""
+after_leaving: dict[int, str] = {}
+"""What ``send`` did, per server port, for a streamed chunk sent after the client had gone."""
+
+
+async def misuse(path: str, send: Send) -> None:
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}
+    if path == "/body-first":
+        await send({"type": "http.response.body", "body": b"hello"})
+        return
+    await send(start)
+    if path == "/longer":
+        await send({"type": "http.response.body", "body": b"hello world"})
+    elif path == "/shorter":
+        await send({"type": "http.response.body", "body": b"hel"})
+    else:
+        await send({"type": "http.response.body", "body": b"hello"})
+        await send({"type": "http.response.body", "body": b"again"})
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -41,6 +61,27 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     CYCLES[scope["server"][1]] = type(send.__self__).__name__  # type: ignore[attr-defined]
     path = scope["path"]
+    if path in MISUSE:
+        await misuse(path, send)
+        return
+    if path == "/big":  # a client reading slowly: the writes wait for room (flow control)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        block = bytes(range(256)) * 256
+        for _ in range(BIG // len(block)):
+            await send({"type": "http.response.body", "body": block, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    if path == "/gone":  # the client leaves after the first chunk: later chunks are dropped quietly
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        try:
+            await send({"type": "http.response.body", "body": b"late", "more_body": True})
+            after_leaving[scope["server"][1]] = "returned"
+        except Exception as exc:
+            after_leaving[scope["server"][1]] = type(exc).__name__
+        return
     status = 204 if path == "/204" else 200
     await send({"type": "http.response.start", "status": status, "headers": HEADERS[path]})
     if path in ("/chunked", "/coded", "/empty"):
@@ -75,11 +116,13 @@ async def servers() -> AsyncIterator[dict[str, int]]:
     gateway_protocol._State.limits = before
 
 
-async def exchange(port: int, method: str, path: str) -> tuple[bytes, bool]:
-    """Everything the server sent for one request, and whether it closed the connection after it."""
+async def exchange(port: int, method: str, path: str, wait: float = 0.0) -> tuple[bytes, bool]:
+    """Everything the server sent for one request (read after ``wait`` seconds), and whether it closed
+    the connection after it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
     await writer.drain()
+    await asyncio.sleep(wait)
     data = b""
     closed = False
     while True:
@@ -112,3 +155,39 @@ async def test_the_gateways_cycle_sends_what_uvicorns_sends(servers: dict[str, i
         )  # names lowercased, values as sent
     if path == "/close":
         assert ours[1]
+
+
+@pytest.mark.parametrize("path", MISUSE)
+async def test_an_app_breaking_the_protocol_gets_the_same_answer_from_both(servers: dict[str, int], path: str) -> None:
+    theirs = await exchange(servers["uvicorn"], "GET", path)
+    ours = await exchange(servers["gateway"], "GET", path)
+    assert ours == theirs
+    if path == "/body-first":  # nothing was started: the server's own 500
+        assert ours[0].startswith(b"HTTP/1.1 500 ")
+    elif path == "/after":  # the response was whole: the extra message is refused, the response stands
+        assert ours[0].endswith(b"\r\n\r\nhello")
+    else:  # a body that does not fit its length: the response is cut, the connection closed
+        assert ours[1]
+
+
+async def test_a_large_response_to_a_slow_reader_arrives_whole(servers: dict[str, int]) -> None:
+    for name in ("uvicorn", "gateway"):
+        data, _ = await exchange(servers[name], "GET", "/big", wait=0.5)
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert b"transfer-encoding: chunked" in head
+        assert len(body) == BIG + (BIG // 65536) * len(b"10000\r\n\r\n") + len(b"0\r\n\r\n"), name
+        assert body.endswith(b"\r\n0\r\n\r\n")
+
+
+async def test_chunks_sent_after_the_client_left_are_dropped_quietly(servers: dict[str, int]) -> None:
+    for port in servers.values():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /gone HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert b"first" in await reader.readuntil(b"first")
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if port in after_leaving:
+                break
+            await asyncio.sleep(0.02)
+    assert after_leaving == {servers["uvicorn"]: "returned", servers["gateway"]: "returned"}
