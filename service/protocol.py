@@ -24,7 +24,6 @@ that head with uvicorn's checks for a fraction of their cost (``GatewayCycle``).
 from __future__ import annotations
 
 import asyncio
-import re
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,13 @@ import structlog
 from uvicorn._types import ASGISendEvent
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.server import ServerState
 
@@ -145,10 +150,10 @@ class HeadWithBody:
         self.transport.close()
 
 
-_NAME_FORBIDDEN = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
-"""What a header name may not hold (uvicorn's rule: a name is a token)."""
-_VALUE_BREAKS = bytes(0 if (byte < 0x20 and byte != 0x09) or byte == 0x7F else 1 for byte in range(256))
-"""A ``bytes.translate`` table marking (0) what a header value may not hold: control characters but tab."""
+_VALUE_BREAKS = bytes(0 if HEADER_VALUE_RE.match(bytes((byte,))) else 1 for byte in range(256))
+"""uvicorn's rule for header values (``HEADER_VALUE_RE``: no control character but tab) as a
+``bytes.translate`` table marking (0) the bytes a value may not hold. Names are checked with uvicorn's
+``HEADER_RE`` itself (a name is a token)."""
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 MAX_NAMES_SEEN = 1024
 _names_seen: set[bytes] = set()
@@ -223,7 +228,7 @@ class GatewayCycle(RequestResponseCycle):
             for name, value in headers_of:
                 name = name.lower()
                 if name not in seen:
-                    if _NAME_FORBIDDEN.search(name):
+                    if HEADER_RE.search(name):
                         raise RuntimeError("Invalid HTTP header name.")
                     if len(seen) >= MAX_NAMES_SEEN:
                         seen.clear()
