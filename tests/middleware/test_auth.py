@@ -17,7 +17,7 @@ from service.core.errors import AuthenticationFailed, TooManyRequests
 from service.core.metrics import Metrics
 from service.core.request import SCOPE_KEY, RequestInfo
 from service.core.store import SQLiteStore
-from service.core.teams import UNKNOWN, TeamDirectory
+from service.core.teams import MAX_REMEMBERED_DIGESTS, UNKNOWN, TeamDirectory
 
 
 class Reached:
@@ -147,6 +147,14 @@ async def test_a_valid_keys_digest_is_remembered_only_while_it_is_valid(teams: T
     with pytest.raises(AuthenticationFailed):
         await auth(scope_for(teams, metrics, ("authorization", f"Bearer {key}")), receive, send)
     assert [scope[SCOPE_KEY].team.team_id for scope in app.scopes] == ["team_1", "team_2", "team_1"]
+
+
+async def test_remembered_digests_are_bounded(teams: TeamDirectory) -> None:
+    for n in range(MAX_REMEMBERED_DIGESTS + 5):
+        key = f"sk_{n:064x}"
+        teams.remember(key, keys.digest(key))
+        assert len(teams.digests) <= MAX_REMEMBERED_DIGESTS
+    assert f"sk_{MAX_REMEMBERED_DIGESTS + 4:064x}" in teams.digests  # the newest is kept
 
 
 async def test_a_well_formed_bearer_wins_and_provider_key_headers_count_only_where_configured(
