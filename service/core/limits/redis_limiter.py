@@ -392,9 +392,9 @@ class RedisLimiter:
             self.lane.send(self._settle_command(batch), partial(self._settled, batch), reply=False)
 
     def _settled(self, batch: list[Release], outcome: list[Reply] | Exception) -> None:
-        """A release's outcome: ``[]`` (sent without a reply, and known to have run), its reply, or
-        why it may not have run (kept, and sent again by the background task)."""
-        if isinstance(outcome, Exception) or (outcome and isinstance(outcome[0], ReplyError)):
+        """A release's reply (when Redis does not honour ``CLIENT REPLY SKIP``), or why it may not
+        have run: kept, and sent again by the background task."""
+        if isinstance(outcome, Exception) or isinstance(outcome[0], ReplyError):
             self._keep(batch)
 
     async def _flush(self) -> None:

@@ -17,9 +17,10 @@ A command nobody needs the answer of (``send`` with ``reply=False``: a limits re
 Redis runs a connection's commands in order, so the next reply that arrives tells it has run; that
 reply being an error of Redis's state (``LOADING``, ``OOM``, ``READONLY``, ``BUSY``…: anything but
 ``NOSCRIPT``, which is the command's own) or the connection failing first hands it back to its sender
-as not taken. When nothing else follows it, ``check`` (a command of the caller's, with a reply) is sent
-``CHECK_SECONDS`` later to have that reply. A server that does not honour ``CLIENT REPLY SKIP`` (a proxy,
-an older server: found on connecting, by a probe) gets such commands as ordinary calls.
+as not taken (its ``Answer`` is called then, and only then). When nothing else follows it,
+``check`` (a command of the caller's, with a reply) is sent ``CHECK_SECONDS`` later to have that
+reply. A server that does not honour ``CLIENT REPLY SKIP`` (a proxy, an older server: found on
+connecting, by a probe) gets such commands as ordinary calls.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ class _Link(asyncio.Protocol):
                 call = waiting[0]
                 while not call.count:  # ran before this reply's command: taken, unless Redis is unwell
                     waiting.popleft()
-                    call.done([] if reply.__class__ is not ReplyError or _only_its_own(reply) else reply)
+                    if reply.__class__ is ReplyError and not _only_its_own(reply):
+                        call.done(reply)
                     if not waiting:
                         raise ConnectionError("Redis sent a reply nobody asked for")
                     call = waiting[0]
@@ -291,8 +293,8 @@ class RespConnection:
     def send(self, payload: bytes, answer: Answer, count: int = 1, *, reply: bool = True) -> None:
         """``call`` on the open connection (``connected``) without waiting: ``answer`` is called
         with the replies, or with why there are none. With ``reply=False`` (``payload`` one command),
-        Redis is told not to answer it (when it honours that): ``answer`` gets ``[]`` once a later
-        reply shows it has run, or the error that says it may not have."""
+        Redis is told not to answer it (when it honours that): ``answer`` is called only if it may
+        not have run, with the error reply that followed it or why the connection failed."""
         link = self._link
         assert link is not None
         if not reply and self.skips:
