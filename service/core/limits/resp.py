@@ -238,7 +238,9 @@ class RespConnection:
         self.timeout = timeout
         self.check = check
         self.skips: bool | None = None
-        """Whether Redis honours ``CLIENT REPLY SKIP`` (``None``: not connected yet)."""
+        """Whether Redis honours ``CLIENT REPLY SKIP`` (``None``: not connected yet). Asked again on
+        every connection while it does: a reply the connection did not expect would be matched to
+        the wrong call."""
         self._checking: asyncio.TimerHandle | None = None
         self.path: str | None = None
         self.host: str = params.get("host", "localhost")
@@ -357,7 +359,7 @@ class RespConnection:
                     for reply in await _ask(link, b"".join(self.hello), len(self.hello)):
                         if isinstance(reply, ReplyError):
                             raise reply
-                if self.skips is None:
+                if self.skips is not False:  # each connection's server asked (a new one may differ)
                     # honoured, the PING goes unanswered; else an error, then the PING's and the
                     # ECHO's replies, which nobody waits for: this connection fails, the next is made
                     # knowing
