@@ -16,7 +16,6 @@ from service.core.limits.memory import MemoryLimiter
 from service.core.limits.model import Limits, period_bounds, period_key, usd
 from service.core.limits.outcome import Subject, duration
 from service.core.limits.redis_limiter import RedisLimiter
-from service.core.limits.resp import CHECK_SECONDS
 from tests.redis_server import REDIS_URL, PrivateRedis
 from tests.support import eventually
 
@@ -354,45 +353,6 @@ async def test_a_release_rides_on_the_next_admission(redis_prefix: str) -> None:
         state = await limiter.state(subject)
         assert (state.in_flight, state.tokens, state.requests) == (1, 12 + 5, 2)
     finally:
-        await limiter.stop()
-
-
-async def test_a_release_alone_goes_without_a_reply(private_redis: PrivateRedis) -> None:
-    """A release nothing follows is written behind CLIENT REPLY SKIP (no reply to wake up for); it is
-    known taken from the check the connection sends a second later. Out of memory, Redis still runs
-    releases (their first write frees memory) and the check agrees: taken once. A Redis refusing
-    writes (a replica) refuses both: the release is kept and sent again once Redis takes writes."""
-    limiter = RedisLimiter(private_redis.url, "gw:", seed)
-    await limiter.start()
-    admin = redis.asyncio.Redis.from_url(private_redis.url)
-    try:
-        subject = team(max_concurrent=3, budget_micro_usd=1000, budget_period="total")
-        grant = await limiter.admit([subject], 0, 10, "one")
-        link = limiter.lane._link
-        assert link is not None
-        limiter.release(grant, 0, 4)
-        await asyncio.sleep(0)  # written at the end of the loop turn
-        assert [call.count for call in link.waiting] == [0]  # waits for a later reply, not its own
-        await eventually(lambda: not link.waiting, CHECK_SECONDS + 1, "the check's reply")
-        assert not limiter._pending
-        await settled(limiter, subject, spent=LEDGER_SPENT + 4, in_flight=0)
-
-        grant, other = await limiter.admit([subject], 0, 10, "two"), await limiter.admit([subject], 0, 10, "three")
-        await admin.config_set("maxmemory-policy", "noeviction")
-        await admin.config_set("maxmemory", 1)
-        limiter.release(grant, 0, 3)
-        await eventually(lambda: not link.waiting, CHECK_SECONDS + 1, "the check's reply")
-        await admin.config_set("maxmemory", 0)
-        await settled(limiter, subject, spent=LEDGER_SPENT + 4 + 3, in_flight=1)
-        assert not limiter.degraded
-
-        await admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only, its master unreachable
-        limiter.release(other, 0, 2)
-        await eventually(lambda: limiter.degraded, CHECK_SECONDS + 2, "the refused release kept")
-        await admin.execute_command("REPLICAOF", "NO", "ONE")
-        await settled(limiter, subject, spent=LEDGER_SPENT + 4 + 3 + 2, in_flight=0)
-    finally:
-        await admin.aclose()
         await limiter.stop()
 
 

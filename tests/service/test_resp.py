@@ -1,7 +1,6 @@
 """The limits' own Redis connection: replies read however they arrive, calls that share one
-connection answered in order, commands sent without a reply, a Redis that does not answer or goes
-away, the URL's database and password; against the real Redis and against small local servers
-standing in for a broken one."""
+connection answered in order, a Redis that does not answer or goes away, the URL's database and
+password; against the real Redis and against small local servers standing in for a broken one."""
 
 from __future__ import annotations
 
@@ -17,9 +16,9 @@ from unittest.mock import ANY
 import pytest
 import redis.asyncio
 
-from service.core.limits.resp import CHECK_SECONDS, SKIP, ReplyError, RespConnection, _Incomplete, encode, parse
-from tests.redis_server import REDIS_URL, PrivateRedis, require_redis
-from tests.support import eventually, wait_until
+from service.core.limits.resp import ReplyError, RespConnection, _Incomplete, encode, parse
+from tests.redis_server import REDIS_URL, require_redis
+from tests.support import wait_until
 
 
 def test_replies_are_read_whole_or_not_at_all() -> None:
@@ -73,95 +72,6 @@ async def test_calls_sharing_the_connection_get_their_own_replies(lane: RespConn
     lane.send(encode("PING"), answers.append)
     await lane.call(encode("PING"))
     assert answers == [[b"PONG"]]
-
-
-async def test_a_command_sent_without_a_reply_is_told_run_by_the_next_reply(lane: RespConnection) -> None:
-    """Redis answers nothing to a command sent behind CLIENT REPLY SKIP: nothing is read for it, and
-    the next reply on the connection (Redis runs a connection's commands in order) says it ran."""
-    assert await lane.call(encode("DEL", "resp-skip")) == [ANY]
-    assert lane.skips is True
-    link = lane._link
-    assert link is not None and link.transport is not None
-    writes: list[bytes] = []
-    write = link.transport.write
-    link.transport.write = lambda data: (writes.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
-    reads: list[bytes] = []
-    received = link.data_received
-    link.data_received = lambda data: (reads.append(data), received(data))[1]  # type: ignore[method-assign]
-    answers: list[object] = []
-    lane.send(encode("SET", "resp-skip", "ran"), answers.append, reply=False)
-    assert writes == [SKIP + encode("SET", "resp-skip", "ran")]
-    await asyncio.sleep(0.1)
-    assert reads == [] and answers == []  # run, and not answered
-    assert link.unchecked
-    assert await lane.call(encode("GET", "resp-skip")) == [b"ran"]
-    assert not link.waiting and answers == [] and reads == [b"$3\r\nran\r\n"]  # taken: nothing to say
-
-
-async def test_a_command_sent_without_a_reply_and_nothing_after_is_checked(lane: RespConnection) -> None:
-    """With nothing written after it, the connection's check command has it answered, and the calls
-    waiting for a reply are timed, not it: the connection outlives its timeout."""
-    await lane.call(encode("PING"))
-    link = lane._link
-    answers: list[object] = []
-    lane.send(encode("ECHO", "later"), answers.append, reply=False)
-    await asyncio.sleep(CHECK_SECONDS + lane.timeout + 0.3)
-    assert link is not None and not link.waiting and answers == [] and lane._link is link and lane.connected
-
-
-async def test_an_error_of_redis_after_commands_sent_without_a_reply_hands_them_back(
-    private_redis: PrivateRedis,
-) -> None:
-    """A Redis out of memory refuses the writes before the reply too: they come back as not taken.
-    NOSCRIPT is about its own command: those before it ran. A lost connection hands back the rest."""
-    lane = RespConnection(private_redis.url, 1.0)
-    try:
-        full = encode("CONFIG", "SET", "maxmemory-policy", "noeviction") + encode("CONFIG", "SET", "maxmemory", "1")
-        await lane.call(full, 2)
-        answers: list[object] = []
-        lane.send(encode("SET", "refused", "x"), answers.append, reply=False)
-        (refused,) = await lane.call(encode("SET", "also-refused", "x"))
-        assert isinstance(refused, ReplyError) and str(refused).startswith("OOM")
-        assert answers == [refused]
-        await lane.call(encode("CONFIG", "SET", "maxmemory", "0"))
-        answers.clear()
-        lane.send(encode("SET", "taken", "x"), answers.append, reply=False)
-        (missing,) = await lane.call(encode("EVALSHA", "0" * 40, 0))
-        assert isinstance(missing, ReplyError) and str(missing).startswith("NOSCRIPT")
-        assert answers == [] and await lane.call(encode("GET", "taken")) == [b"x"]
-        answers.clear()
-        lane.send(encode("SET", "unknown", "x"), answers.append, reply=False)
-        private_redis.stop()
-        await eventually(lambda: bool(answers), 5, "the lost connection handed back")
-        assert isinstance(answers[0], ConnectionError)
-    finally:
-        lane.close()
-
-
-async def test_a_server_that_does_not_honour_reply_skip_gets_plain_commands() -> None:
-    """A proxy or an old server answers CLIENT REPLY SKIP with an error and the probe's PING too: the
-    connection is made again, and commands meant to go without a reply get theirs."""
-    connections = 0
-
-    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while data := await reader.read(65_536):
-            if data.startswith(SKIP):  # the probe: SKIP, PING, ECHO
-                writer.write(b"-ERR unknown subcommand 'REPLY'\r\n+PONG\r\n$15\r\nreplies-skipped\r\n")
-            else:
-                writer.write(b"+OK\r\n" * data.count(b"*1\r\n$4\r\nPING"))
-            await writer.drain()
-
-    async with StandIn(plain) as url:
-        lane = RespConnection(url, 1.0)
-        assert await lane.call(encode("PING")) == [b"OK"]
-        assert lane.skips is False and connections == 2
-        answers: list[object] = []
-        lane.send(encode("PING"), answers.append, reply=False)
-        await eventually(lambda: bool(answers), 2, "the plain reply")
-        assert answers == [[b"OK"]] and lane.connected
-        lane.close()
 
 
 async def test_the_urls_database_and_password_are_used() -> None:

@@ -5,10 +5,9 @@ refuse, atomically on the server), sent through the limits' own lean connection 
 write and one read per request, shared by the requests of one loop turn under load. A release is
 written on the same connection as soon as the event loop is free, never awaited by the request: the
 releases of one loop turn go in one script call (``scripts.SETTLE``), in the same write as an
-admission when one is made in that turn, else alone and unanswered (``CLIENT REPLY SKIP``: no reply
-to wake up for; the next reply on the connection tells it has run). A release Redis did not take is
-kept and retried by one background task, which also renews the leases of requests still running (a
-process that dies stops renewing, and its leases expire by themselves after ``LIMITS_LEASE_SECONDS``).
+admission when one is made in that turn. A release Redis did not take is kept and retried by one
+background task, which also renews the leases of requests still running (a process that dies stops
+renewing, and its leases expire by themselves after ``LIMITS_LEASE_SECONDS``).
 
 The spent amount of a budget period lives under a key named after the period, so a new period is a
 new key. A key that is missing (first use, a Redis restarted empty, a period just begun) is seeded
@@ -73,20 +72,12 @@ def _sha(script: str) -> bytes:
     return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest().encode()
 
 
-ADMIT_SHA, STATE_SHA = _sha(scripts.ADMIT), _sha(scripts.STATE)
-LOADED = (scripts.ADMIT, scripts.STATE)
-"""The scripts called by their hash (``EVALSHA``), loaded again when Redis answers ``NOSCRIPT``."""
-LOAD_SCRIPTS = b"".join(encode("SCRIPT", "LOAD", script) for script in LOADED)
+ADMIT_SHA, SETTLE_SHA, STATE_SHA = _sha(scripts.ADMIT), _sha(scripts.SETTLE), _sha(scripts.STATE)
+LOAD_SCRIPTS = b"".join(encode("SCRIPT", "LOAD", script) for script in (scripts.ADMIT, scripts.SETTLE, scripts.STATE))
 
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-SETTLE = b"$4\r\nEVAL\r\n" + _bulk(scripts.SETTLE.encode())
-"""The release script's call, by its text (``EVAL``; Redis keeps it compiled, found by its hash): a
-release is written without waiting for an answer, so it must not depend on a script Redis may have
-lost (``NOSCRIPT`` would go unseen)."""
 
 
 def _int(value: int) -> bytes:
@@ -105,7 +96,7 @@ class _Shape(NamedTuple):
     keys: bytes
     """The subjects' keys, as the release script takes them."""
     settle: bytes
-    """``EVAL``, the release script and the keys: a release's script call, but for its argument."""
+    """``EVALSHA``, the release script and the keys: a release's script call, but for its argument."""
     start: float
     end: float
     rated: bool
@@ -125,10 +116,9 @@ class RedisLimiter:
             retry=Retry(NoBackoff(), 0),
         )
         """Lease renewals and probes."""
-        self.lane = RespConnection(url, TIMEOUT_SECONDS, check=_check(prefix))
+        self.lane = RespConnection(url, TIMEOUT_SECONDS)
         """Admissions, releases, state and seeding: one connection, so each reads after every release
-        written before it. Its check (learning that releases sent unanswered have run) is a release
-        of nothing (``_check``)."""
+        written before it."""
         self.prefix = prefix
         self.seed = seed
         self.lease_ms = int(lease_seconds * 1000)
@@ -225,7 +215,7 @@ class RedisLimiter:
             periods,
             head + keys + limits + self._lease_ms_arg,
             keys,
-            b"*%d\r\n%s%s%s" % (4 + 4 * count, SETTLE, _int(4 * count), keys),
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s%s" % (4 + 4 * count, SETTLE_SHA, _int(4 * count), keys),
             start,
             end,
             rated,
@@ -245,11 +235,11 @@ class RedisLimiter:
             keys.append(shape.keys)
             count += len(shape.subjects)
             args.append(_release_arg(grant, tokens, cost))
-        head = b"*%d\r\n%s%s" % (3 + 4 * count + len(batch), SETTLE, _int(4 * count))
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (3 + 4 * count + len(batch), SETTLE_SHA, _int(4 * count))
         return b"".join((head, *keys, *args))
 
     async def _load_scripts(self) -> None:
-        for reply in await self.lane.call(LOAD_SCRIPTS, len(LOADED)):
+        for reply in await self.lane.call(LOAD_SCRIPTS, 3):
             if isinstance(reply, ReplyError):
                 raise reply
 
@@ -389,11 +379,9 @@ class RedisLimiter:
             return
         while self._pending:
             batch = self._take()
-            self.lane.send(self._settle_command(batch), partial(self._settled, batch), reply=False)
+            self.lane.send(self._settle_command(batch), partial(self._settled, batch))
 
     def _settled(self, batch: list[Release], outcome: list[Reply] | Exception) -> None:
-        """A release's reply (when Redis does not honour ``CLIENT REPLY SKIP``), or why it may not
-        have run: kept, and sent again by the background task."""
         if isinstance(outcome, Exception) or isinstance(outcome[0], ReplyError):
             self._keep(batch)
 
@@ -463,15 +451,6 @@ class RedisLimiter:
         self._up()
         spent = int(found[4])
         return SubjectState(spent if spent >= 0 else None, int(found[3]), int(found[0]), int(found[1]), int(found[2]))
-
-
-def _check(prefix: str) -> bytes:
-    """A release of nothing, on keys of its own: what tells the releases sent before it without a
-    reply have run. Redis refuses it when it would refuse them: it is the same script, and its
-    first command is the same write (a replica, a failed save: refused; out of memory: run, as a
-    script's first write that frees memory is)."""
-    keys = b"".join(_bulk(f"{prefix}check:{part}".encode()) for part in "mlrs")
-    return b"*8\r\n%s%s%s%s" % (SETTLE, _int(4), keys, _bulk(b"check 0 0 0 0 1"))
 
 
 def _release_arg(grant: Grant, tokens: int, cost: int) -> bytes:

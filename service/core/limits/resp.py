@@ -11,16 +11,6 @@ Concurrent callers share the connection: a call is written at once (or, while an
 with the rest of its loop turn's calls at the turn's end) and waits for its replies in turn. A call that
 waits longer than ``timeout`` fails with ``TimeoutError``, and with it the connection (later replies
 could no longer be matched): the next call connects anew.
-
-A command nobody needs the answer of (``send`` with ``reply=False``: a limits release) goes out behind
-``CLIENT REPLY SKIP``: Redis runs it and answers nothing, so no reply is read, parsed or woken up for.
-Redis runs a connection's commands in order, so the next reply that arrives tells it has run; that
-reply being an error of Redis's state (``LOADING``, ``OOM``, ``READONLY``, ``BUSY``…: anything but
-``NOSCRIPT``, which is the command's own) or the connection failing first hands it back to its sender
-as not taken (its ``Answer`` is called then, and only then). When nothing else follows it,
-``check`` (a command of the caller's, with a reply) is sent ``CHECK_SECONDS`` later to have that
-reply. A server that does not honour ``CLIENT REPLY SKIP`` (a proxy, an older server: found on
-connecting, by a probe) gets such commands as ordinary calls.
 """
 
 from __future__ import annotations
@@ -47,12 +37,6 @@ TICKS = 4
 MAX_PENDING_REPLY = 1024 * 1024
 """The most of an unfinished reply held (the limits' replies are a few hundred bytes): past it the
 connection fails rather than grow without end."""
-
-
-CHECK_SECONDS = 1.0
-"""How long a command sent without a reply waits for a later one before ``check`` is sent."""
-SKIP = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
-_PROBE_ECHO = b"replies-skipped"
 
 
 class _Incomplete(Exception):
@@ -107,8 +91,7 @@ Answer = Callable[[list[Reply] | Exception], None]
 
 
 class _Call:
-    """A call waiting for its replies: a future some task awaits, or an ``Answer`` to call. A
-    ``count`` of 0: a command Redis was told not to answer (``SKIP``), waiting for a later reply."""
+    """A call waiting for its replies: a future some task awaits, or an ``Answer`` to call."""
 
     __slots__ = ("answer", "count", "future", "replies")
 
@@ -180,13 +163,6 @@ class _Link(asyncio.Protocol):
                 if not waiting:
                     raise ConnectionError("Redis sent a reply nobody asked for")
                 call = waiting[0]
-                while not call.count:  # ran before this reply's command: taken, unless Redis is unwell
-                    waiting.popleft()
-                    if reply.__class__ is ReplyError and not _only_its_own(reply):
-                        call.done(reply)
-                    if not waiting:
-                        raise ConnectionError("Redis sent a reply nobody asked for")
-                    call = waiting[0]
                 replies = call.replies
                 replies.append(reply)
                 if len(replies) == call.count:
@@ -201,11 +177,6 @@ class _Link(asyncio.Protocol):
         if len(self.buffer) > MAX_PENDING_REPLY:
             self.fail(ConnectionError(f"Redis's reply is over {MAX_PENDING_REPLY} bytes"))
 
-    @property
-    def unchecked(self) -> bool:
-        """Whether the last command written waits for a later reply to tell it has run."""
-        return bool(self.waiting) and not self.waiting[-1].count
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(exc or ConnectionError("Redis closed the connection"))
 
@@ -219,29 +190,10 @@ class _Link(asyncio.Protocol):
             self.waiting.popleft().done(exc)
 
 
-def _only_its_own(error: ReplyError) -> bool:
-    """Whether an error reply is about its own command alone (``NOSCRIPT``: that script is not
-    loaded), not about the state of Redis, which commands just before it would have met too."""
-    return str(error).startswith("NOSCRIPT")
-
-
-def _ignore(outcome: list[Reply] | Exception) -> None:
-    pass
-
-
 class RespConnection:
-    def __init__(self, url: str, timeout: float, check: bytes = b"*1\r\n$4\r\nPING\r\n") -> None:
-        """``check``: the command sent, with its reply, to learn whether commands sent without one
-        have run; best one Redis would refuse in the same states as them (the limits send a release
-        of nothing)."""
+    def __init__(self, url: str, timeout: float) -> None:
         params: dict[str, Any] = dict(parse_url(url))
         self.timeout = timeout
-        self.check = check
-        self.skips: bool | None = None
-        """Whether Redis honours ``CLIENT REPLY SKIP`` (``None``: not connected yet). Asked again on
-        every connection while it does: a reply the connection did not expect would be matched to
-        the wrong call."""
-        self._checking: asyncio.TimerHandle | None = None
         self.path: str | None = None
         self.host: str = params.get("host", "localhost")
         self.port = int(params.get("port", 6379))
@@ -292,28 +244,13 @@ class RespConnection:
             self._watch_later()
         return await future
 
-    def send(self, payload: bytes, answer: Answer, count: int = 1, *, reply: bool = True) -> None:
+    def send(self, payload: bytes, answer: Answer, count: int = 1) -> None:
         """``call`` on the open connection (``connected``) without waiting: ``answer`` is called
-        with the replies, or with why there are none. With ``reply=False`` (``payload`` one command),
-        Redis is told not to answer it (when it honours that): ``answer`` is called only if it may
-        not have run, with the error reply that followed it or why the connection failed."""
-        link = self._link
-        assert link is not None
-        if not reply and self.skips:
-            link.call(SKIP + payload, _Call(0, None, answer))
-            if self._checking is None:
-                self._checking = asyncio.get_running_loop().call_later(CHECK_SECONDS, self._check)
-            return
-        link.call(payload, _Call(count, None, answer))
+        with the replies, or with why there are none."""
+        assert self._link is not None
+        self._link.call(payload, _Call(count, None, answer))
         if self._watchdog is None:
             self._watch_later()
-
-    def _check(self) -> None:
-        """``check`` sent, when the last command written still waits for a later reply."""
-        self._checking = None
-        link = self._link
-        if link is not None and link.lost is None and link.unchecked:
-            self.send(self.check, _ignore)
 
     def _watch_later(self) -> None:
         self._watchdog = asyncio.get_running_loop().call_later(self.timeout / TICKS, self._watch)
@@ -323,7 +260,7 @@ class RespConnection:
         been the oldest waiting at ``TICKS + 1`` ticks in a row (it waited at least ``timeout``)."""
         self._watchdog = None
         link = self._link
-        oldest = next((call for call in link.waiting if call.count), None) if link is not None else None
+        oldest = link.waiting[0] if link is not None and link.waiting else None
         if oldest is None:
             self._oldest = None
             return
@@ -356,19 +293,11 @@ class RespConnection:
                         _Link, self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.ssl else None
                     )
                 if self.hello:
-                    for reply in await _ask(link, b"".join(self.hello), len(self.hello)):
+                    answered: asyncio.Future[list[Reply]] = loop.create_future()
+                    link.call(b"".join(self.hello), _Call(len(self.hello), answered, None))
+                    for reply in await answered:
                         if isinstance(reply, ReplyError):
                             raise reply
-                if self.skips is not False:  # each connection's server asked (a new one may differ)
-                    # honoured, the PING goes unanswered; else an error, then the PING's and the
-                    # ECHO's replies, which nobody waits for: this connection fails, the next is made
-                    # knowing
-                    probe = SKIP + encode("PING") + encode("ECHO", _PROBE_ECHO)
-                    self.skips = (await _ask(link, probe, 1)) == [_PROBE_ECHO]
-                    if not self.skips:
-                        link.fail(ConnectionError("Redis does not honour CLIENT REPLY SKIP"))
-                        link = None
-                        return await self._open()
         except BaseException:
             if link is not None:
                 link.fail(ConnectionError("the connection's setup failed"))
@@ -377,19 +306,9 @@ class RespConnection:
         return link
 
     def close(self) -> None:
-        if self._checking is not None:
-            self._checking.cancel()
-            self._checking = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
         if self._link is not None:
             self._link.fail(ConnectionError("closed"))
             self._link = None
-
-
-async def _ask(link: _Link, payload: bytes, count: int) -> list[Reply]:
-    """``count`` replies to ``payload``, on a connection being set up."""
-    answered: asyncio.Future[list[Reply]] = asyncio.get_running_loop().create_future()
-    link.call(payload, _Call(count, answered, None))
-    return await answered
