@@ -165,6 +165,36 @@ async def test_a_connection_lost_fails_its_calls_and_the_next_call_reconnects() 
         lane.close()
 
 
+async def test_a_connection_closed_while_it_opens_is_not_left_open() -> None:
+    """``close()`` (the gateway stopping) while a connection is being set up: the call waiting on it
+    fails, the connection made is closed, not kept, and later calls do not open another."""
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+    closed_by_client = asyncio.Event()
+
+    async def slow_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)  # AUTH
+        asked.set()
+        await answer.wait()
+        writer.write(b"+OK\r\n")
+        await writer.drain()
+        if await reader.read(100) == b"":
+            closed_by_client.set()
+
+    async with StandIn(slow_hello) as url:
+        lane = RespConnection(url.replace("redis://", "redis://:secret@"), 5.0)
+        waiting = asyncio.ensure_future(lane.call(encode("PING")))
+        await asyncio.wait_for(asked.wait(), 5)
+        lane.close()
+        answer.set()
+        with pytest.raises(ConnectionError, match="closed while it opened"):
+            await waiting
+        await asyncio.wait_for(closed_by_client.wait(), 5)
+        assert lane._link is None and not lane.connected
+        with pytest.raises(ConnectionError, match="closed"):
+            await lane.call(encode("PING"))
+
+
 async def test_a_reply_that_never_ends_fails_the_call_instead_of_growing() -> None:
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import uuid
 from pathlib import Path
 
 import httpx
@@ -99,17 +100,19 @@ def test_a_request_still_waiting_for_the_upstream_when_the_grace_ends_gets_a_503
     gw = start(tmp_path, upstream, "1")
     auth = {"authorization": f"Bearer {gw.create_key()}"}
     answers: list[httpx.Response | Exception] = []
+    marker = f"shutdown-{uuid.uuid4().hex}"  # the upstream is shared: earlier tests' slow requests are in its list
 
     def call() -> None:
         try:
-            answers.append(httpx.get(f"{gw.url}/openai/_mock/slow-headers?seconds=30", headers=auth, timeout=30))
+            url = f"{gw.url}/openai/_mock/slow-headers?seconds=30&marker={marker}"
+            answers.append(httpx.get(url, headers=auth, timeout=30))
         except httpx.HTTPError as exc:
             answers.append(exc)
 
     caller = threading.Thread(target=call)
     caller.start()
     wait_until(
-        lambda: any(r.path.endswith("slow-headers") for r in list(upstream.recent)),
+        lambda: any(marker in r.query for r in list(upstream.recent)),
         10,
         "the request reaching the upstream",
     )

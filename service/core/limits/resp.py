@@ -215,6 +215,7 @@ class RespConnection:
         self.hello = hello
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
+        self._closed = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._oldest: _Call | None = None
         self._ticks = 0
@@ -282,6 +283,8 @@ class RespConnection:
         return await asyncio.shield(task)
 
     async def _open(self) -> _Link:
+        if self._closed:
+            raise ConnectionError("the connection to Redis is closed")
         loop = asyncio.get_running_loop()
         link: _Link | None = None
         try:
@@ -302,10 +305,15 @@ class RespConnection:
             if link is not None:
                 link.fail(ConnectionError("the connection's setup failed"))
             raise
+        if self._closed:  # closed while this was opening: nobody would close it
+            link.fail(ConnectionError("closed"))
+            raise ConnectionError("the connection to Redis was closed while it opened")
         self._link = link
         return link
 
     def close(self) -> None:
+        """Close the connection, and any being opened; calls from now on fail with ``ConnectionError``."""
+        self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
