@@ -29,6 +29,9 @@ def test_outage_grace_503s_and_recovery(
     gw = make_gateway(DATABASE_URL=dsn, STORE_OUTAGE_GRACE_SECONDS="8")  # room for a busy machine
     verified = gw.create_key("team_verified")
     unseen = gw.create_key("team_unseen")
+    # a key written empties every worker's cache at its next refresh (every 0.25 s): let that happen before
+    # the key is verified, or it could empty the cache between the verification and the outage
+    time.sleep(1.0)
     assert status(gw, verified) == 200
 
     pg_proxy.down()
