@@ -643,6 +643,29 @@ async def test_a_request_recorded_twice_counts_once(location: str) -> None:
     await store.close()
 
 
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 16, 21, 64, 89, 150])
+async def test_a_batch_of_any_size_records_each_request_once(location: str, size: int) -> None:
+    """SQLite writes a batch in statements of several rows (64, 16, 4) and the rest one by one: every
+    size, with twins inside a statement, across two of them and already recorded, counts each once."""
+    store = await open_store(location)
+    fresh = [usage(n, f"2026-11-02T{n % 24:02d}:00:00.000Z", cost_micro_usd=n) for n in range(1_000, 1_000 + size)]
+    before = usage(7)
+    await store.record_usage([before])
+    twins = [fresh[0]._replace(cost_micro_usd=10**9), fresh[-1]._replace(cost_micro_usd=10**9)]
+    batch = [*fresh[:2], twins[0], before, *fresh[2:], twins[1]]  # twins near the start and at the very end
+    await store.record_usage(batch)
+    expected = expected_report([before, *fresh], "2026-11-02", "2026-11-03", ["day"])
+    assert expected[0]["requests"] == size + 1
+    assert await store.usage_report("2026-11-02", "2026-11-03", ["day"], {}) == expected
+    ledger = await store.usage_report("2026-11-02T00:00:00.000Z", "2026-11-03T00:00:00.000Z", ["day"], {})
+    assert ledger == expected
+    assert await store.usage_request(fresh[0].request_id) == fresh[0]
+    assert await store.usage_request(fresh[-1].request_id) == fresh[-1]
+    await store.record_usage(fresh)  # all recorded before: nothing changes
+    assert await store.usage_report("2026-11-02", "2026-11-03", ["day"], {}) == expected
+    await store.close()
+
+
 @pytest.mark.parametrize(
     "group_by",
     [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sqlite3
 import threading
 import time
@@ -52,6 +53,7 @@ from service.core.store.usage import (
     FAILURES,
     INSERT_LEDGER_SQLITE,
     LAST_ROWID_SQLITE,
+    LEDGER_CHUNKS_SQLITE,
     PRUNE,
     SELECT_REQUEST,
     UPSERT_DAILY_SQLITE,
@@ -81,6 +83,19 @@ unavailable = unavailable_on(sqlite3.Error)
 _NOTHING: dict[None, None] = {}
 sqlite3.register_adapter(type(None), _NOTHING.get)
 sqlite3.register_adapter(bool, int)
+
+
+def _insert_ledger(db: sqlite3.Connection, rows: Sequence[LedgerValues]) -> int:
+    """Insert the rows (skipping request ids already recorded) in ``LEDGER_CHUNKS_SQLITE``'s
+    statements; how many were inserted."""
+    inserted = at = 0
+    for size, statement in LEDGER_CHUNKS_SQLITE.items():
+        while len(rows) - at >= size:
+            inserted += db.execute(statement, list(itertools.chain.from_iterable(rows[at : at + size]))).rowcount
+            at += size
+    if at < len(rows):
+        inserted += db.executemany(INSERT_LEDGER_SQLITE, rows[at:]).rowcount
+    return inserted
 
 
 class _Migrating:
@@ -392,7 +407,7 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 (last,) = db.execute(LAST_ROWID_SQLITE).fetchone()
-                inserted = db.executemany(INSERT_LEDGER_SQLITE, rows).rowcount
+                inserted = _insert_ledger(db, rows)
                 if inserted == len(rows):  # all new, as a rule: their totals are the batch's
                     db.executemany(UPSERT_DAILY_SQLITE, daily_totals(rows))
                 elif inserted:  # some were recorded before: the totals of those inserted, by rowid

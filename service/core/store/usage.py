@@ -259,12 +259,22 @@ def upsert_daily(style: ParamStyle) -> str:
     return f"{insert} ON CONFLICT ({', '.join(DAILY_KEY)}) DO UPDATE SET {added}"
 
 
-INSERT_LEDGER_SQLITE = (
-    f"INSERT INTO usage_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"  # noqa: S608
-    " ON CONFLICT (request_id) DO NOTHING"
-)
-"""Insert one ledger row (``executemany`` runs it once per row, prepared once), skipping a request id
-already recorded."""
+def insert_ledger_sqlite(rows: int) -> str:
+    """Insert ``rows`` ledger rows in one statement (their values one after the other), skipping a
+    request id already recorded or met earlier in the statement."""
+    row = f"({', '.join('?' * len(LEDGER_COLUMNS))})"
+    values = ", ".join([row] * rows)
+    return f"INSERT INTO usage_ledger ({', '.join(LEDGER_COLUMNS)}) VALUES {values} ON CONFLICT (request_id) DO NOTHING"  # noqa: S608
+
+
+INSERT_LEDGER_SQLITE = insert_ledger_sqlite(1)
+"""Insert one ledger row (``executemany`` runs it once per row, prepared once)."""
+LEDGER_CHUNKS_SQLITE = {size: insert_ledger_sqlite(size) for size in (64, 16, 4)}
+"""Statements inserting several rows at once, largest first: a batch goes out in as many of the
+largest as fit, then the next size down, the last few rows through ``executemany`` of the one-row
+statement. One statement of 64 rows costs a fifth less per row than 64 steps of the one-row one
+(19.9k against 25.1k instructions a row, measured on SQLite alone); the sizes are few, so their
+prepared statements stay in the connection's statement cache."""
 LAST_ROWID_SQLITE = "SELECT coalesce(max(rowid), 0) FROM usage_ledger"
 UPSERT_DAILY_SQLITE = upsert_daily("qmark")
 ADD_DAILY_SQLITE = (
