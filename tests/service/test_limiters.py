@@ -356,6 +356,41 @@ async def test_a_release_rides_on_the_next_admission(redis_prefix: str) -> None:
         await limiter.stop()
 
 
+async def test_a_release_sent_again_counts_once(redis_prefix: str) -> None:
+    """A batch of releases whose reply was lost with the connection is sent again: each release
+    counts once, whether its lease was still held, swept as expired meanwhile, or never taken
+    (admitted unchecked while Redis was away)."""
+    limiter = RedisLimiter(REDIS_URL, redis_prefix, seed, lease_seconds=1.0)
+    await limiter.start()
+    try:
+        subject = team(max_concurrent=5, tokens_per_minute=10_000, budget_micro_usd=1000, budget_period="day")
+        held = await limiter.admit([subject], 100, 50, "held")
+        swept = await limiter.admit([subject], 100, 50, "swept")
+        limiter._held.pop(swept.lease)  # nobody renews it: it expires
+        await asyncio.sleep(1.3)
+        state = await limiter.state(subject)  # sweeps it: its reservation given back
+        assert (state.in_flight, state.reserved, state.spent) == (1, 50, LEDGER_SPENT)
+        shape = limiter._shape([subject], datetime.now(UTC).timestamp())
+        unchecked = type(held)("unchecked", [subject], 0, 0, 0, shape.periods, [], shape, offline=True)
+        for grant, tokens, cost in ((held, 80, 20), (swept, 90, 30), (unchecked, 0, 7)):
+            grant.released = True
+            for _ in range(3):  # written, then written again twice
+                assert await limiter._script(limiter._settle_command([(grant, tokens, cost)])) == 1
+        state = await limiter.state(subject)
+        assert (state.in_flight, state.reserved) == (0, 0)
+        assert state.spent == LEDGER_SPENT + 20 + 30 + 7
+        assert state.tokens == 80 + 90
+        assert state.requests == 2
+        # the marks are not leases: the concurrency limit sees none of them
+        grants = [await limiter.admit([subject], 1, 1, f"next-{n}") for n in range(5)]
+        await refused(limiter, [subject], 1, 1)
+        for grant in grants:
+            limiter.release(grant, 1, 1)
+        await settled(limiter, subject, in_flight=0, reserved=0, spent=LEDGER_SPENT + 57 + 5)
+    finally:
+        await limiter.stop()
+
+
 async def test_a_redis_that_lost_its_scripts_is_given_them_again(private_redis: PrivateRedis) -> None:
     """A flushed (or restarted) Redis answers NOSCRIPT: admissions, releases and state load the
     scripts again and go on, nothing refused and no lease left behind."""
