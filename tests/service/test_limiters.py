@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio
 
 from service.core.errors import ServiceUnavailable, TooManyRequests
+from service.core.limits import scripts
 from service.core.limits.memory import MemoryLimiter
 from service.core.limits.model import Limits, period_bounds, period_key, usd
 from service.core.limits.outcome import Subject, duration
@@ -261,6 +262,23 @@ def test_durations_and_dollars_as_shown() -> None:
     assert [duration(s) for s in (-3, 0, 0.9996, 1, 59.9996, 60)] == [b"0ms", b"0ms", b"1000ms", b"1s", b"60s", b"1m0s"]
     assert usd(1) == 0.000001
     assert usd(None) is None
+
+
+async def test_redis_writes_reset_times_as_the_gateway_does() -> None:
+    """The Redis limiter's headers take the reset time as its script wrote it: the same text as the
+    memory limiter's for every whole millisecond."""
+    samples = [0, 1, 20, 999, 1000, 1001, 1010, 1100, 1230, 1500, 9999, 30000, 59001, 59999, 60000]
+    samples += [60499, 60500, 61000, 90000, 119500, 3_600_000]
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        each = "local out = {} for i, ms in ipairs(ARGV) do out[i] = duration(tonumber(ms)) end return out"
+        written = await client.eval(scripts.DURATION + each, 0, *samples)
+    finally:
+        await client.aclose()
+    assert written == [duration(ms / 1000) for ms in samples]
+    assert written[:4] == [b"0ms", b"1ms", b"20ms", b"999ms"]
+    assert written[6:8] == [b"1.01s", b"1.1s"]
+    assert written[15:17] == [b"1m0s", b"1m1s"]
 
 
 async def test_seconds_leave_the_redis_window_as_they_age(redis_prefix: str) -> None:

@@ -132,7 +132,7 @@ def duration(seconds: float) -> bytes:
         if millis:
             return b"%d.%ss" % (whole, (b"%03d" % millis).rstrip(b"0"))
         return b"%ds" % whole
-    minutes, rest = divmod(round(seconds), 60)
+    minutes, rest = divmod(int(seconds + 0.5), 60)  # half up, as the Redis scripts round
     return b"%dm%ds" % (minutes, rest)
 
 
@@ -176,22 +176,20 @@ def rate_headers(tallies: Sequence[Tally], now: float) -> list[tuple[bytes, byte
 
 def written_rate_headers(words: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     """``rate_headers`` from figures a shared store worked out and wrote (``scripts.ADMIT``): for
-    requests, then for tokens, the tightest limit, what is left of it and when it resets in whole
-    milliseconds, or ``-`` three times where there is no such limit."""
+    requests, then for tokens, the tightest limit, what is left of it and when it resets (as
+    ``duration`` writes it), or ``-`` three times where there is no such limit."""
     headers: list[tuple[bytes, bytes]] = []
     if words[0] != b"-":
-        reset = words[2]
         headers += (
             (b"x-ratelimit-limit-requests", words[0]),
             (b"x-ratelimit-remaining-requests", words[1]),
-            (b"x-ratelimit-reset-requests", reset + b"ms" if len(reset) < 4 else duration(int(reset) / 1000)),
+            (b"x-ratelimit-reset-requests", words[2]),
         )
     if words[3] != b"-":
-        reset = words[5]
         headers += (
             (b"x-ratelimit-limit-tokens", words[3]),
             (b"x-ratelimit-remaining-tokens", words[4]),
-            (b"x-ratelimit-reset-tokens", reset + b"ms" if len(reset) < 4 else duration(int(reset) / 1000)),
+            (b"x-ratelimit-reset-tokens", words[5]),
         )
     return headers
 

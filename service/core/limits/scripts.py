@@ -101,14 +101,30 @@ local function oldest_tokens(w, f)
 end
 """
 
+DURATION = """
+-- when the limit resets, as OpenAI writes it (20ms, 1.5s, 1m0s; outcome.duration in the gateway)
+local function duration(ms)
+  if ms < 1000 then return string.format('%dms', ms) end
+  if ms < 60000 then
+    local whole, millis = math.floor(ms / 1000), ms % 1000
+    if millis == 0 then return string.format('%ds', whole) end
+    return (string.gsub(string.format('%d.%03d', whole, millis), '0+$', '')) .. 's'
+  end
+  local seconds = math.floor((ms + 500) / 1000)
+  return string.format('%dm%ds', math.floor(seconds / 60), seconds % 60)
+end
+"""
+
 ADMIT = (
     COMMON
+    + DURATION
     + """
 -- KEYS: w, l, r, s per subject. ARGV: per subject rpm, tpm, concurrent, budget (-1: no such
 -- limit), then lease_ms, then the request's own "<lease> <tokens> <cost>" (one argument, written
 -- at once). The answer is one line of words:
 --   ok <second> then for requests and for tokens the tightest limit (this request counted):
---      <limit> <remaining> <reset in ms>, or - - - without such a limit
+--      <limit> <remaining> <reset> (as the x-ratelimit-reset-* header writes it), or - - - without
+--      such a limit
 --   no <now ms> <subject> <limit kind> <spent> <reserved> then per subject the four, as found
 --   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
@@ -199,7 +215,7 @@ for i = 1, n do
 end
 local function rate(limit, left, oldest)
   if limit < 0 then return '- - -' end
-  return string.format('%d %d %d', limit, math.max(left, 0), math.max((oldest + 60) * 1000 - now, 0))
+  return string.format('%d %d ', limit, math.max(left, 0)) .. duration(math.max((oldest + 60) * 1000 - now, 0))
 end
 return 'ok ' .. string.format('%d', second) .. ' ' .. rate(rq_limit, rq_left, rq_oldest) .. ' '
   .. rate(tk_limit, tk_left, tk_oldest)
