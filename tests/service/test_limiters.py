@@ -389,8 +389,7 @@ async def test_a_release_sent_again_counts_once(redis_prefix: str) -> None:
         state = await limiter.state(subject)  # sweeps it: its reservation given back
         assert (state.in_flight, state.reserved, state.spent) == (1, 50, LEDGER_SPENT)
         shape = limiter._shape([subject], datetime.now(UTC).timestamp())
-        place = (shape, b"unchecked 0 0")  # as an admission while Redis is away makes it
-        unchecked = type(held)("unchecked", [subject], 0, 0, 0, shape.periods, [], place, offline=True)
+        unchecked = type(held)("unchecked", [subject], 0, 0, 0, shape.periods, [], shape, offline=True)
         for grant, tokens, cost in ((held, 80, 20), (swept, 90, 30), (unchecked, 0, 7)):
             grant.released = True
             for _ in range(3):  # written, then written again twice

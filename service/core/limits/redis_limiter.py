@@ -101,8 +101,6 @@ class _Shape(NamedTuple):
     end: float
     rated: bool
     """Whether a subject has a requests or a tokens per minute limit (the response says how much is left)."""
-    number: bytes
-    """How many subjects, as a release's argument ends."""
 
 
 class RedisLimiter:
@@ -221,20 +219,19 @@ class RedisLimiter:
             start,
             end,
             rated,
-            b"%d" % count,
         )
         return found
 
     def _settle_command(self, batch: Sequence[Release]) -> bytes:
         if len(batch) == 1:  # a release alone, as most are: the script call's head is its shape's
             grant, tokens, cost = batch[0]
-            shape: _Shape = grant.place[0]
+            shape: _Shape = grant.place
             return shape.settle + _release_arg(grant, tokens, cost)
         keys: list[bytes] = []
         args: list[bytes] = []
         count = 0
         for grant, tokens, cost in batch:
-            shape = grant.place[0]
+            shape = grant.place
             keys.append(shape.keys)
             count += len(shape.subjects)
             args.append(_release_arg(grant, tokens, cost))
@@ -260,8 +257,7 @@ class RedisLimiter:
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         shape = self._shape(subjects, time.time())
         periods = shape.periods
-        member = f"{lease} {cost}".encode()  # the lease as the scripts hold it
-        own = b"%s %d" % (member, tokens)
+        own = f"{lease} {tokens} {cost}".encode()
         command = b"%s$%d\r\n%s\r\n" % (shape.admit, len(own), own)
         try:
             if self._pending and self.down_since is None:
@@ -274,14 +270,13 @@ class RedisLimiter:
             self._down(exc)
             if not self.fail_open:
                 raise ServiceUnavailable(UNAVAILABLE) from None
-            return Grant(lease, subjects, 0, 0, 0, periods, [], (shape, b"%s 0 0" % lease.encode()), offline=True)
+            return Grant(lease, subjects, 0, 0, 0, periods, [], shape, offline=True)
         if self.down_since is not None:
             self._up()
         words = reply.split()
         if words[0] == b"ok":
             headers = written_rate_headers(words[2:]) if shape.rated else []
-            place = (shape, member + b" " + words[1])  # a release's argument starts so
-            grant = Grant(lease, subjects, int(words[1]), tokens, cost, periods, headers, place)
+            grant = Grant(lease, subjects, int(words[1]), tokens, cost, periods, headers, shape)
             self._held[lease] = grant
             return grant
         now = int(words[1]) / 1000
@@ -460,10 +455,9 @@ class RedisLimiter:
 
 def _release_arg(grant: Grant, tokens: int, cost: int) -> bytes:
     """A release's argument to ``scripts.SETTLE``: "<lease> <reserved> <second> <token correction>
-    <cost> <number of subjects>", as a bulk string. The first three were written at admission
-    (``Grant.place``: the shape and them)."""
-    shape, admitted = grant.place
-    arg = b"%s %d %d %s" % (admitted, 0 if grant.offline else tokens - grant.tokens, cost, shape.number)
+    <cost> <number of subjects>", as a bulk string."""
+    delta = 0 if grant.offline else tokens - grant.tokens
+    arg = f"{grant.lease} {grant.cost} {grant.second} {delta} {cost} {len(grant.subjects)}".encode()
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 

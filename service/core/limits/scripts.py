@@ -120,7 +120,7 @@ ADMIT = (
     + DURATION
     + """
 -- KEYS: w, l, r, s per subject. ARGV: per subject rpm, tpm, concurrent, budget (-1: no such
--- limit), then lease_ms, then the request's own "<lease> <cost> <tokens>" (one argument, written
+-- limit), then lease_ms, then the request's own "<lease> <tokens> <cost>" (one argument, written
 -- at once). The answer is one line of words:
 --   ok <second> then for requests and for tokens the tightest limit (this request counted):
 --      <limit> <remaining> <reset> (as the x-ratelimit-reset-* header writes it), or - - - without
@@ -129,8 +129,8 @@ ADMIT = (
 --   seed <subject>: its budget period's spent amount is missing
 local n = #KEYS / 4
 local lease_ms = tonumber(ARGV[4 * n + 1])
--- the lease with its amount (as its release names it), then the tokens
-local member, cost_s, tokens = string.match(ARGV[4 * n + 2], '^(.+ (%d+)) (%d+)$')
+local member, tokens, cost_s = string.match(ARGV[4 * n + 2], '^(.+) (%d+) (%d+)$')
+member = member .. ' ' .. cost_s  -- the lease with its amount, as its release names it
 local cost = tonumber(cost_s)
 tokens = tonumber(tokens)
 local function line(words)
