@@ -272,11 +272,18 @@ return 1
 
 RENEW = """
 -- KEYS: l, r per held lease. ARGV: lease_ms, then one lease ("<lease> <reserved>") per pair of keys.
+-- The marks an hour old go too (a set in use never expires, and sweeps may be rare).
+local MARK = 10000000000000
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
+local old, pruned = string.format('(%d', now - MARK - 3600000), {}
 for i = 1, #KEYS / 2 do
   local l, r, lease = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+  if not pruned[l] then
+    pruned[l] = true
+    redis.call('ZREMRANGEBYSCORE', l, '-inf', old)
+  end
   if redis.call('ZADD', l, 'XX', 'CH', now + lease_ms, lease) == 1 then
     redis.call('PEXPIRE', l, lease_ms + 60000)
     redis.call('PEXPIRE', r, lease_ms + 60000)
