@@ -405,18 +405,17 @@ async def test_a_release_sent_again_counts_once(redis_prefix: str) -> None:
         for grant in grants:
             limiter.release(grant, 1, 1)
         await settled(limiter, subject, in_flight=0, reserved=0, spent=LEDGER_SPENT + 57 + 5)
-        # marks are kept for an hour: older ones go when a lease on the set is renewed
-        leases = redis_prefix + subject.name + ":l"
+        # the unchecked release's mark stays (a swept lease's went with its release), kept an hour
+        # from the last written; older marks go when one is written
+        marks = redis_prefix + subject.name + ":lx"
+        assert await limiter.client.zrange(marks, 0, -1) == [b"unchecked 0"]
+        assert 3_500_000 < await limiter.client.pttl(marks) <= 3_600_000
         (seconds, micros) = await limiter.client.time()
         now = seconds * 1000 + micros // 1000
-        mark = 10**13
-        await limiter.client.zadd(leases, {"aged x": now - mark - 3_700_000, "recent x": now - mark - 3_500_000})
-        grant = await limiter.admit([subject], 1, 1, "renewed")
-        await limiter._renew_held()
-        assert await limiter.client.zscore(leases, "aged x") is None
-        assert await limiter.client.zscore(leases, "recent x") is not None
-        assert (await limiter.state(subject)).in_flight == 1
-        limiter.release(grant, 1, 1)
+        await limiter.client.zadd(marks, {"aged 5": now - 3_700_000, "recent 5": now - 3_500_000})
+        again = type(held)("again", [subject], 0, 0, 0, shape.periods, [], shape, offline=True)
+        assert await limiter._script(limiter._settle_command([(again, 0, 1)])) == 1
+        assert sorted(await limiter.client.zrange(marks, 0, -1)) == [b"again 0", b"recent 5", b"unchecked 0"]
     finally:
         await limiter.stop()
 

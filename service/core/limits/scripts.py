@@ -5,9 +5,10 @@ Keys per subject (a team or a key): ``…:m`` a hash of one-second buckets (``r<
 ``t<second>`` tokens) over the last 60 seconds, with their sums (``R``, ``T``) and the oldest second
 holding requests (``o``), so that a check reads only the seconds that left the window since the last,
 and the requests' reset is ``o`` + 60 s; ``…:l`` a sorted set of leases (``"<lease> <amount
-reserved>"``) scored by their expiry (milliseconds), beside the marks of leases swept or released
-unchecked (scored below zero: the live leases are those scored from 0 up); ``…:r`` the sum of what
-the leases reserve against the budget; ``…:s:<period>`` the micro-dollars settled in a budget period.
+reserved>"``) scored by their expiry (milliseconds), and ``…:lx`` the leases swept as expired (or
+released unchecked) whose release has not counted yet, scored by when, kept an hour; ``…:r`` the sum
+of what the leases reserve against the budget; ``…:s:<period>`` the micro-dollars settled in a budget
+period.
 Expired leases are swept by every script that reads them, so a process that died leaves nothing held
 for longer than its leases' life. Time is the Redis server's (``TIME``), one clock for every replica.
 
@@ -29,32 +30,34 @@ local first = second - 59
 -- once are written once, as strings
 local now_s, r_now, t_now = string.format('%d', now), 'r' .. clock[1], 't' .. clock[1]
 
--- the leases that expired: gone, and what they reserved given back. Each stays in the set as a mark,
--- "<lease> <amount> x", scored below every live lease (its sweep time minus MARK): its release, when
--- it comes, still records what the request cost, once. The marks are written before the leases go,
--- so the set keeps its expiry; marks an hour old go at the next sweep.
-local MARK = 10000000000000
+-- the leases that expired: gone, and what they reserved given back. Each is kept in the set of marks
+-- (l .. 'x', kept an hour from the last one written): its release, when it comes, still records what
+-- the request cost, once (SETTLE).
+local function mark(l, members)
+  local x = l .. 'x'
+  for i = 1, #members, 500 do
+    local scored = {}
+    for j = i, math.min(i + 499, #members) do
+      table.insert(scored, now_s)
+      table.insert(scored, members[j])
+    end
+    redis.call('ZADD', x, unpack(scored))
+  end
+  redis.call('ZREMRANGEBYSCORE', x, '-inf', string.format('(%d', now - 3600000))
+  redis.call('PEXPIRE', x, '3600000')
+end
 local function expire(l, r)
-  local gone = redis.call('ZRANGEBYSCORE', l, '0', now_s)
+  local gone = redis.call('ZRANGEBYSCORE', l, '-inf', now_s)
   if #gone > 0 then
-    local freed, marks, mark_s = 0, {}, string.format('%d', now - MARK)
+    local freed = 0
     for _, member in ipairs(gone) do
       freed = freed + (tonumber(string.match(member, ' (%d+)$')) or 0)
-      table.insert(marks, mark_s)
-      table.insert(marks, member .. ' x')
-      if #marks >= 1000 then
-        redis.call('ZADD', l, unpack(marks))
-        marks = {}
-      end
-    end
-    if #marks > 0 then
-      redis.call('ZADD', l, unpack(marks))
     end
     if freed > 0 then
       redis.call('DECRBY', r, freed)
     end
-    redis.call('ZREMRANGEBYSCORE', l, '0', now_s)
-    redis.call('ZREMRANGEBYSCORE', l, '-inf', string.format('(%d', now - MARK - 3600000))
+    redis.call('ZREMRANGEBYSCORE', l, '-inf', now_s)
+    mark(l, gone)
   end
 end
 
@@ -161,7 +164,7 @@ for i = 1, n do
   local concurrent, budget = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   local f = found[i]
   local refused = false
-  if concurrent >= 0 and redis.call('ZCOUNT', KEYS[base + 2], '0', '+inf') >= concurrent then
+  if concurrent >= 0 and redis.call('ZCARD', KEYS[base + 2]) >= concurrent then
     refused = 'concurrent'
   elseif rpm >= 0 and f[1] + 1 > rpm then
     refused = 'rpm'
@@ -222,15 +225,16 @@ return 'ok ' .. string.format('%d', second) .. ' ' .. rate(rq_limit, rq_left, rq
 """
 )
 
-SETTLE = """
+SETTLE = (
+    COMMON
+    + """
 -- Releases, any number. KEYS: w, l, r, s of every subject of every release, in order. ARGV: one per
 -- release, "<lease> <reserved> <second it was counted in> <token correction> <cost> <number of
 -- subjects>" (second 0: admitted unchecked while Redis was away, with no lease). A release counts
 -- once, however often it is sent (a batch whose reply was lost with the connection is sent again):
--- only the one that takes its lease away, or its mark once the lease was swept as expired (which
--- gave back its amount then), or, for one admitted unchecked, the one that leaves its mark first.
--- The spent amount grows only where it exists: absent, it is seeded from the ledger, which has it.
-local MARK = 10000000000000
+-- when it takes its lease away, or the mark its lease left when it was swept as expired (the sweep
+-- gave back its amount), or, admitted unchecked, when it is the first to leave its mark. The spent
+-- amount grows only where it exists: absent, it is seeded from the ledger, which has it.
 local k = 0
 for j = 1, #ARGV do
   local member, reserved, second, delta, cost, n =
@@ -239,21 +243,19 @@ for j = 1, #ARGV do
   for i = 1, tonumber(n) do
     local w, l, r, s = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
     k = k + 4
-    local counts = false
-    if second == '0' then
-      local clock = redis.call('TIME')
-      local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-      counts = redis.call('ZADD', l, 'NX', string.format('%d', now - MARK), member .. ' o') == 1
-      if counts and redis.call('PTTL', l) < 3600000 then
-        redis.call('PEXPIRE', l, '3600000')
-      end
-    elseif redis.call('ZREM', l, member) == 1 then
+    local counts
+    if redis.call('ZREM', l, member) == 1 then
       counts = true
       if reserved > 0 then
         redis.call('DECRBY', r, reserved)
       end
+    elseif second == '0' then
+      counts = redis.call('ZSCORE', l .. 'x', member) == false
+      if counts then
+        mark(l, {member})
+      end
     else
-      counts = redis.call('ZREM', l, member .. ' x') == 1
+      counts = redis.call('ZREM', l .. 'x', member) == 1
     end
     if counts and cost > 0 and redis.call('EXISTS', s) == 1 then
       redis.call('INCRBY', s, cost)
@@ -269,21 +271,15 @@ for j = 1, #ARGV do
 end
 return 1
 """
+)
 
 RENEW = """
 -- KEYS: l, r per held lease. ARGV: lease_ms, then one lease ("<lease> <reserved>") per pair of keys.
--- The marks an hour old go too (a set in use never expires, and sweeps may be rare).
-local MARK = 10000000000000
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
-local old, pruned = string.format('(%d', now - MARK - 3600000), {}
 for i = 1, #KEYS / 2 do
   local l, r, lease = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
-  if not pruned[l] then
-    pruned[l] = true
-    redis.call('ZREMRANGEBYSCORE', l, '-inf', old)
-  end
   if redis.call('ZADD', l, 'XX', 'CH', now + lease_ms, lease) == 1 then
     redis.call('PEXPIRE', l, lease_ms + 60000)
     redis.call('PEXPIRE', r, lease_ms + 60000)
@@ -299,6 +295,6 @@ STATE = (
 expire(KEYS[2], KEYS[3])
 local f = window(KEYS[1])
 local values = redis.call('MGET', KEYS[3], KEYS[4])
-return {f[1], f[2], redis.call('ZCOUNT', KEYS[2], '0', '+inf'), tonumber(values[1] or '0'), tonumber(values[2] or '-1')}
+return {f[1], f[2], redis.call('ZCARD', KEYS[2]), tonumber(values[1] or '0'), tonumber(values[2] or '-1')}
 """
 )
