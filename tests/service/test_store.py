@@ -666,6 +666,20 @@ async def test_a_batch_of_any_size_records_each_request_once(location: str, size
     await store.close()
 
 
+async def test_the_sqlite_ledger_fits_older_sqlite_variable_limits(tmp_path: Path) -> None:
+    """SQLite before 3.32 (still what some distributions' Python links) allows 999 bound values a
+    statement: the ledger's largest statement stays under it."""
+    store = SQLiteStore(tmp_path / "old.db")
+    await store.open()
+    assert store._ledger_db is not None
+    store._ledger_db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    rows = [usage(n, f"2026-11-02T{n % 24:02d}:00:00.000Z") for n in range(200)]
+    await store.record_usage(rows)
+    report = await store.usage_report("2026-11-02", "2026-11-03", [], {})
+    assert report[0]["requests"] == 200
+    await store.close()
+
+
 @pytest.mark.parametrize(
     "group_by",
     [
