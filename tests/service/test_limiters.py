@@ -376,8 +376,8 @@ async def test_a_release_rides_on_the_next_admission(redis_prefix: str) -> None:
 
 async def test_a_release_sent_again_counts_once(redis_prefix: str) -> None:
     """A batch of releases whose reply was lost with the connection is sent again: each release
-    counts once, whether its lease was still held, swept as expired meanwhile, or never taken
-    (admitted unchecked while Redis was away)."""
+    counts once, whether its lease was still held, swept as expired meanwhile, gone with the keys
+    that held it, or never taken (admitted unchecked while Redis was away)."""
     limiter = RedisLimiter(REDIS_URL, redis_prefix, seed, lease_seconds=1.0)
     await limiter.start()
     try:
@@ -399,23 +399,32 @@ async def test_a_release_sent_again_counts_once(redis_prefix: str) -> None:
         assert state.spent == LEDGER_SPENT + 20 + 30 + 7
         assert state.tokens == 80 + 90
         assert state.requests == 2
+        # its lease gone with what the leases reserve (the keys expired, or Redis lost them): once too
+        lost = await limiter.admit([subject], 10, 40, "lost")
+        limiter._held.pop(lost.lease)
+        await limiter.client.delete(redis_prefix + subject.name + ":l", redis_prefix + subject.name + ":r")
+        lost.released = True
+        for _ in range(3):
+            assert await limiter._script(limiter._settle_command([(lost, 10, 25)])) == 1
+        assert (await limiter.state(subject)).spent == LEDGER_SPENT + 57 + 25
         # the marks are not leases: the concurrency limit sees none of them
         grants = [await limiter.admit([subject], 1, 1, f"next-{n}") for n in range(5)]
         await refused(limiter, [subject], 1, 1)
         for grant in grants:
             limiter.release(grant, 1, 1)
-        await settled(limiter, subject, in_flight=0, reserved=0, spent=LEDGER_SPENT + 57 + 5)
-        # the unchecked release's mark stays (a swept lease's went with its release), kept an hour
-        # from the last written; older marks go when one is written
+        await settled(limiter, subject, in_flight=0, reserved=0, spent=LEDGER_SPENT + 57 + 25 + 5)
+        # the marks of releases counted without their lease stay (a swept lease's went with its
+        # release), kept an hour from the last written; older marks go when one is written
         marks = redis_prefix + subject.name + ":lx"
-        assert await limiter.client.zrange(marks, 0, -1) == [b"unchecked 0"]
+        assert sorted(await limiter.client.zrange(marks, 0, -1)) == [b"lost 40 counted", b"unchecked 0 counted"]
         assert 3_500_000 < await limiter.client.pttl(marks) <= 3_600_000
         (seconds, micros) = await limiter.client.time()
         now = seconds * 1000 + micros // 1000
         await limiter.client.zadd(marks, {"aged 5": now - 3_700_000, "recent 5": now - 3_500_000})
         again = type(held)("again", [subject], 0, 0, 0, shape.periods, [], shape, offline=True)
         assert await limiter._script(limiter._settle_command([(again, 0, 1)])) == 1
-        assert sorted(await limiter.client.zrange(marks, 0, -1)) == [b"again 0", b"recent 5", b"unchecked 0"]
+        expected = [b"again 0 counted", b"lost 40 counted", b"recent 5", b"unchecked 0 counted"]
+        assert sorted(await limiter.client.zrange(marks, 0, -1)) == expected
     finally:
         await limiter.stop()
 

@@ -31,8 +31,8 @@ local first = second - 59
 local now_s, r_now, t_now = string.format('%d', now), 'r' .. clock[1], 't' .. clock[1]
 
 -- the leases that expired: gone, and what they reserved given back. Each is kept in the set of marks
--- (l .. 'x', kept an hour from the last one written): its release, when it comes, still records what
--- the request cost, once (SETTLE).
+-- (l .. 'x', kept an hour from the last one written; SETTLE writes there too): its release, when it
+-- comes, still records what the request cost, once.
 local function mark(l, members)
   local x = l .. 'x'
   for i = 1, #members, 500 do
@@ -232,9 +232,11 @@ SETTLE = (
 -- release, "<lease> <reserved> <second it was counted in> <token correction> <cost> <number of
 -- subjects>" (second 0: admitted unchecked while Redis was away, with no lease). A release counts
 -- once, however often it is sent (a batch whose reply was lost with the connection is sent again):
--- when it takes its lease away, or the mark its lease left when it was swept as expired (the sweep
--- gave back its amount), or, admitted unchecked, when it is the first to leave its mark. The spent
--- amount grows only where it exists: absent, it is seeded from the ledger, which has it.
+-- when it takes its lease away; when its lease was swept as expired (which gave back its amount),
+-- when it takes the mark the sweep left; when its lease is gone with what the leases reserve (the
+-- keys expired, or Redis lost them), or it was admitted unchecked, when it is the first to leave a
+-- mark that it counted. Otherwise an earlier send counted it. The spent amount grows only where it
+-- exists: absent, it is seeded from the ledger, which has it.
 local k = 0
 for j = 1, #ARGV do
   local member, reserved, second, delta, cost, n =
@@ -249,13 +251,13 @@ for j = 1, #ARGV do
       if reserved > 0 then
         redis.call('DECRBY', r, reserved)
       end
-    elseif second == '0' then
-      counts = redis.call('ZSCORE', l .. 'x', member) == false
+    elseif second ~= '0' and redis.call('ZREM', l .. 'x', member) == 1 then
+      counts = true
+    elseif second == '0' or (reserved > 0 and redis.call('EXISTS', r) == 0) then
+      counts = redis.call('ZSCORE', l .. 'x', member .. ' counted') == false
       if counts then
-        mark(l, {member})
+        mark(l, {member .. ' counted'})
       end
-    else
-      counts = redis.call('ZREM', l .. 'x', member) == 1
     end
     if counts and cost > 0 and redis.call('EXISTS', s) == 1 then
       redis.call('INCRBY', s, cost)
