@@ -5,12 +5,12 @@ Keys per subject (a team or a key): ``…:m`` a hash of one-second buckets (``r<
 ``t<second>`` tokens) over the last 60 seconds, with their sums (``R``, ``T``) and the oldest second
 holding requests (``o``), so that a check reads only the seconds that left the window since the last,
 and the requests' reset is ``o`` + 60 s; ``…:l`` a sorted set of leases (``"<lease> <amount
-reserved>"``) scored by their expiry (milliseconds), and ``…:lx`` the leases swept as expired (or
-released unchecked) whose release has not counted yet, scored by when, kept an hour; ``…:r`` the sum
-of what the leases reserve against the budget; ``…:s:<period>`` the micro-dollars settled in a budget
-period.
-Expired leases are swept by every script that reads them, so a process that died leaves nothing held
-for longer than its leases' life. Time is the Redis server's (``TIME``), one clock for every replica.
+reserved>"``) scored by their expiry (milliseconds); ``…:lx`` marks, scored by when they were
+written and kept an hour: the leases swept as expired whose release has not come yet, and the
+releases counted without a lease (``"… counted"``); ``…:r`` the sum of what the leases reserve
+against the budget; ``…:s:<period>`` the micro-dollars settled in a budget period. Expired leases are
+swept by every script that reads them, so a process that died leaves nothing held for longer than its
+leases' life. Time is the Redis server's (``TIME``), one clock for every replica.
 
 Every ``redis.call`` costs Redis's time (0.4-2 µs each on the bench machine, a write into the window's
 hash several), so the scripts make few: a window's sums and the current second's counts are read in one
