@@ -407,7 +407,7 @@ async def test_a_release_sent_again_counts_once(redis_prefix: str) -> None:
         for _ in range(3):
             assert await limiter._script(limiter._settle_command([(lost, 10, 25)])) == 1
         assert (await limiter.state(subject)).spent == LEDGER_SPENT + 57 + 25
-        # the marks are not leases: the concurrency limit sees none of them
+        # the marks are kept apart from the leases: the concurrency limit sees none of them
         grants = [await limiter.admit([subject], 1, 1, f"next-{n}") for n in range(5)]
         await refused(limiter, [subject], 1, 1)
         for grant in grants:
