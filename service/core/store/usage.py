@@ -276,7 +276,6 @@ statement. One statement of 48 rows costs a fifth less per row than 48 steps of 
 (~20k against 25.1k instructions a row, measured on SQLite alone); the sizes are few, so their
 prepared statements stay in the connection's statement cache. 48 rows are 816 bound values: under
 the 999 that SQLite before 3.32 allows a statement (``SQLITE_MAX_VARIABLE_NUMBER``)."""
-assert len(LEDGER_COLUMNS) * max(LEDGER_CHUNKS_SQLITE) <= 999
 LAST_ROWID_SQLITE = "SELECT coalesce(max(rowid), 0) FROM usage_ledger"
 UPSERT_DAILY_SQLITE = upsert_daily("qmark")
 ADD_DAILY_SQLITE = (
