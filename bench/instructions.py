@@ -180,6 +180,10 @@ def run(
         for name in ("limits-mem", "limits-redis")
         if name in figures
     }
+    if "limits-redis" in figures and shutil.which("redis-server"):
+        from bench import redis_scripts  # what the same requests cost Redis itself
+
+        figures["redis"] = {name: redis_scripts.count(root) for name, root in gateways.items()}
     return figures
 
 
@@ -198,6 +202,11 @@ def print_figures(figures: dict[str, Any]) -> None:
         )
     for name, ratio in figures.get("limits_vs_gateway", {}).items():
         print(f"  {name} ÷ gateway (budget + RPM on the team): {ratio:.3f}x")
+    if "redis" in figures:
+        from bench.redis_scripts import print_row
+
+        for name, row in figures["redis"].items():
+            print_row(name, row)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -131,7 +131,9 @@ class RedisLimiter:
         self._sending = False
         """A send of the pending releases is scheduled for the end of this loop turn."""
         self._shapes: dict[int, _Shape] = {}
-        self._lease_ms_arg = _int(self.lease_ms)
+        self._lease_args = _int(self.lease_ms) + _int(self.lease_ms + 60_000)
+        """The lease's life and how long the keys holding leases outlive a new one, as the admission
+        script takes them."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -208,12 +210,12 @@ class RedisLimiter:
             )
         )
         count = len(subjects)
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (5 + 8 * count, ADMIT_SHA, _int(4 * count))
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (6 + 8 * count, ADMIT_SHA, _int(4 * count))
         rated = any(subject.rpm is not None or subject.tpm is not None for subject in subjects)
         found = self._shapes[id(subjects)] = _Shape(
             subjects,
             periods,
-            head + keys + limits + self._lease_ms_arg,
+            head + keys + limits + self._lease_args,
             keys,
             b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s%s" % (4 + 4 * count, SETTLE_SHA, _int(4 * count), keys),
             start,
@@ -257,7 +259,7 @@ class RedisLimiter:
     async def admit(self, subjects: Sequence[Subject], tokens: int, cost: int, lease: str) -> Grant:
         shape = self._shape(subjects, time.time())
         periods = shape.periods
-        own = f"{lease} {tokens} {cost}".encode()
+        own = f"{lease} {cost} {tokens}".encode()
         command = b"%s$%d\r\n%s\r\n" % (shape.admit, len(own), own)
         try:
             if self._pending and self.down_since is None:
