@@ -8,6 +8,10 @@ app sees anything:
 - the whole head must arrive within ``HEADER_READ_TIMEOUT_SECONDS`` of the connection opening or,
   on a kept-alive connection, of the next request's first byte (idle keep-alive connections keep
   uvicorn's keep-alive timeout); late → 408 if some of it came, a plain close if none did;
+- both are deadlines looked at by one sweep per worker (at most every second), not a timer per
+  connection and request: a uvloop timer costs ~8k instructions to make and cancel, uvicorn's
+  keep-alive timer was made after every response and cancelled by the next request's first bytes,
+  and an idle connection now closes up to a second after its keep-alive timeout;
 - at most ``MAX_CONNECTIONS`` open connections per worker: past that a new connection is answered
   503 and closed at once, with one warning when the cap starts biting and one line when it stops;
 - requests the parser rejects get a JSON 400 instead of uvicorn's plain-text one, and a request whose
@@ -282,6 +286,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.head_begun = False
         self.requests_read = 0  # to tell when one chunk ended a request and began the next
         self.head_deadline = 0.0  # loop time by which the head must be complete; 0: none running
+        self.idle_deadline = 0.0  # loop time by which an idle kept-alive connection closes; 0: not idle
 
     # -- connections ------------------------------------------------------------------------
 
@@ -293,7 +298,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.writer = HeadWithBody(transport, self.loop)
         if _State.swept_loop is not self.loop:
             _State.swept_loop = self.loop
-            sweep_heads(self.loop, self.connections, min(1.0, self.limits.header_read_timeout / 4))
+            sweep_deadlines(self.loop, self.connections, min(1.0, self.limits.header_read_timeout / 4))
         self.arm_head_deadline()
 
     def refuse(self, transport: asyncio.Transport) -> None:
@@ -473,7 +478,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def arm_head_deadline(self) -> None:
         """Start the head's deadline, unless it runs already or a response is being sent (then it
         starts when that response is complete, should part of a next head have come meanwhile).
-        A deadline, not a timer per request: one sweep per worker closes the late (``sweep_heads``)."""
+        A deadline, not a timer per request: one sweep per worker closes the late (``sweep_deadlines``)."""
         if not self.head_deadline and not (self.cycle is not None and not self.cycle.response_complete):
             self.head_deadline = self.loop.time() + self.limits.header_read_timeout
 
@@ -481,10 +486,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.head_deadline = 0.0
 
     def on_response_complete(self) -> None:
+        """uvicorn's, with the keep-alive timeout a deadline (``sweep_deadlines``) instead of a timer."""
         self.writer.next_response()
-        super().on_response_complete()
-        if self.awaiting_head and self.head_begun and not self.transport.is_closing():
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self.idle_deadline = 0.0
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.idle_deadline = self.loop.time() + self.timeout_keep_alive
+        if self.awaiting_head and self.head_begun:
             self.arm_head_deadline()
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn's cancels its keep-alive timer (on every chunk received, and when a connection
+        # closes): here there is only the deadline to drop
+        self.idle_deadline = 0.0
+
+    def idle_timed_out(self) -> None:
+        self.idle_deadline = 0.0
+        self.timeout_keep_alive_handler()
 
     def head_timed_out(self) -> None:
         self.head_deadline = 0.0
@@ -518,14 +542,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def sweep_heads(loop: asyncio.AbstractEventLoop, connections: Collection[object], interval: float) -> None:
-    """Close the connections past their head deadline, now and every ``interval`` seconds: a late
-    head is closed between the deadline and ``interval`` after it."""
+def sweep_deadlines(loop: asyncio.AbstractEventLoop, connections: Collection[object], interval: float) -> None:
+    """Close the connections past their head deadline or their keep-alive timeout, now and every
+    ``interval`` seconds: each is closed between its deadline and ``interval`` after it."""
     now = loop.time()
     for connection in list(connections):
-        if isinstance(connection, GatewayHttpProtocol) and 0 < connection.head_deadline <= now:
-            connection.head_timed_out()
-    loop.call_later(interval, sweep_heads, loop, connections, interval)
+        if isinstance(connection, GatewayHttpProtocol):
+            if 0 < connection.head_deadline <= now:
+                connection.head_timed_out()
+            elif 0 < connection.idle_deadline <= now:
+                connection.idle_timed_out()
+    loop.call_later(interval, sweep_deadlines, loop, connections, interval)
 
 
 def configure(limits: Limits) -> None:

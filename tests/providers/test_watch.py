@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from starlette.types import Message
 
-from providers.watch import NOT_READING, WATCH_AFTER_SECONDS, Exchange
+from providers.watch import NOT_READING, WATCH_AFTER_SECONDS, Exchange, header_deadlines
+from service.core.request import DISCONNECT_KEY
 
 
 class Client:
@@ -25,12 +26,15 @@ class Client:
         return {"type": "http.disconnect"}
 
 
-async def relay(client: Client, work: Callable[[Exchange], Awaitable[None]]) -> tuple[Exchange, bool]:
-    """Run ``work`` in a task of its own, as the relay runs: (the exchange, whether it was cancelled)."""
+async def relay(
+    client: Client, work: Callable[[Exchange], Awaitable[None]], *, server_watches: bool = False
+) -> tuple[Exchange, bool]:
+    """Run ``work`` in a task of its own, as the relay runs: (the exchange, whether it was cancelled).
+    With ``server_watches``, under a server that reports the client leaving (the gateway's own)."""
     made: list[Exchange] = []
 
     async def request() -> None:
-        exchange = Exchange(client.receive)
+        exchange = Exchange(client.receive, {DISCONNECT_KEY: None} if server_watches else None)
         made.append(exchange)
         try:
             await work(exchange)
@@ -167,3 +171,53 @@ async def test_a_client_gone_before_the_deadline_is_not_also_a_timeout(gone_firs
     exchange, cancelled = await relay(client, work)
     assert cancelled
     assert (exchange.client_gone, exchange.timed_out) == (gone_first, not gone_first)
+
+
+async def test_under_the_gateways_server_the_header_deadline_is_swept_not_timed() -> None:
+    client = Client()
+    loop = asyncio.get_running_loop()
+
+    async def waiting_for_headers(exchange: Exchange) -> None:
+        exchange.body_done = True
+        exchange.arm(0.2)
+        await asyncio.Event().wait()  # an upstream that never answers
+
+    started = loop.time()
+    exchange, cancelled = await relay(client, waiting_for_headers, server_watches=True)
+    # cancelled as timed out, between the deadline and one sweep (a quarter of the timeout) after it
+    assert cancelled and exchange.timed_out and not exchange.client_gone
+    assert 0.2 <= loop.time() - started < 0.2 + 0.05 + 0.1
+    assert exchange.timer is None and exchange.watcher is None and client.calls == 0
+    assert not header_deadlines(loop).waiting
+
+
+async def test_swept_requests_that_finish_leave_the_sweep_and_it_stops() -> None:
+    client = Client()
+    loop = asyncio.get_running_loop()
+    sweep = header_deadlines(loop)
+
+    async def quick(exchange: Exchange) -> None:
+        exchange.body_done = True
+        exchange.arm(0.1)
+        assert exchange in sweep.waiting
+        exchange.waiting_headers = False
+
+    for _ in range(3):
+        exchange, cancelled = await relay(client, quick, server_watches=True)
+        assert not cancelled and not exchange.timed_out
+    assert not sweep.waiting
+    await asyncio.sleep(0.1)  # past the deadlines: nothing fired, and the sweep found nothing to do
+    assert sweep.handle is None
+
+
+async def test_a_swept_request_the_client_left_is_not_also_a_timeout() -> None:
+    client = Client()
+
+    async def work(exchange: Exchange) -> None:
+        exchange.body_done = True
+        exchange.arm(0.2)
+        asyncio.get_running_loop().call_later(0.05, exchange.client_left)  # the server saw the client go
+        await asyncio.Event().wait()
+
+    exchange, cancelled = await relay(client, work, server_watches=True)
+    assert cancelled and exchange.client_gone and not exchange.timed_out

@@ -191,3 +191,47 @@ async def test_chunks_sent_after_the_client_left_are_dropped_quietly(servers: di
                 break
             await asyncio.sleep(0.02)
     assert after_leaving == {servers["uvicorn"]: "returned", servers["gateway"]: "returned"}
+
+
+async def closed_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: float) -> float:
+    """Seconds until the server closes this idle connection (reading what it sends meanwhile)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while await asyncio.wait_for(reader.read(65536), limit):
+        pass
+    writer.close()
+    return loop.time() - started
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    """uvicorn's keep-alive timeout, kept by the gateway's protocol as a deadline its sweep looks
+    at (every second here: the sweep runs at most every second, or every quarter of the head timeout)."""
+    before = gateway_protocol._State.limits
+    gateway_protocol.configure(gateway_protocol.Limits(64 * 1024, 16 * 1024, 10.0, 1000))
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=GatewayHttpProtocol,
+        access_log=False,
+        log_level="critical",
+        timeout_keep_alive=1,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):  # each response starts the timeout again: idle 0.7 s three times, it stays open
+            writer.write(b"GET /length HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await reader.readuntil(b"hello world")).startswith(b"HTTP/1.1 200 ")
+            await asyncio.sleep(0.7)
+        writer.write(b"GET /length HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert (await reader.readuntil(b"hello world")).startswith(b"HTTP/1.1 200 ")
+        assert 1.0 <= await closed_after(reader, writer, 5) < 2.5
+    finally:
+        server.should_exit = True
+        await task
+        gateway_protocol._State.limits = before
