@@ -28,6 +28,7 @@ that head with uvicorn's checks for a fraction of their cost (``GatewayCycle``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 import httptools
 import orjson
 import structlog
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGISendEvent, HTTPScope
 from uvicorn.config import Config
-from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -171,7 +172,43 @@ class GatewayCycle(RequestResponseCycle):
     (names repeat; the valid ones seen are kept, at most ``MAX_NAMES_SEEN``), and every value at once:
     in the whole head, the bytes no value may hold (control characters but tab) must be exactly its
     line ends. A name or value that fails is the same ``RuntimeError`` as uvicorn's, before anything is
-    written. Made by ``GatewayHttpProtocol.on_headers_complete``."""
+    written. Made by ``GatewayHttpProtocol.on_headers_complete``, with uvicorn's arguments in uvicorn's
+    order but given by position, and the state every cycle starts in as class attributes (an instance
+    gets its own as it changes): ~4k instructions instead of ~9.5k a request."""
+
+    disconnected = False
+    more_body = True
+    response_started = False
+    response_complete = False
+    chunked_encoding: bool | None = None
+    expected_content_length = 0
+
+    def __init__(
+        self,
+        scope: HTTPScope,
+        transport: asyncio.Transport,
+        flow: FlowControl,
+        logger: logging.Logger,
+        access_logger: logging.Logger,
+        access_log: bool,
+        default_headers: list[tuple[bytes, bytes]],
+        message_event: asyncio.Event,
+        expect_100_continue: bool,
+        keep_alive: bool,
+        on_response: Callable[..., None],
+    ) -> None:
+        self.scope = scope
+        self.transport = transport
+        self.flow = flow
+        self.logger = logger
+        self.access_logger = access_logger
+        self.access_log = access_log
+        self.default_headers = default_headers
+        self.message_event = message_event
+        self.on_response = on_response
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100_continue
+        self.body = bytearray()
 
     async def send(self, message: ASGISendEvent) -> None:
         if self.flow.write_paused and not self.disconnected:
@@ -423,14 +460,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             scope["http_version"] = http_version
         if parser.should_upgrade() and self._should_upgrade():
             return
-        url = httptools.parse_url(self.url)
-        raw_path = url.path
+        target = self.url
+        if target[:1] == b"/" and 35 not in target:  # origin form without a fragment ("#"), as requests come:
+            raw_path, _, query = target.partition(b"?")  # the parser has checked its characters already
+        else:  # absolute form, "*", a fragment: uvicorn's way
+            url = httptools.parse_url(target)
+            raw_path, query = url.path, url.query or b""
         path = raw_path.decode("ascii")
         if "%" in path:
             path = urllib.parse.unquote(path)
         scope["path"] = self.root_path + path
         scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        scope["query_string"] = url.query or b""
+        scope["query_string"] = query
         app = self.app
         if self.limit_concurrency is not None and (
             len(self.connections) >= self.limit_concurrency or len(self.tasks) >= self.limit_concurrency
@@ -439,17 +480,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.logger.warning("Exceeded concurrency limit.")
         previous = self.cycle
         self.cycle = GatewayCycle(
-            scope=scope,
-            transport=self.writer,  # type: ignore[arg-type]
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
-            on_response=self.on_response_complete,
+            scope,
+            self.writer,  # type: ignore[arg-type]
+            self.flow,
+            self.logger,
+            self.access_logger,
+            self.access_log,
+            self.server_state.default_headers,
+            asyncio.Event(),
+            self.expect_100_continue,
+            http_version != "1.0" and parser.should_keep_alive(),
+            self.on_response_complete,
         )
         if previous is None or previous.response_complete:
             self._start_asgi_task(self.cycle, app)

@@ -61,6 +61,11 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     CYCLES[scope["server"][1]] = type(send.__self__).__name__  # type: ignore[attr-defined]
     path = scope["path"]
+    if (b"x-echo", b"target") in scope["headers"]:  # the request target as the server read it
+        body = repr((scope["path"], scope["raw_path"], scope["query_string"])).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+        return
     if path in MISUSE:
         await misuse(path, send)
         return
@@ -155,6 +160,42 @@ async def test_the_gateways_cycle_sends_what_uvicorns_sends(servers: dict[str, i
         )  # names lowercased, values as sent
     if path == "/close":
         assert ours[1]
+
+
+TARGETS = [
+    "/v1/chat/completions",
+    "/a?b=1&c=2",
+    "/a?b?c",
+    "/a?",
+    "/?",
+    "/",
+    "//x/y",
+    "/%7Ea%20b/%2F?x=%20y",
+    "/a#frag",
+    "/a?b=1#frag",
+    '/a{}|^"<>\\b',
+    "http://example.test/abs/path?q=1",
+    "http://example.test",
+    "*",
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+async def test_the_request_target_is_read_as_uvicorn_reads_it(servers: dict[str, int], target: str) -> None:
+    """Path, raw path and query string, from the origin form (split by the gateway's protocol itself)
+    and the other forms (read as uvicorn reads them); a target uvicorn refuses is refused alike."""
+    answers = []
+    for name in ("uvicorn", "gateway"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", servers[name])
+        writer.write(f"GET {target} HTTP/1.1\r\nhost: x\r\nx-echo: target\r\nconnection: close\r\n\r\n".encode())
+        answers.append(await asyncio.wait_for(reader.read(), 5))
+        writer.close()
+    theirs, ours = answers
+    assert ours.split(b"\r\n", 1)[0] == theirs.split(b"\r\n", 1)[0]  # the status line
+    if ours.startswith(b"HTTP/1.1 200 "):
+        assert ours.split(b"\r\n\r\n", 1)[1] == theirs.split(b"\r\n\r\n", 1)[1]  # the scope's three
+    else:  # refused by both (the gateway's 400 is JSON)
+        assert ours.startswith(b"HTTP/1.1 400 ") and not target.startswith("/")
 
 
 @pytest.mark.parametrize("path", MISUSE)
