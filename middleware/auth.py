@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Container
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,8 +43,12 @@ def check_deadlines(team: Team) -> None:
         raise INVALID
 
 
-def presented_key(headers: list[tuple[bytes, bytes]], key_headers: frozenset[bytes]) -> str | None:
-    """The well-formed key the client sent (the bearer first), else whatever it sent (refused), else ``None``."""
+def presented_key(
+    headers: list[tuple[bytes, bytes]], key_headers: frozenset[bytes], known: Container[str] = ()
+) -> str | None:
+    """The well-formed key the client sent (the bearer first), else whatever it sent (refused), else
+    ``None``. A key in ``known`` (the keys found valid before: well-formed) skips the format check,
+    a regular expression that costs ~4.5k instructions where the lookup costs ~0.4k."""
     bearer = api_key = None
     for name, value in headers:
         if name == b"authorization":
@@ -51,9 +56,9 @@ def presented_key(headers: list[tuple[bytes, bytes]], key_headers: frozenset[byt
                 bearer = value[7:].strip().decode("latin-1")
         elif name in key_headers:
             api_key = value.strip().decode("latin-1")
-    if bearer and keys.is_well_formed(bearer):
+    if bearer and (bearer in known or keys.is_well_formed(bearer)):
         return bearer
-    if api_key and keys.is_well_formed(api_key):
+    if api_key and (api_key in known or keys.is_well_formed(api_key)):
         return api_key
     return None if not (bearer or api_key) else ""
 
@@ -70,11 +75,11 @@ class Auth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         info: RequestInfo = scope[SCOPE_KEY]
-        key = presented_key(scope["headers"], self.key_headers)
-        if not key:  # None: nothing sent; "": nothing that could be a key
-            raise MISSING if key is None else INVALID
         state = scope["state"]
         teams: TeamDirectory = state["teams"]
+        key = presented_key(scope["headers"], self.key_headers, teams.digests)
+        if not key:  # None: nothing sent; "": nothing that could be a key
+            raise MISSING if key is None else INVALID
         digest = teams.digests.get(key)
         hashed = digest is None
         if digest is None:
