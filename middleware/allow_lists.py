@@ -30,7 +30,7 @@ from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.body import ClientLeft, read_body, replay
+from middleware.body import ClientLeft, whole_body
 from service.core.access import COMPAT, MAX_MODEL_CHARS, Access
 from service.core.errors import NotAllowed
 from service.core.request import REST_KEY, SCOPE_KEY, RequestInfo
@@ -115,14 +115,13 @@ class AllowLists:
                 raise NotAllowed(UNKNOWN_MODEL)  # possibly cut short, or read otherwise upstream
         else:
             try:
-                body = await read_body(scope, receive, self.max_body)
+                body = await whole_body(scope[SCOPE_KEY], scope, receive, self.max_body)
             except ClientLeft:
                 return
             try:
                 model = await self.parse(body)
             except Ambiguous as exc:
                 raise NotAllowed(AMBIGUOUS.format(exc)) from None
-            receive = replay(body, receive)
         if not model or len(model) > MAX_MODEL_CHARS:
             raise NotAllowed(UNKNOWN_MODEL)
         refusal = access.provider_refusal(provider, model) or access.model_refusal(provider, model)

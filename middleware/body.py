@@ -2,15 +2,17 @@
 key's model allow-list, a budget's or a tokens-per-minute limit's estimate), and handing it on.
 
 The body is bounded by ``MAX_REQUEST_BYTES``: a declared length over it is refused before anything
-is read, and the count of what arrives is checked chunk by chunk. A body that came in one message is
-passed on as that very object, never copied.
+is read, and the count of what arrives is checked chunk by chunk. It is handed on in the request's
+info (``RequestInfo.body``), where the next hop that needs it and the relay find it: read once, and
+a body that came in one message is passed on as that very object, never copied.
 """
 
 from __future__ import annotations
 
-from starlette.types import Message, Receive, Scope
+from starlette.types import Receive, Scope
 
 from service.core.errors import PayloadTooLarge
+from service.core.request import RequestInfo
 
 
 class ClientLeft(Exception):
@@ -43,16 +45,10 @@ async def read_body(scope: Scope, receive: Receive, max_body: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives the body already read as one message, then the client's own
-    messages (a disconnect)."""
-    pending = True
-
-    async def receive_again() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return receive_again
+async def whole_body(info: RequestInfo, scope: Scope, receive: Receive, max_body: int) -> bytes:
+    """The request's whole body: as a hop before read it, else read now (``read_body``) and kept in
+    ``info`` for the hops after and the relay."""
+    body = info.body
+    if body is None:
+        body = info.body = await read_body(scope, receive, max_body)
+    return body

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware.body import ClientLeft, read_body, replay
+from middleware.body import ClientLeft, whole_body
 from service.core.errors import Forbidden
 from service.core.limits.limiter import Limiter
 from service.core.limits.outcome import Estimate, Subject
@@ -89,10 +89,9 @@ class LimitsGate:
         tokens = cost = 0
         if plan.estimated:
             try:
-                body = await read_body(scope, receive, self.max_body)
+                body = await whole_body(info, scope, receive, self.max_body)
             except ClientLeft:
                 return
-            receive = replay(body, receive)
             tokens, worst, model = self.estimate(scope, body)
             budgeted = plan.budgeted
             if budgeted is not None:

@@ -134,11 +134,15 @@ class Relay:
 
         exchange = Exchange(receive, scope)
         try:
-            first = await receive()
-            if first["type"] == "http.disconnect":
-                return
-            body = first.get("body", b"")
-            more = first.get("more_body", False)
+            body = info.body
+            if body is None:
+                first = await receive()
+                if first["type"] == "http.disconnect":
+                    return
+                body = first.get("body", b"")
+                more = first.get("more_body", False)
+            else:  # read whole by a hop before (a model allow-list, a budget's estimate)
+                more = False
             info.bytes_in = len(body)
             inject = self.inject_usage and stream_options.eligible(scope["method"], scope[REST_KEY])
             # the cache key, and asking a stream for its usage, need the whole body first

@@ -38,6 +38,7 @@ class RequestInfo:
     """What one request has learned on its way through the gateway."""
 
     __slots__ = (
+        "body",
         "bytes_in",
         "bytes_out",
         "cache_read_tokens",
@@ -97,6 +98,10 @@ class RequestInfo:
         """When the request arrived, in milliseconds since the epoch (its id and its ledger row's
         time carry it; ``started`` is monotonic)."""
         self.metadata: str | None = None
+        self.body: bytes | None = None
+        """The whole request body, once a hop before the relay has read it (a model allow-list, a
+        budget's estimate): the relay sends it as it is rather than receiving it (which a hop that
+        reads the body leaves to nobody else)."""
         self.limit_headers: list[tuple[bytes, bytes]] | None = None
         """The ``x-ratelimit-*`` headers of the limits that admitted the request, for its response."""
         self.error_shape: Shape = "plain"
