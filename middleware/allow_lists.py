@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -90,13 +90,13 @@ class AllowLists:
         self.path_model = path_model
         self.max_body = max_body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # not async: a key without lists costs no coroutine of this hop (``middleware.metadata``)
         info: RequestInfo = scope[SCOPE_KEY]
         access = info.team.access if info.team is not None else None
         if access is None:
-            await self.app(scope, receive, send)
-            return
-        await self.check(access, scope, receive, send)
+            return self.app(scope, receive, send)
+        return self.check(access, scope, receive, send)
 
     async def check(self, access: Access, scope: Scope, receive: Receive, send: Send) -> None:
         provider = self.provider

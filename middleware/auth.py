@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Container
+from collections.abc import Awaitable, Container
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -73,7 +73,9 @@ class Auth:
         self.app = app
         self.key_headers = frozenset({b"x-api-key", *(h.encode() for h in key_headers)})
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # not async: a key found valid before (the usual request) is let through without a
+        # coroutine of this hop (``middleware.metadata``); any other goes through ``verify``
         info: RequestInfo = scope[SCOPE_KEY]
         state = scope["state"]
         teams: TeamDirectory = state["teams"]
@@ -85,30 +87,45 @@ class Auth:
         if digest is None:
             digest = keys.digest(key)
         team = teams.peek(digest)
-        metrics: Metrics = state["metrics"]
         if team is None or team is UNKNOWN:  # not known to be valid: the guessing brake applies
-            guard: UnknownKeyGuard | None = state.get("guard")
-            address = None
-            if guard is not None and guard.limit > 0:
-                address = guard.address(scope)
-                wait = guard.retry_after(address)
-                if wait is not None and not teams.verified(digest):
-                    raise too_many(wait)
-            if team is None:
-                metrics.cache_misses += 1
-                team = await teams.load(digest)
-                if team is UNKNOWN and address is not None and guard is not None:
-                    guard.unknown(address)  # a store query spent on a key nobody has
-            else:
-                metrics.cache_hits += 1
-            if team is UNKNOWN:
-                raise INVALID
+            return self.verify(scope, receive, send, key, digest, hashed, team)
+        metrics: Metrics = state["metrics"]
+        metrics.cache_hits += 1
+        accept(info, teams, team, key, digest, hashed)
+        return self.app(scope, receive, send)
+
+    async def verify(
+        self, scope: Scope, receive: Receive, send: Send, key: str, digest: str, hashed: bool, team: Team | None
+    ) -> None:
+        """A key not cached as valid: the guessing brake, then the store (when not cached as unknown)."""
+        state = scope["state"]
+        teams: TeamDirectory = state["teams"]
+        metrics: Metrics = state["metrics"]
+        guard: UnknownKeyGuard | None = state.get("guard")
+        address = None
+        if guard is not None and guard.limit > 0:
+            address = guard.address(scope)
+            wait = guard.retry_after(address)
+            if wait is not None and not teams.verified(digest):
+                raise too_many(wait)
+        if team is None:
+            metrics.cache_misses += 1
+            team = await teams.load(digest)
+            if team is UNKNOWN and address is not None and guard is not None:
+                guard.unknown(address)  # a store query spent on a key nobody has
         else:
             metrics.cache_hits += 1
-        if team.expires is not None or team.grace_until is not None:
-            check_deadlines(team)
-        if hashed:
-            teams.remember(key, digest)
-        teams.used(digest)
-        info.team = team
+        if team is UNKNOWN:
+            raise INVALID
+        accept(scope[SCOPE_KEY], teams, team, key, digest, hashed)
         await self.app(scope, receive, send)
+
+
+def accept(info: RequestInfo, teams: TeamDirectory, team: Team, key: str, digest: str, hashed: bool) -> None:
+    """A valid key's request goes on as its team's (unless past a deadline)."""
+    if team.expires is not None or team.grace_until is not None:
+        check_deadlines(team)
+    if hashed:
+        teams.remember(key, digest)
+    teams.used(digest)
+    info.team = team

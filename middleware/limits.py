@@ -13,7 +13,7 @@ of any the upstream sent of the same kind.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -77,12 +77,15 @@ class LimitsGate:
         plan = self._plans[id(team)] = _Plan(team, tuple(subjects), budgeted, estimated)
         return plan
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # not async: a request without limits costs no coroutine of this hop (``middleware.metadata``)
         info: RequestInfo = scope[SCOPE_KEY]
         team = info.team
         if team is None or (team.team_limits is None and team.key_limits is None):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self.limited(scope, receive, send, info, team)
+
+    async def limited(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo, team: Team) -> None:
         plan = self._plans.get(id(team))
         if plan is None or plan.team is not team:
             plan = self._new_plan(team)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from providers.base import Provider
@@ -24,7 +26,8 @@ class ProviderMount:
         prefix = self.prefix
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] == 47)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # not async: the provider's app's own coroutine is handed on (``middleware.metadata``)
         info: RequestInfo = scope[SCOPE_KEY]
         info.provider = self.provider.slug
         raw = scope["raw_path"][len(self.prefix) :]
@@ -35,4 +38,4 @@ class ProviderMount:
             raise
         info.error_shape = self.provider.shape_for(rest)
         scope[REST_KEY] = rest
-        await self.app(scope, receive, send)
+        return self.app(scope, receive, send)

@@ -19,6 +19,7 @@ app by its exception handlers below, through the same renderer.
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable
 from functools import partial
 
 from starlette.applications import Starlette
@@ -103,14 +104,14 @@ class Gateway:
         enabled = ", ".join(mounts) or "none"
         self.not_enabled = f"This provider is not enabled on this gateway (enabled: {enabled})."
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # not async: the chosen app's own coroutine is handed on (``middleware.metadata``)
         if scope["type"] == "http":
             path: str = scope["path"]
             end = path.find("/", 1)
             segment = path[1:end] if end > 0 else path[1:]
             if segment == "admin" and self.console is not None:
-                await self.console(scope, receive, send)
-                return
+                return self.console(scope, receive, send)
             mount = self.mounts.get(segment)
             if mount is None and segment in self.disabled:
                 scope[SCOPE_KEY].provider = segment
@@ -120,9 +121,8 @@ class Gateway:
                 if raw is None:
                     scope["raw_path"] = raw = path.encode()
                 if mount.matches(raw):
-                    await mount(scope, receive, send)
-                    return
-        await self.fallback(scope, receive, send)
+                    return mount(scope, receive, send)
+        return self.fallback(scope, receive, send)
 
 
 def provider_mount(
