@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service import protocol as gateway_protocol
-from service.protocol import GatewayHttpProtocol
+from service.protocol import GatewayCycle, GatewayHttpProtocol
 from tests.support import free_port
 
 HEADERS: dict[str, list[tuple[bytes, bytes]]] = {
@@ -276,3 +276,13 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_time
         server.should_exit = True
         await task
         gateway_protocol._State.limits = before
+
+
+def test_the_gateways_cycle_starts_with_every_attribute_uvicorns_has() -> None:
+    """``GatewayCycle`` sets uvicorn's state itself (by position, the rest as class attributes): a
+    uvicorn that added some would leave the gateway's cycle without it; this says so first."""
+    args = ({}, None, None, None, None, False, [], None, False, True, None)
+    theirs = RequestResponseCycle(*args)  # type: ignore[arg-type]
+    ours = GatewayCycle(*args)  # type: ignore[arg-type]
+    for name, value in vars(theirs).items():
+        assert getattr(ours, name) == value, name
