@@ -24,7 +24,12 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _METHOD_LEVELS = {"warn": "warning", "exception": "error", "msg": "info"}
 # Tracebacks as data, without frame locals: locals hold keys, tokens and headers.
 _tracebacks = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
-_second = [0, ""]
+_second: list[Any] = [None, ""]
+"""The second formatted last (seconds since the epoch) and its text up to the decimal point, the
+point included."""
+_DIGITS_Z = tuple("%03dZ" % n for n in range(1000))  # noqa: UP031
+"""0 to 999 as three digits and ``Z``: looked up rather than formatted (~0.7k instructions against
+~2.6k for a format), as every request's ledger row's time is."""
 # Anything shaped like a team key, in any case and wherever it sits in a value (``xsk_…``, ``"sk_…"``,
 # ``Bearer sk_…``), and any hex run as long as a key's secret part (60 or more: request and trace ids,
 # at most 32 or 40, stay whole).
@@ -60,12 +65,12 @@ def utc_iso(seconds: float, *, milliseconds: bool = False) -> str:
     times); the part up to the second is formatted once per second."""
     whole = int(seconds)
     if whole != _second[0]:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    # printf-style (%d truncates as int() does): a format spec in an f-string costs twice as much, and
-    # these run for every request's access line and ledger row
-    if milliseconds:
-        return "%s.%03dZ" % (_second[1], (seconds - whole) * 1000)  # noqa: UP031
-    return "%s.%06dZ" % (_second[1], (seconds - whole) * 1_000_000)  # noqa: UP031
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+    text: str = _second[1]
+    if milliseconds:  # (a fraction under 1 times 1000 stays under 1000 in floating point)
+        return text + _DIGITS_Z[int((seconds - whole) * 1000)]
+    # printf-style (%d truncates as int() does): a format spec in an f-string costs twice as much
+    return text + "%06dZ" % ((seconds - whole) * 1_000_000)  # noqa: UP031
 
 
 def utc_iso_millis(ms: int) -> str:
@@ -73,8 +78,9 @@ def utc_iso_millis(ms: int) -> str:
     ledger's times, which request ids carry)."""
     whole, millis = divmod(ms, 1000)
     if whole != _second[0]:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return "%s.%03dZ" % (_second[1], millis)  # noqa: UP031 (see utc_iso)
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+    text: str = _second[1]
+    return text + _DIGITS_Z[millis]
 
 
 def iso_timestamp() -> str:

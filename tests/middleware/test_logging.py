@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
+from datetime import UTC, datetime
 
+import httpx
+import pytest
+
+from config.logging import utc_iso, utc_iso_millis
 from tests.support import ADMIN_KEY, GATEWAY_TOKEN, GatewayProcess
 
 FIELDS = {
@@ -125,3 +129,20 @@ def test_library_log_lines_mask_keys_too() -> None:
     key = "sk_" + "c0ffee" * 10 + "abcd"
     line = render(None, "warning", {"event": "x", "detail": f"GET /x?k={key}", "nested": {"v": [key]}})
     assert key[8:].encode() not in line and b"sk_c0ffe\xe2\x80\xa6" in line
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.0, 0.5, 1764774000.0, 1764774000.000499, 1764774000.123456, 1764774000.999999, 1764774001.25]
+)
+def test_times_are_utc_iso_truncated_to_their_unit(seconds: float) -> None:
+    """The access line's time (microseconds) and the ledger's (milliseconds), as ``datetime`` writes
+    them, truncated as ``%d`` truncates; the second before and after another second too."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    micro = int((seconds - int(seconds)) * 1_000_000)
+    expected = moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{micro:06d}Z"
+    for _ in range(2):  # formatted, then the second reused
+        assert utc_iso(seconds) == expected
+        assert utc_iso(seconds, milliseconds=True) == expected[:-4] + "Z"
+        millis = int(seconds) * 1000 + micro // 1000
+        assert utc_iso_millis(millis) == expected[:-4] + "Z"
+        assert utc_iso(1.0) == "1970-01-01T00:00:01.000000Z"  # another second in between
