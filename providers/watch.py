@@ -65,7 +65,7 @@ def header_deadlines(loop: asyncio.AbstractEventLoop) -> HeaderDeadlines:
 
 
 class Exchange:
-    """Per-request state shared by the relay and its one timer.
+    """Per-request state shared by the relay and what watches it (a sweep, or a timer of its own).
 
     Under the gateway's own server (``DISCONNECT_KEY`` in the scope) the server calls
     ``client_left`` the moment the connection is lost, and the header deadline is swept

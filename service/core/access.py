@@ -9,14 +9,17 @@ its team: a request must pass every list there is (the key's and the team's). ``
 list have none, so the request path pays one attribute read for them.
 
 Matching is a linear-time wildcard walk (no regular expressions built from patterns, so no pattern
-can make matching slow), over a model name of at most ``MAX_MODEL_CHARS``.
+can make matching slow), over a model name of at most ``MAX_MODEL_CHARS``. A list is compiled once per
+``Access`` (``ModelPatterns``): its literal names are a set, its patterns whose one wildcard is a final
+``*`` (``gpt-4o*``, as most are) one ``str.startswith``, and only the rest are walked.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MAX_PATTERNS = 100
 MAX_PATTERN_CHARS = 256
@@ -90,6 +93,37 @@ def check_providers(value: object, field: str, known: Sequence[str] | None = Non
     return tuple(slugs) or None
 
 
+class ModelPatterns(NamedTuple):
+    """A model allow-list compiled for matching (``compile_patterns``)."""
+
+    exact: frozenset[str]
+    """The patterns without a wildcard."""
+    prefixes: tuple[str, ...]
+    """The patterns whose only wildcard is a final ``*``, without it."""
+    others: tuple[str, ...]
+    """The rest, walked by ``glob_match``."""
+
+    def match(self, name: str) -> bool:
+        if name in self.exact or name.startswith(self.prefixes):
+            return True
+        return bool(self.others) and any(glob_match(pattern, name) for pattern in self.others)
+
+
+def compile_patterns(patterns: Iterable[str]) -> ModelPatterns:
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    others: list[str] = []
+    for pattern in patterns:
+        stars = pattern.count("*")
+        if "?" in pattern or stars > 1 or (stars == 1 and not pattern.endswith("*")):
+            others.append(pattern)
+        elif stars:
+            prefixes.append(pattern[:-1])
+        else:
+            exact.add(pattern)
+    return ModelPatterns(frozenset(exact), tuple(prefixes), tuple(others))
+
+
 @dataclass(frozen=True, slots=True)
 class Access:
     """The allow-lists that apply to one key: its own and its team's (each ``None`` when absent)."""
@@ -98,6 +132,14 @@ class Access:
     key_providers: tuple[str, ...] | None = None
     team_models: tuple[str, ...] | None = None
     team_providers: tuple[str, ...] | None = None
+    _key_patterns: ModelPatterns | None = field(default=None, init=False, repr=False, compare=False)
+    _team_patterns: ModelPatterns | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.key_models is not None:
+            object.__setattr__(self, "_key_patterns", compile_patterns(self.key_models))
+        if self.team_models is not None:
+            object.__setattr__(self, "_team_patterns", compile_patterns(self.team_models))
 
     @property
     def limits_models(self) -> bool:
@@ -106,9 +148,13 @@ class Access:
     def provider_refusal(self, provider: str, model: str | None = None) -> str | None:
         """Why ``provider`` is refused (``None``: allowed). Through ``compat`` the provider is also
         the model's own prefix (``openai/gpt-4o`` is OpenAI's), and either may be listed."""
-        names = {provider}
-        if provider == COMPAT and model is not None and "/" in model:
-            names.add(model.partition("/")[0])
+        if provider != COMPAT or model is None or "/" not in model:  # one name: the provider's
+            if self.key_providers is not None and provider not in self.key_providers:
+                return f"This key's allow-list does not include the provider '{provider}'."
+            if self.team_providers is not None and provider not in self.team_providers:
+                return f"This team's allow-list does not include the provider '{provider}'."
+            return None
+        names = {provider, model.partition("/")[0]}
         for whose, allowed in (("key", self.key_providers), ("team", self.team_providers)):
             if allowed is not None and names.isdisjoint(allowed):
                 shown = model.partition("/")[0] if provider == COMPAT and model and "/" in model else provider
@@ -118,11 +164,9 @@ class Access:
     def model_refusal(self, provider: str, model: str) -> str | None:
         """Why ``model`` is refused (``None``: allowed). Through ``compat`` a pattern may name the
         whole ``provider/model`` or the model alone (``gpt-4o*`` allows ``openai/gpt-4o-mini``)."""
-        names = [model]
-        if provider == COMPAT and "/" in model:
-            names.append(model.partition("/")[2])
-        for whose, patterns in (("key", self.key_models), ("team", self.team_models)):
-            if patterns is not None and not any(glob_match(p, name) for p in patterns for name in names):
+        bare = model.partition("/")[2] if provider == COMPAT and "/" in model else None
+        for whose, patterns in (("key", self._key_patterns), ("team", self._team_patterns)):
+            if patterns is not None and not (patterns.match(model) or (bare is not None and patterns.match(bare))):
                 return f"This {whose} does not allow the model '{shown_model(model)}'."
         return None
 
