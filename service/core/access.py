@@ -148,16 +148,10 @@ class Access:
     def provider_refusal(self, provider: str, model: str | None = None) -> str | None:
         """Why ``provider`` is refused (``None``: allowed). Through ``compat`` the provider is also
         the model's own prefix (``openai/gpt-4o`` is OpenAI's), and either may be listed."""
-        if provider != COMPAT or model is None or "/" not in model:  # one name: the provider's
-            if self.key_providers is not None and provider not in self.key_providers:
-                return f"This key's allow-list does not include the provider '{provider}'."
-            if self.team_providers is not None and provider not in self.team_providers:
-                return f"This team's allow-list does not include the provider '{provider}'."
-            return None
-        names = {provider, model.partition("/")[0]}
+        prefix = model.partition("/")[0] if provider == COMPAT and model is not None and "/" in model else None
         for whose, allowed in (("key", self.key_providers), ("team", self.team_providers)):
-            if allowed is not None and names.isdisjoint(allowed):
-                shown = model.partition("/")[0] if provider == COMPAT and model and "/" in model else provider
+            if allowed is not None and provider not in allowed and (prefix is None or prefix not in allowed):
+                shown = provider if prefix is None else prefix
                 return f"This {whose}'s allow-list does not include the provider '{shown}'."
         return None
 

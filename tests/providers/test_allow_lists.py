@@ -263,3 +263,27 @@ def test_oversized_body_is_413_for_a_listed_key(make_gateway: Callable[..., Gate
     assert response.status_code == 413
     declared = httpx.post(f"{gw.url}/openai/v1/chat/completions", content=body, headers=headers)
     assert declared.status_code == 413
+
+
+def test_a_body_read_by_the_allow_list_and_the_limits_goes_up_whole(
+    gateway: GatewayProcess, upstream: MockUpstream
+) -> None:
+    """Both hops read the body of a key with an allow-list and a tokens-per-minute limit (the model,
+    the estimate): it is read once, from the client's chunks, and reaches the upstream byte for byte."""
+    created = httpx.post(
+        f"{gateway.url}/tokens", json={"teamId": "team_allow_tpm", "allowedModels": ["gpt-4o*"]}, headers=ADMIN
+    ).json()
+    key, kid = created["apiKey"], created["keyId"]
+    limits = {"limits": {"tokensPerMinute": 1_000_000_000}}
+    assert httpx.patch(f"{gateway.url}/keys/{kid}", json=limits, headers=ADMIN).status_code == 200
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "y" * 100_000}]})
+
+    def pieces() -> object:
+        for at in range(0, len(body), 16_384):
+            yield body[at : at + 16_384]
+
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    response = httpx.post(f"{gateway.url}/openai/v1/chat/completions", content=pieces(), headers=headers)  # type: ignore[arg-type]
+    assert response.status_code == 200, response.text
+    assert upstream.last().body_sha256 == hashlib.sha256(body).hexdigest()
+    assert response.headers["x-ratelimit-limit-tokens"] == "1000000000"  # the limits admitted it
