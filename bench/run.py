@@ -361,6 +361,14 @@ http {{
         servers = [
             self.bare(upstream),
             self.gateway("gateway", upstream, f"sqlite:///{self.work}/gateway.db", self.gateway_root),
+            # the same gateway without metering: what reading usage and writing the ledger cost (issue 11)
+            self.gateway(
+                "metering-off",
+                upstream,
+                f"sqlite:///{self.work}/metering-off.db",
+                self.gateway_root,
+                settings={"USAGE_METERING": "false"},
+            ),
         ]
         for name, settings in limits_contenders().items():
             database = f"sqlite:///{self.work}/{name}.db"
@@ -387,12 +395,13 @@ http {{
         limits: dict[str, str] | None = None,
         workers: int = 1,
         cores: int | str = 0,
+        settings: dict[str, str] | None = None,
     ) -> Server:
         """The Procfile's own command (``root``'s Procfile, run from ``root`` with it first on the import
         path), pinned to ``cores`` with ``workers`` as ``WEB_CONCURRENCY``; its log goes to a file as a
         PaaS collects stdout. ``wrap`` is a command prefix (valgrind) for the process the line finally
         ``exec``s. With ``limits`` (extra settings), the bench team gets a budget and a requests-per-minute
-        limit before its key is made."""
+        limit before its key is made. ``settings`` are extra settings of any other kind."""
         port = free_port()
         procfile = (root / "Procfile").read_text().split("web:", 1)[1].strip()
         if wrap:
@@ -410,6 +419,7 @@ http {{
             "DATABASE_URL": database_url,
             "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
             **(limits or {}),
+            **(settings or {}),
         }
         process = self.spawn(f"sh -c {_quote(procfile)}", cores, env, log=name, cwd=root)
         wait_port(port, wait)
@@ -834,6 +844,13 @@ def report(direct: Server, proxies: list[Server]) -> dict[str, Any]:
         for name in ("limits-mem", "limits-redis")
         if name in base
     }
+    if "metering-off" in base:
+        off = base["metering-off"]
+        out["metering_vs_off"] = {
+            "cpu_per_request": gw["cpu_us_per_req"] / off["cpu_us_per_req"],
+            "added_p50_ms": gw["p50_1c_ms"] - off["p50_1c_ms"],
+            "added_sse_first_ms": gw["sse_first_ms"] - off["sse_first_ms"],
+        }
     out["workers_vs_gateway"] = {
         name: {
             "cpu_per_request": base[name]["cpu_us_per_req"] / gw["cpu_us_per_req"],
@@ -902,6 +919,13 @@ def print_table(result: dict[str, Any]) -> None:
         print(
             f"{name} ÷ gateway (budget + RPM on the team): CPU/request {figures['cpu_per_request']:.3f}, "
             f"p50 @1 conn {figures['added_p50_ms'] * 1000:+.0f} µs"
+        )
+    if "metering_vs_off" in result:
+        figures = result["metering_vs_off"]
+        print(
+            f"gateway ÷ metering-off (USAGE_METERING=false): CPU/request {figures['cpu_per_request']:.3f} "
+            f"(target ≤ 1.05), p50 @1 conn {figures['added_p50_ms'] * 1000:+.0f} µs, "
+            f"SSE first event {figures['added_sse_first_ms'] * 1000:+.0f} µs"
         )
     if counted is not None:
         from bench.instructions import print_figures
