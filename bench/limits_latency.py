@@ -5,7 +5,7 @@ and on Redis placed three ways: this machine's Redis as it runs (any core), and 
 ``redis-server`` pinned to the gateway's core or to the other one.
 
 Every gateway starts from its Procfile pinned to core 0, as in ``bench.run``; the upstream is its nginx
-on core 1. The client sends the bench's request in blocks of 100 per gateway, the gateways in turn,
+on core 1, and so is the client. It sends the bench's request in blocks of 100 per gateway, the gateways in turn,
 ``rounds`` times (the first round is a warm-up), over one keep-alive connection each, and the medians
 are printed (not asserted anywhere)::
 
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import REQUEST_BODY, ROOT, Bench, Server, free_port, limits_contenders, wait_port
+from bench.run import REQUEST_BODY, ROOT, Bench, Server, free_port, limits_contenders, pin_harness, wait_port
 
 BLOCK = 100
 
@@ -113,6 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         sys.exit("--rounds must be at least 2 (the first is a warm-up)")
+    pin_harness()
     figures = run(args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2))

@@ -54,6 +54,11 @@ COMPLETION = (
 )
 REQUEST_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 SETTLE_SECONDS = 2  # for the last ledger batch (written once a second) before a quiet measurement
+CLIENT_CORE = 1
+"""The core wrk, curl and the upstream run on (servers under test run on core 0). The harness's own
+clients (the SSE timings, the idle connections, the streams, the instructions step's client) run there
+too (``pin_harness``): left to float, the SSE client shared core 0 with the gateway, and every
+microsecond the gateway spent on a stream's later events delayed the client's reading of the first."""
 WORKER_ROWS = {"2-workers-0": "0", "2-workers-0,1": "0,1"}
 """The two-worker gateways and the cores each is pinned to: ``2-workers-0`` gets core 0 as the one-worker
 gateway does (the same CPU and the same load, so CPU per request compares like for like),
@@ -85,6 +90,12 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.timeout, e.status))
 end
 """
+
+
+def pin_harness() -> None:
+    """This process, and the threads and processes it starts unpinned, on ``CLIENT_CORE``."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > CLIENT_CORE:
+        os.sched_setaffinity(0, {CLIENT_CORE})
 
 
 def free_port() -> int:
@@ -447,7 +458,7 @@ http {{
             [
                 "taskset",
                 "-c",
-                "1",
+                str(CLIENT_CORE),
                 "wrk",
                 "-t1",
                 f"-c{connections}",
@@ -650,7 +661,7 @@ http {{
             [
                 "taskset",
                 "-c",
-                "1",
+                str(CLIENT_CORE),
                 "curl",
                 "-s",
                 "-o",
@@ -1008,6 +1019,7 @@ def main() -> None:
     instructions.add_arguments(parser)
     args = parser.parse_args()
     raise_open_files_limit()  # inherited by the servers it starts; the idle connections need it in this process
+    pin_harness()
     for tool in ("wrk", "taskset", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"bench needs {tool}: run `make bench` (it installs wrk and nginx from Debian's packages)")
