@@ -9,7 +9,8 @@ protocol, C parser (``HttpResponseParser``), ``StreamReader`` payload and error 
 uses — and keeps its own keep-alive pool per origin:
 
 - the request head is one ``bytes`` join of headers that are already bytes, sent with a body that
-  came in one piece in a single write; a body still arriving is streamed (by its declared
+  came in one piece in a single write, at the end of the loop's turn with the turn's other writes
+  (``service.core.writes``); a body still arriving is streamed (by its declared
   ``content-length``, else chunked) by a task of its own, as aiohttp does, so an early answer is read;
 - a connection goes back to the pool only after a response read to its end that leaves it reusable
   (``ResponseHandler.should_close``); one idle longer than ``keepalive`` seconds is closed, and at
@@ -39,6 +40,8 @@ from aiohttp import ClientError, ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
+
+from service.core.writes import TurnWrites, turn_writes
 
 MAX_LINE = MAX_FIELD = 8190  # aiohttp's own limits for a status line and a header
 MAX_HEADERS = 128
@@ -164,6 +167,7 @@ class ConnectionPool:
         """How ``https`` upstreams are verified: the system's CA store unless given."""
         self._next_sweep = 0.0
         self._closed = False
+        self._writes: TurnWrites | None = None
 
     async def request(
         self,
@@ -228,7 +232,14 @@ class ConnectionPool:
                     )
                 transport = protocol.transport
                 assert transport is not None
-                transport.write(data)
+                if in_hand:  # with the turn's other writes (service.core.writes)
+                    writes = self._writes
+                    loop = asyncio.get_running_loop()
+                    if writes is None or writes.loop is not loop:
+                        writes = self._writes = turn_writes(loop)
+                    writes.write(transport, data)
+                else:  # the body's own task writes next
+                    transport.write(data)
                 if not isinstance(body, bytes | None):
                     writer = asyncio.ensure_future(_send_body(protocol, body, chunked=declared_length is None))
                 while True:

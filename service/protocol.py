@@ -20,9 +20,9 @@ app sees anything:
 - a connection lost before its response is complete calls the request's ``DISCONNECT_KEY`` callback
   (the relay's), which stops the upstream call at once.
 
-It also sends a response's head and the start of its body in one write when the body is in hand in the
-same loop turn (``HeadWithBody``): one packet and one wake-up of the client instead of two, and makes
-that head with uvicorn's checks for a fraction of their cost (``GatewayCycle``).
+It also holds a response's writes to the end of the loop turn (``TurnWriter``): a head and a body in
+hand leave in one write, and the responses of one turn together; and it makes the head with uvicorn's
+checks for a fraction of their cost (``GatewayCycle``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from uvicorn.server import ServerState
 
 from config import Settings
 from service.core.request import DISCONNECT_KEY
+from service.core.writes import TurnWrites, turn_writes
 
 log = structlog.get_logger("gateway.server")
 
@@ -108,44 +109,24 @@ def _response(status: int, message: str, default_headers: Sequence[tuple[bytes, 
     return b"".join(head) + body
 
 
-class HeadWithBody:
-    """What a connection's response cycles write through. The first write of each response (its head)
-    is held back until the next write, the response's end or the end of the loop turn, whichever comes
-    first, and goes out with whatever follows it in that turn: a head and a body in hand leave in one
-    ``write`` (one packet, one wake-up of the client), a streamed head still leaves in the turn it was
-    sent, before the first event. Writes keep their order."""
+class TurnWriter:
+    """What a connection's response cycles write through: its transport, each write held to the end
+    of the loop's turn with the turn's other writes (``service.core.writes``). A head and a body in
+    hand leave in one ``write`` (one packet), a streamed head before the first event, and the
+    responses that end in one turn wake their clients together. Writes keep their order; closing
+    makes what is held first."""
 
-    __slots__ = ("held", "hold_next", "loop", "transport")
+    __slots__ = ("transport", "writes")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, writes: TurnWrites) -> None:
         self.transport = transport
-        self.loop = loop
-        self.held: bytes | None = None
-        self.hold_next = True
+        self.writes = writes
 
     def write(self, data: bytes) -> None:
-        held = self.held
-        if held is not None:
-            self.held = None
-            self.transport.write(held + data)
-        elif self.hold_next:
-            self.hold_next = False
-            self.held = data
-            self.loop.call_soon(self.flush)
-        else:
-            self.transport.write(data)
+        self.writes.write(self.transport, data)
 
     def flush(self) -> None:
-        held = self.held
-        if held is not None:
-            self.held = None
-            if not self.transport.is_closing():  # the client may have gone within the turn
-                self.transport.write(held)
-
-    def next_response(self) -> None:
-        """The response is complete: out with anything held, and hold the next one's head."""
-        self.flush()
-        self.hold_next = True
+        self.writes.flush_one(self.transport)
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
@@ -335,7 +316,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.refuse(transport)
             return
         super().connection_made(transport)
-        self.writer = HeadWithBody(transport, self.loop)
+        self.writer = TurnWriter(transport, turn_writes(self.loop))
         if _State.swept_loop is not self.loop:
             _State.swept_loop = self.loop
             sweep_deadlines(self.loop, self.connections, min(1.0, self.limits.header_read_timeout / 4))
@@ -449,7 +430,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        """uvicorn's, with the gateway's cycle writing through ``HeadWithBody``: the request's scope
+        """uvicorn's, with the gateway's cycle writing through ``TurnWriter``: the request's scope
         completed from the parser, its cycle made, its task started (or queued behind a pipelined
         response still being sent)."""
         self.awaiting_head = False
@@ -531,7 +512,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """uvicorn's, with the keep-alive timeout a deadline (``sweep_deadlines``) instead of a timer."""
-        self.writer.next_response()
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
@@ -552,7 +532,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def idle_timed_out(self) -> None:
         self.idle_deadline = 0.0
+        self.writer.flush()
         self.timeout_keep_alive_handler()
+
+    def shutdown(self) -> None:
+        """uvicorn's: a connection between responses closes at once, after what its writer holds."""
+        if self.cycle is None or self.cycle.response_complete:
+            self.writer.flush()
+        super().shutdown()
 
     def head_timed_out(self) -> None:
         self.head_deadline = 0.0
@@ -562,6 +549,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             log.info("request_head_timeout", client=self.client_host(), timeout=self.limits.header_read_timeout)
             self.answer_and_close(408, "The request head did not arrive in time.")
         else:
+            self.writer.flush()
             self.transport.close()
 
     # -- answers ------------------------------------------------------------------------------
