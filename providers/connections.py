@@ -9,8 +9,8 @@ protocol, C parser (``HttpResponseParser``), ``StreamReader`` payload and error 
 uses — and keeps its own keep-alive pool per origin:
 
 - the request head is one ``bytes`` join of headers that are already bytes, sent with a body that
-  came in one piece in a single write, at the end of the loop's turn with the turn's other writes
-  (``service.core.writes``); a body still arriving is streamed (by its declared
+  came in one piece in a single write, made at the end of the loop's turn with the turn's other
+  writes while other requests run (``service.core.writes``); a body still arriving is streamed (by its declared
   ``content-length``, else chunked) by a task of its own, as aiohttp does, so an early answer is read;
 - a connection goes back to the pool only after a response read to its end that leaves it reusable
   (``ResponseHandler.should_close``); one idle longer than ``keepalive`` seconds is closed, and at
@@ -232,13 +232,12 @@ class ConnectionPool:
                     )
                 transport = protocol.transport
                 assert transport is not None
-                if in_hand:  # with the turn's other writes (service.core.writes)
-                    writes = self._writes
-                    loop = asyncio.get_running_loop()
-                    if writes is None or writes.loop is not loop:
-                        writes = self._writes = turn_writes(loop)
-                    writes.write(transport, data)
-                else:  # the body's own task writes next
+                writes = self._writes
+                if writes is None:
+                    writes = self._writes = turn_writes(asyncio.get_running_loop())
+                if in_hand and (writes.held or len(writes.tasks) > 1):
+                    writes.write(transport, data)  # with the turn's other writes (service.core.writes)
+                else:  # alone, or the body's own task writes next
                     transport.write(data)
                 if not isinstance(body, bytes | None):
                     writer = asyncio.ensure_future(_send_body(protocol, body, chunked=declared_length is None))

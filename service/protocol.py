@@ -20,9 +20,9 @@ app sees anything:
 - a connection lost before its response is complete calls the request's ``DISCONNECT_KEY`` callback
   (the relay's), which stops the upstream call at once.
 
-It also holds a response's writes to the end of the loop turn (``TurnWriter``): a head and a body in
-hand leave in one write, and the responses of one turn together; and it makes the head with uvicorn's
-checks for a fraction of their cost (``GatewayCycle``).
+It also writes through ``TurnWriter``: a head and a body in hand leave in one write, and while other
+requests run the responses of one loop turn leave together at its end; and it makes the head with
+uvicorn's checks for a fraction of their cost (``GatewayCycle``).
 """
 
 from __future__ import annotations
@@ -110,23 +110,56 @@ def _response(status: int, message: str, default_headers: Sequence[tuple[bytes, 
 
 
 class TurnWriter:
-    """What a connection's response cycles write through: its transport, each write held to the end
-    of the loop's turn with the turn's other writes (``service.core.writes``). A head and a body in
-    hand leave in one ``write`` (one packet), a streamed head before the first event, and the
-    responses that end in one turn wake their clients together. Writes keep their order; closing
+    """What a connection's response cycles write through: its transport, and the loop's
+    ``TurnWrites`` (``service.core.writes``). A response's first write (its head) is held until the
+    next write or the end of the loop turn, so a head and a body in hand leave in one ``write`` (one
+    packet) and a streamed head before the first event. Other writes are made at once while this
+    request runs alone, and held to the turn's end with the turn's other writes while others run, so
+    the responses that end in one turn wake their clients together. Writes keep their order; closing
     makes what is held first."""
 
-    __slots__ = ("transport", "writes")
+    __slots__ = ("head", "hold_next", "loop", "transport", "writes")
 
     def __init__(self, transport: asyncio.Transport, writes: TurnWrites) -> None:
         self.transport = transport
         self.writes = writes
+        self.loop = writes.loop
+        self.head: bytes | None = None
+        self.hold_next = True
 
     def write(self, data: bytes) -> None:
-        self.writes.write(self.transport, data)
+        head = self.head
+        if head is not None:
+            self.head = None
+            data = head + data
+        elif self.hold_next:
+            self.hold_next = False
+            self.head = data
+            self.loop.call_soon(self.flush_head)
+            return
+        writes = self.writes
+        if writes.held or len(writes.tasks) > 1:
+            writes.write(self.transport, data)
+        else:  # alone, nothing held: at once
+            self.transport.write(data)
+
+    def flush_head(self) -> None:
+        """The end of the turn the head was written in: out with it, if nothing came to join it."""
+        head = self.head
+        if head is not None:
+            self.head = None
+            if not self.transport.is_closing():  # the client may have gone within the turn
+                self.writes.flush_one(self.transport)
+                self.transport.write(head)
 
     def flush(self) -> None:
+        """Out with everything held, now."""
         self.writes.flush_one(self.transport)
+        self.flush_head()
+
+    def next_response(self) -> None:
+        """The response is complete: the next one's head is held."""
+        self.hold_next = True
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
@@ -316,7 +349,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.refuse(transport)
             return
         super().connection_made(transport)
-        self.writer = TurnWriter(transport, turn_writes(self.loop))
+        writes = turn_writes(self.loop)
+        writes.tasks = self.server_state.tasks
+        self.writer = TurnWriter(transport, writes)
         if _State.swept_loop is not self.loop:
             _State.swept_loop = self.loop
             sweep_deadlines(self.loop, self.connections, min(1.0, self.limits.header_read_timeout / 4))
@@ -512,6 +547,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """uvicorn's, with the keep-alive timeout a deadline (``sweep_deadlines``) instead of a timer."""
+        self.writer.next_response()
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return

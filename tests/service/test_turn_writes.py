@@ -1,8 +1,8 @@
-"""``TurnWrites`` and the connection's ``TurnWriter``: writes are held to the end of the loop turn and
-made together, a head and a body in hand in one write, a connection's writes in order, large writes at
-once, nothing written to a connection that closed. The transport is a recording stand-in for the event
-loop's socket transport; the loop is a real one. The whole path over real sockets is in the server and
-relay tests."""
+"""``TurnWrites`` and the connection's ``TurnWriter``: while other requests run, writes are held to the
+end of the loop turn and made together; a request alone writes at once; a head and a body in hand leave
+in one write either way; a connection's writes keep their order, large writes go at once, nothing is
+written to a connection that closed. The transport is a recording stand-in for the event loop's socket
+transport; the loop is a real one. The whole path over real sockets is in the server and relay tests."""
 
 from __future__ import annotations
 
@@ -37,21 +37,40 @@ class Recorded:
         self.closed = True
 
 
-def writes() -> TurnWrites:
-    return turn_writes(asyncio.get_running_loop())
+def writes(running: int = 3) -> TurnWrites:
+    """The loop's ``TurnWrites``, with ``running`` requests running in the worker."""
+    batch = turn_writes(asyncio.get_running_loop())
+    batch.tasks = range(running)
+    return batch
 
 
-async def test_a_head_and_a_body_in_hand_leave_in_one_write_at_the_turns_end() -> None:
+async def test_a_request_alone_writes_at_once_but_for_its_head_which_waits_for_the_body() -> None:
+    transport = Recorded()
+    out = TurnWriter(transport, writes(running=1))  # type: ignore[arg-type]
+    out.write(b"HEAD\r\n\r\n")
+    assert transport.writes == []
+    out.write(b"body")
+    assert transport.writes == [b"HEAD\r\n\r\nbody"] and transport.calls == 1
+    out.next_response()
+    out.write(b"HEAD 2")  # a streamed head: out by the end of the turn, the events at once
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HEAD\r\n\r\nbody", b"HEAD 2"]
+    out.write(b"event")
+    assert transport.writes == [b"HEAD\r\n\r\nbody", b"HEAD 2", b"event"]
+
+
+async def test_while_others_run_a_head_and_a_body_leave_in_one_write_at_the_turns_end() -> None:
     transport = Recorded()
     out = TurnWriter(transport, writes())  # type: ignore[arg-type]
     out.write(b"HEAD\r\n\r\n")
     out.write(b"body")
+    out.next_response()
     assert transport.writes == []
     await asyncio.sleep(0)
     assert transport.writes == [b"HEAD\r\n\r\nbody"] and transport.calls == 1
 
 
-async def test_the_writes_of_one_turn_to_many_connections_leave_together_each_in_its_order() -> None:
+async def test_while_others_run_the_writes_of_one_turn_leave_together_each_connections_in_order() -> None:
     batch = writes()
     first, second = Recorded(), Recorded()
     batch.write(first, b"1a")  # type: ignore[arg-type]
@@ -122,8 +141,8 @@ async def test_a_write_held_when_the_client_goes_is_dropped_quietly() -> None:
 
 
 async def test_each_loop_has_its_own() -> None:
-    here = writes()
-    assert writes() is here
+    here = turn_writes(asyncio.get_running_loop())
+    assert turn_writes(asyncio.get_running_loop()) is here
     other = asyncio.new_event_loop()
     try:
         assert turn_writes(other) is not here and turn_writes(other).loop is other
