@@ -7,8 +7,9 @@ observability plumbing, a stream reader and a parser per line), against about 25
 it the two system calls. redis-py stays the client for the lease renewals and the probes while
 Redis is away. The URL means the same to both: it is read by redis-py's ``parse_url``.
 
-Concurrent callers share the connection: a call is written at once (or, while another is awaited,
-with the rest of its loop turn's calls at the turn's end) and waits for its replies in turn. A call that
+Concurrent callers share the connection: a call is written at once (or, while other requests run or
+another call is awaited, with the rest of its loop turn's writes at the turn's end) and waits for its
+replies in turn. A call that
 waits longer than ``timeout`` fails with ``TimeoutError``, and with it the connection (later replies
 could no longer be matched): the next call connects anew.
 """
@@ -23,6 +24,8 @@ from typing import Any, cast
 
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import RedisError
+
+from service.core.writes import TurnWrites, turn_writes
 
 Reply = Any
 """``int``, ``bytes``, ``None``, a ``ReplyError`` or a list of replies."""
@@ -116,9 +119,10 @@ class _Call:
 class _Link(asyncio.Protocol):
     """One physical connection; the calls waiting on it, oldest first.
 
-    A call made while the last one written is awaited by its caller (requests running side by side)
-    waits for the end of the loop turn and leaves in one write with the rest of that turn's: under
-    load, the admissions of the requests a turn handles share a system call and a wake-up of Redis
+    A call made while other requests run, or while the last one written is awaited by its caller,
+    waits for the end of the loop turn and leaves in one write with the rest of that turn's, at the
+    moment the turn's responses and upstream requests leave (``service.core.writes``): under load, the
+    admissions and releases of the requests a turn handles share a system call and a wake-up of Redis
     instead of taking one each. Otherwise (one request at a time, whose release, never awaited, may
     still wait for its reply) it is written at once."""
 
@@ -127,29 +131,18 @@ class _Link(asyncio.Protocol):
         self.buffer = b""
         self.waiting: deque[_Call] = deque()
         self.lost: Exception | None = None
-        self.queued: list[bytes] | None = None
-        """What waits for the turn's end to be written."""
+        self.writes: TurnWrites | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.writes = turn_writes(asyncio.get_running_loop())
 
     def call(self, payload: bytes, call: _Call) -> None:
-        assert self.transport is not None
+        assert self.transport is not None and self.writes is not None
         waiting = self.waiting
-        if self.queued is not None:
-            self.queued.append(payload)
-        elif waiting and waiting[-1].future is not None:  # awaited by a request still running
-            self.queued = [payload]
-            asyncio.get_running_loop().call_soon(self.write_queued)
-        else:
-            self.transport.write(payload)
+        # held to the turn's end as well while the last call written is awaited by a request still running
+        self.writes.write(self.transport, payload, bool(waiting) and waiting[-1].future is not None)
         waiting.append(call)
-
-    def write_queued(self) -> None:
-        queued = self.queued
-        self.queued = None
-        if queued and self.lost is None and self.transport is not None:
-            self.transport.write(b"".join(queued))
 
     def data_received(self, data: bytes) -> None:
         if self.buffer:
