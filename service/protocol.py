@@ -132,10 +132,11 @@ class TurnWriter:
         if head is not None:
             self.head = None
             data = head + data
-        elif self.hold_next:
+        if self.hold_next:  # a response's head (after the last one's, should that still be held)
             self.hold_next = False
             self.head = data
-            self.loop.call_soon(self.flush_head)
+            if head is None:  # else its flush is on its way
+                self.loop.call_soon(self.flush_head)
             return
         writes = self.writes
         if writes.held or len(writes.tasks) > 1:

@@ -148,3 +148,15 @@ async def test_each_loop_has_its_own() -> None:
         assert turn_writes(other) is not here and turn_writes(other).loop is other
     finally:
         other.close()
+
+
+async def test_a_head_alone_then_the_next_responses_head_keep_their_order() -> None:
+    transport = Recorded()
+    out = TurnWriter(transport, writes(running=1))  # type: ignore[arg-type]
+    out.write(b"HEAD 1")  # a response with no body (a HEAD request), complete in this turn
+    out.next_response()
+    out.write(b"HEAD 2")  # the next (pipelined) response's head, in the same turn
+    out.write(b"body 2")
+    assert transport.writes == [b"HEAD 1HEAD 2body 2"]
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HEAD 1HEAD 2body 2"]
