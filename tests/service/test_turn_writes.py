@@ -160,3 +160,20 @@ async def test_a_head_alone_then_the_next_responses_head_keep_their_order() -> N
     assert transport.writes == [b"HEAD 1HEAD 2body 2"]
     await asyncio.sleep(0)
     assert transport.writes == [b"HEAD 1HEAD 2body 2"]
+
+
+async def test_when_the_others_end_within_the_turn_what_is_held_leaves_first_with_the_next_write() -> None:
+    batch = writes(running=3)
+    one, many = Recorded(), Recorded()
+    batch.write(one, b"a")  # type: ignore[arg-type]
+    batch.write(many, b"1")  # type: ignore[arg-type]
+    batch.write(many, b"2")  # type: ignore[arg-type]
+    batch.tasks = range(1)  # the other requests ended: this one runs alone
+    batch.write(one, b"b")  # type: ignore[arg-type]
+    batch.write(many, b"3")  # type: ignore[arg-type]
+    assert one.writes == [b"ab"] and many.writes == [b"123"]
+    assert one.calls == many.calls == 1
+    batch.write(one, b"c")  # type: ignore[arg-type]  # nothing held now: at once
+    assert one.writes == [b"ab", b"c"]
+    await asyncio.sleep(0)
+    assert one.writes == [b"ab", b"c"] and many.writes == [b"123"]
