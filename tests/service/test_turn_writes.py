@@ -44,9 +44,14 @@ def writes(running: int = 3) -> TurnWrites:
     return batch
 
 
-async def test_a_request_alone_writes_at_once_but_for_its_head_which_waits_for_the_body() -> None:
+def writer(running: int = 3) -> tuple[TurnWriter, Recorded]:
+    """A connection's writer over a recording transport, with ``running`` requests running."""
     transport = Recorded()
-    out = TurnWriter(transport, writes(running=1))  # type: ignore[arg-type]
+    return TurnWriter(transport, writes(running)), transport  # type: ignore[arg-type]
+
+
+async def test_a_request_alone_writes_at_once_but_for_its_head_which_waits_for_the_body() -> None:
+    out, transport = writer(running=1)
     out.write(b"HEAD\r\n\r\n")
     assert transport.writes == []
     out.write(b"body")
@@ -60,8 +65,7 @@ async def test_a_request_alone_writes_at_once_but_for_its_head_which_waits_for_t
 
 
 async def test_while_others_run_a_head_and_a_body_leave_in_one_write_at_the_turns_end() -> None:
-    transport = Recorded()
-    out = TurnWriter(transport, writes())  # type: ignore[arg-type]
+    out, transport = writer()
     out.write(b"HEAD\r\n\r\n")
     out.write(b"body")
     out.next_response()
@@ -87,8 +91,7 @@ async def test_while_others_run_the_writes_of_one_turn_leave_together_each_conne
 
 
 async def test_a_streamed_head_and_its_events_leave_turn_by_turn() -> None:
-    transport = Recorded()
-    out = TurnWriter(transport, writes())  # type: ignore[arg-type]
+    out, transport = writer()
     out.write(b"HEAD")
     await asyncio.sleep(0)  # the turn ends: nothing came with the head
     assert transport.writes == [b"HEAD"]
@@ -115,8 +118,7 @@ async def test_a_large_write_goes_at_once_after_what_its_connection_holds() -> N
 
 
 async def test_closing_makes_what_is_held_first() -> None:
-    transport = Recorded()
-    out = TurnWriter(transport, writes())  # type: ignore[arg-type]
+    out, transport = writer()
     out.write(b"HEAD 1")
     out.write(b"body 1")
     out.close()
@@ -130,8 +132,7 @@ async def test_a_write_held_when_the_client_goes_is_dropped_quietly() -> None:
     errors: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _, context: errors.append(context))
     try:
-        transport = Recorded()
-        out = TurnWriter(transport, writes())  # type: ignore[arg-type]
+        out, transport = writer()
         out.write(b"HEAD")
         transport.close()  # the connection is lost within the turn
         await asyncio.sleep(0)  # the end-of-turn flush: nothing written to a closed transport, no error
@@ -151,8 +152,7 @@ async def test_each_loop_has_its_own() -> None:
 
 
 async def test_a_head_alone_then_the_next_responses_head_keep_their_order() -> None:
-    transport = Recorded()
-    out = TurnWriter(transport, writes(running=1))  # type: ignore[arg-type]
+    out, transport = writer(running=1)
     out.write(b"HEAD 1")  # a response with no body (a HEAD request), complete in this turn
     out.next_response()
     out.write(b"HEAD 2")  # the next (pipelined) response's head, in the same turn
