@@ -373,6 +373,39 @@ def test_request_ids(gateway: GatewayProcess, team_key: str) -> None:
     assert httpx.get(f"{gateway.url}/nope").headers["x-gateway-request-id"]
 
 
+async def test_requests_side_by_side_each_get_their_own_answer_whole(gateway: GatewayProcess, team_key: str) -> None:
+    """While other requests run, writes wait for the loop turn's end and leave together: 60 keep-alive
+    clients side by side, each sending bodies of its own (small, around the size written at once, and
+    large) in turn, each get back their own body, byte for byte; 60 streams side by side, their events
+    sent back to back, each get every event in order."""
+    sizes = (1, 300, 16 * 1024 - 1, 16 * 1024, 200_000)
+    limits = httpx.Limits(max_connections=60, max_keepalive_connections=60)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def one(index: int) -> list[bool]:
+            same = []
+            for size in sizes:
+                body = os.urandom(size)
+                response = await client.post(
+                    f"{gateway.url}/openai/v1/_mock/echo?client={index}", content=body, headers=auth(team_key)
+                )
+                same.append(response.status_code == 200 and response.content == body)
+            return same
+
+        async def stream() -> list[int]:
+            # events sent back to back: several reach the relay in one loop turn and leave in one write
+            async with client.stream(
+                "GET", f"{gateway.url}/openai/_mock/sse?n=200&interval=0", headers=auth(team_key)
+            ) as response:
+                text = (await response.aread()).decode()
+            return [orjson.loads(line[6:])["index"] for line in text.splitlines() if line.startswith('data: {"')]
+
+        results = await asyncio.gather(*(one(index) for index in range(60)))
+        streams = await asyncio.gather(*(stream() for _ in range(60)))
+    assert results == [[True] * len(sizes)] * 60
+    assert streams == [list(range(200))] * 60
+
+
 async def test_200_concurrent_streams(gateway: GatewayProcess, team_key: str) -> None:
     limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
