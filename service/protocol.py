@@ -133,6 +133,10 @@ class TurnWriter:
             self.head = None
             data = head + data
         if self.hold_next:  # a response's head (after the last one's, should that still be held)
+            if data.startswith(b"HTTP/1.1 100 "):  # "100 Continue": the client waits for it to send its body
+                self.writes.flush_one(self.transport)
+                self.transport.write(data)
+                return
             self.hold_next = False
             self.head = data
             if head is None:  # else its flush is on its way
@@ -371,6 +375,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             )
         transport.write(_response(503, "Too many connections; try again shortly.", self.server_state.default_headers))
         transport.close()
+
+    def eof_received(self) -> None:
+        """The client closed its side: the transport closes after this, so what is held goes first (a
+        response completed in this loop turn)."""
+        if not self.refused_connection:
+            self.writer.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refused_connection:

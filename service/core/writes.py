@@ -53,7 +53,10 @@ class TurnWrites:
                     transport.write(held + data)  # type: ignore[operator]
                 else:
                     transport.writelines([held, data])  # type: ignore[list-item]
-        elif held is None:
+            return
+        if data.__class__ is not bytes:  # a bytearray or a view may change before the turn ends
+            data = bytes(data)
+        if held is None:
             self.held[transport] = data
             if not self.scheduled:
                 self.scheduled = True
@@ -71,13 +74,13 @@ class TurnWrites:
             self.held = {}
             for transport, data in held.items():
                 if not transport.is_closing():  # a connection closed within the turn takes nothing more
-                    transport.write(data if data.__class__ is bytes else b"".join(data))  # type: ignore[arg-type]
+                    transport.write(b"".join(data) if data.__class__ is list else data)  # type: ignore[arg-type]
 
     def flush_one(self, transport: asyncio.WriteTransport) -> None:
         """Make ``transport``'s held writes now (before it closes, or before a write of its own)."""
         data = self.held.pop(transport, None)
         if data is not None and not transport.is_closing():
-            transport.write(data if data.__class__ is bytes else b"".join(data))  # type: ignore[arg-type]
+            transport.write(b"".join(data) if data.__class__ is list else data)  # type: ignore[arg-type]
 
 
 _last: TurnWrites | None = None

@@ -96,6 +96,7 @@ async def test_a_streamed_head_and_its_events_leave_turn_by_turn() -> None:
     await asyncio.sleep(0)  # the turn ends: nothing came with the head
     assert transport.writes == [b"HEAD"]
     out.write(b"event 1")
+    assert transport.writes == [b"HEAD"]  # held while others run
     await asyncio.sleep(0)
     out.write(b"event 2")
     await asyncio.sleep(0)
@@ -177,3 +178,26 @@ async def test_when_the_others_end_within_the_turn_what_is_held_leaves_first_wit
     assert one.writes == [b"ab", b"c"]
     await asyncio.sleep(0)
     assert one.writes == [b"ab", b"c"] and many.writes == [b"123"]
+
+
+async def test_what_is_held_is_a_copy_and_a_connection_closed_within_the_turn_gets_nothing() -> None:
+    batch = writes(running=3)
+    kept, closed = Recorded(), Recorded()
+    body = bytearray(b"body")
+    batch.write(kept, body)  # type: ignore[arg-type]
+    batch.write(kept, memoryview(b" and more"))  # type: ignore[arg-type]
+    body[:] = b"XXXX"  # the caller reuses its buffer before the turn ends
+    batch.write(closed, b"lost")  # type: ignore[arg-type]
+    closed.close()
+    await asyncio.sleep(0)
+    assert kept.writes == [b"body and more"] and closed.writes == []
+
+
+async def test_a_100_continue_goes_at_once_and_the_head_after_it_still_waits_for_its_body() -> None:
+    out, transport = writer(running=3)
+    out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    out.write(b"HEAD ")
+    out.write(b"body")
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", b"HEAD body"]
