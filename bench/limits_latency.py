@@ -58,6 +58,8 @@ def _timings(server: Server, connection: http.client.HTTPConnection, count: int)
         if response.status != 200:
             raise RuntimeError(f"{server.name}: {response.status}")
         timing = response.getheader("server-timing") or ""
+        if "gateway;dur=" not in timing:
+            raise RuntimeError(f"{server.name}: no gateway;dur in server-timing ({timing!r})")
         gateway = float(timing.split("gateway;dur=", 1)[1].split(",", 1)[0])
         out.append((gateway, whole))
     return out
