@@ -256,7 +256,9 @@ def _price(entry: Any, where: str) -> Price:
     for key, value in entry.items():
         amount = _amount(value)
         if amount is None:
-            raise SettingsError(f"{where} {key} must be a number of USD per million tokens from 0, got {value!r}")
+            raise SettingsError(
+                f"{where} {key} must be a number of USD per million tokens from 0 to {MAX_PRICE}, got {value!r}"
+            )
         values[key] = amount
     return Price(
         values["input"],
@@ -267,12 +269,18 @@ def _price(entry: Any, where: str) -> Price:
     )
 
 
+MAX_PRICE = Decimal(100_000)
+"""The highest price taken, in USD per million tokens (the dearest model in the shipped table costs
+180): a larger one is a mistake in the file, and refusing it keeps every cost within 64-bit integers
+of micro-dollars (``providers.usage.dialects.MAX_COUNT`` tokens at this price fit a thousand times)."""
+
+
 def _amount(value: Any) -> Decimal | None:
-    """A finite, non-negative price, or ``None``; bool (an int to Python) and strings are refused."""
+    """A price from 0 to ``MAX_PRICE``, or ``None``; bool (an int to Python) and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, int | Decimal):
         return None
     amount = Decimal(value)
-    if not amount.is_finite() or amount < 0:
+    if not amount.is_finite() or not 0 <= amount <= MAX_PRICE:
         return None
     return amount
 

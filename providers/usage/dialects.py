@@ -26,16 +26,22 @@ from providers.usage.model import Usage
 Merge = Callable[[Usage, Any], None]
 
 
+MAX_COUNT = 10**10
+"""The largest token count taken as one (ten billion, thousands of times any context window): a
+larger figure is not understood, so that what the ledger, the access line and the metrics add up
+stays within 64-bit integers whatever an upstream sends."""
+
+
 def count(value: Any) -> int | None:
-    """A token count: a non-negative int (integral floats accepted, Cohere's SDK types them so)."""
+    """A token count: an int from 0 to ``MAX_COUNT`` (integral floats accepted, Cohere's SDK types them so)."""
     kind = type(value)
     if kind is int:  # the common case first: one type check
-        return value if value >= 0 else None
+        return value if 0 <= value <= MAX_COUNT else None
     if value is None or kind is bool:
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value) if 0 <= value <= MAX_COUNT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_COUNT:
         return int(value)
     return None
 
@@ -94,12 +100,12 @@ def openai_usage(usage: Usage, data: Any) -> None:
         return
     get = data.get
     prompt = get("prompt_tokens")
-    if type(prompt) is not int or prompt < 0:
+    if type(prompt) is not int or not 0 <= prompt <= MAX_COUNT:
         prompt = count(prompt)
         if prompt is None:
             prompt = count(get("input_tokens"))
     completion = get("completion_tokens")
-    if type(completion) is not int or completion < 0:
+    if type(completion) is not int or not 0 <= completion <= MAX_COUNT:
         completion = count(completion)
         if completion is None:
             completion = count(get("output_tokens"))
@@ -216,18 +222,19 @@ def google_event(usage: Usage, data: Any) -> None:
 
 
 def cohere_usage(usage: Usage, data: Any) -> None:
-    """``usage`` (v2 chat) or ``meta`` (embed, v1): ``tokens`` are the tokens the model saw,
-    ``billed_units`` what is billed; ``tokens`` first, ``billed_units`` when it is missing."""
+    """``usage`` (v2 chat) or ``meta`` (embed, v1): ``billed_units`` what Cohere bills, ``tokens``
+    the tokens the model saw (the prompt template included, which is not billed); ``billed_units``
+    first, so that the cost is what the invoice says, ``tokens`` when it is missing."""
     if not isinstance(data, dict):
         return
     tokens = data.get("tokens")
     billed = data.get("billed_units")
-    prompt = count(_obj(tokens, "input_tokens"))
+    prompt = count(_obj(billed, "input_tokens"))
     if prompt is None:
-        prompt = count(_obj(billed, "input_tokens"))
-    completion = count(_obj(tokens, "output_tokens"))
+        prompt = count(_obj(tokens, "input_tokens"))
+    completion = count(_obj(billed, "output_tokens"))
     if completion is None:
-        completion = count(_obj(billed, "output_tokens"))
+        completion = count(_obj(tokens, "output_tokens"))
     _set(usage, input_tokens=prompt, output_tokens=completion, cache_read=count(data.get("cached_tokens")))
 
 

@@ -109,7 +109,10 @@ class Ledger:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
             self._wake.clear()
-            await self.flush(len(self.queue))
+            try:
+                await self.flush(len(self.queue))
+            except Exception as exc:  # the writer never stops: what is queued is tried again next turn
+                log.error("usage_writer_error", error=type(exc).__name__)
 
     async def flush(self, count: int | None = None) -> None:
         """Write everything queued, rows queued meanwhile included, a batch at a time; stop at the
@@ -126,13 +129,39 @@ class Ledger:
             except StoreUnavailableError as exc:
                 log.warning("usage_write_failed", rows=len(rows), error=str(exc))
                 return
-            del self.queue[: len(rows)]
+            except Exception as exc:  # the store refused what the batch holds: written row by row
+                log.error("usage_batch_refused", rows=len(rows), error=type(exc).__name__)
+                done = await self._write_each(rows)
+                del self.queue[:done]
+                if done < len(rows):
+                    return
+            else:
+                del self.queue[: len(rows)]
+                self.written += len(rows)
             if left is not None:
                 left -= len(rows)
-            self.written += len(rows)
             if self._dropping and len(self.queue) < self.max_queue // 2:
                 log.info("usage_rows_dropped_total", dropped=self.dropped)
                 self._dropping = False
+
+    async def _write_each(self, rows: list[LedgerValues]) -> int:
+        """The rows of a refused batch one by one, so that one bad row never holds the others back:
+        a row the store refuses is dropped (counted and logged). How many were written or dropped;
+        fewer than all when the store went away meanwhile (the rest stay queued)."""
+        for index, row in enumerate(rows):
+            try:
+                await self.store.record_usage([row])
+            except StoreUnavailableError as exc:
+                log.warning("usage_write_failed", rows=len(rows) - index, error=str(exc))
+                return index
+            except Exception as exc:
+                self.dropped += 1
+                log.error(
+                    "usage_row_dropped", request_id=row[0], reason="refused by the store", error=type(exc).__name__
+                )
+            else:
+                self.written += 1
+        return len(rows)
 
     async def stop(self) -> None:
         """Stop the writer and write what is still queued (a clean shutdown loses no row)."""

@@ -183,6 +183,9 @@ output = 0.88
         ('[openai."gpt-4o"]\ninput = true\noutput = 2\n', "input must be a number"),
         ('[openai."gpt-4o"]\ninput = nan\noutput = 2\n', "input must be a number"),
         ('[openai."gpt-4o"]\ninput = inf\noutput = 2\n', "input must be a number"),
+        # a cost out of 64-bit range would stop the ledger's writer: no price that large is real
+        ('[openai."gpt-4o"]\ninput = 1e400\noutput = 2\n', "per million tokens from 0 to 100000"),
+        ('[openai."gpt-4o"]\ninput = 1\noutput = 100001\n', "output must be a number"),
         ('[openai."gpt-4o"]\ninput = 1\n', "[openai.gpt-4o] needs output"),
         ('[openai."gpt-4o"]\ninput = 1\noutput = 2\ncached = 1\n', "unknown keys: cached"),
         ('[openai]\n"gpt-4o" = 2.5\n', "[openai.gpt-4o] must be a table of prices"),

@@ -241,6 +241,37 @@ async def test_a_writer_turn_takes_what_was_queued_when_it_began(tmp_path: Path)
         await store.close()
 
 
+async def test_a_row_the_store_refuses_is_dropped_alone_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """A batch the store refuses for what it holds (here a figure beyond SQLite's 64-bit integers)
+    is written row by row: the bad row is dropped and counted, its neighbours are written, and
+    the writer's next turns and a clean stop go on as usual."""
+    store = SQLiteStore(tmp_path / "ledger.db")
+    await store.open()
+    try:
+        ledger = Ledger(store, flush_seconds=0.05)
+        await ledger.start()
+        ledger.record(_row("before"))
+        ledger.record(_row("bad")._replace(cost_micro_usd=2**70))
+        ledger.record(_row("after"))
+        for _ in range(100):
+            if not ledger.queue:
+                break
+            await asyncio.sleep(0.02)
+        assert ledger.dropped == 1 and ledger.written == 2 and not ledger.queue
+        ledger.record(_row("later"))  # the writer is still running
+        for _ in range(100):
+            if not ledger.queue:
+                break
+            await asyncio.sleep(0.02)
+        assert ledger.written == 3
+        ledger.record(_row("at-stop"))
+        await ledger.stop()
+        found = {n: await store.usage_request(n) is not None for n in ("before", "bad", "after", "later", "at-stop")}
+        assert found == {"before": True, "bad": False, "after": True, "later": True, "at-stop": True}
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("metering", ["false"])
 def test_no_ledger_without_metering(
     make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream, metering: str

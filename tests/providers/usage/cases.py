@@ -160,9 +160,9 @@ CASES = [
         JSON,
         u(41, 4, "@cf/meta/llama-3.1-8b-instruct"),
     ),
-    # Cohere v2: tokens before billed_units; embed bills input only
-    Case("cohere_body.json", "cohere-sse", "v2/chat", JSON, u(71, 418, None)),
-    Case("cohere_stream.sse", "cohere-sse", "v2/chat", SSE, u(69, 2, None)),
+    # Cohere v2: billed_units (what is billed) before tokens (the prompt template included); embed bills input only
+    Case("cohere_body.json", "cohere-sse", "v2/chat", JSON, u(5, 418, None)),
+    Case("cohere_stream.sse", "cohere-sse", "v2/chat", SSE, u(3, 2, None)),
     Case("cohere_embed_body.json", "cohere-sse", "v2/embed", JSON, u(1, 0, None)),
 ]
 

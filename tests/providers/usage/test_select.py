@@ -111,7 +111,15 @@ def test_anthropic_output_tokens_are_cumulative_never_summed() -> None:
     assert reader.result() == Usage(10, 12, None, None, None, "claude", True)
 
 
-def test_cohere_falls_back_to_billed_units() -> None:
+def test_cohere_falls_back_to_the_tokens_seen_without_billed_units() -> None:
     reader = usage_reader("cohere-sse", "v2/chat", 200, "application/json", None)
-    reader.feed(b'{"id":"x","usage":{"billed_units":{"input_tokens":5,"output_tokens":9}}}')
-    assert reader.result() == Usage(5, 9, None, None, None, None, True)
+    reader.feed(b'{"id":"x","usage":{"tokens":{"input_tokens":70,"output_tokens":9}}}')
+    assert reader.result() == Usage(70, 9, None, None, None, None, True)
+
+
+@pytest.mark.parametrize("figure", [b"100000000000000000000", b"10000000001", b"1e30", b"-1"])
+def test_a_count_out_of_range_is_not_a_count(figure: bytes) -> None:
+    # beyond any context window: not understood, so nothing downstream adds up past 64 bits
+    reader = usage_reader("openai-sse", "v1/chat/completions", 200, "application/json", None)
+    reader.feed(b'{"model":"m","usage":{"prompt_tokens":%s,"completion_tokens":%s}}' % (figure, figure))
+    assert reader.result() == Usage(None, None, None, None, None, "m", False)
