@@ -57,6 +57,17 @@ NOT_RELAYED = frozenset({"CONNECT", "TRACE"})
 """CONNECT would turn the upstream connection into a tunnel; TRACE echoes the request back, the
 gateway's own credentials included."""
 RELAYED_METHODS = (b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+_STREAM_ENDS = (b"[DONE]", b'"message_stop"')
+"""What the last event of an OpenAI-format stream (``data: [DONE]``) or an Anthropic one
+(``message_stop``) holds: a client that leaves once it has it (the OpenAI SDK closes the connection at
+``[DONE]``) had the whole answer, even if the upstream's end of the body had not come yet."""
+
+
+def ends_stream(sent: bytes) -> bool:
+    """Whether ``sent``, the last chunk a client received, ends with a stream's own last event."""
+    tail = sent[-48:]
+    return any(end in tail for end in _STREAM_ENDS)
+
 """The ``Allow`` header of the 405 those get (every other method is relayed as it is; these are the
 ones the providers' APIs use)."""
 
@@ -182,7 +193,7 @@ class Relay:
         except asyncio.CancelledError:
             exchange.task.uncancel()
             if exchange.client_gone:
-                info.truncated = info.status != 0
+                info.truncated = info.status != 0 and not info.complete
                 return
             # cancelled from outside (the server's graceful shutdown ran out) outside the response
             # body, which _exchange handles: one warning line, never a traceback
@@ -290,7 +301,7 @@ class Relay:
             if idle is not None:
                 exchange.watch_idle(idle)
             clock = exchange.loop.time
-            chunk = b""
+            chunk = delivered = b""
             hider = stream_options.UsageChunkHider() if hide_usage and stream else None
             try:
                 while True:
@@ -309,6 +320,7 @@ class Relay:
                         exchange.finished = True
                     sent = chunk if hider is None else hider(chunk, last)
                     await send({"type": "http.response.body", "body": sent, "more_body": not last})
+                    delivered = sent
                     if reader is not None:  # after the client has the chunk: metering never delays it
                         reader.feed(chunk)
                     if last:
@@ -316,6 +328,8 @@ class Relay:
                         return
             except asyncio.CancelledError:
                 if exchange.client_gone:
+                    if stream and ends_stream(delivered):
+                        info.complete = True  # it left after the stream's own end: nothing was cut
                     raise
                 exchange.task.uncancel()
                 if exchange.idled:

@@ -15,7 +15,8 @@ Test behaviours live under ``/{provider}/_mock/…``: ``echo``, ``bytes?n=``, ``
 
 SDK calls pick a behaviour by model name instead, for OpenAI chat completions and Anthropic messages
 streamed (``"stream": true``): ``mock-cut`` sends two content events, then resets the connection;
-``mock-stall`` sends one, then sends nothing more for a minute.
+``mock-stall`` sends one, then sends nothing more for a minute; ``mock-linger`` sends every event,
+then waits half a second before it ends the body (as an upstream may, after ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ class MockUpstream:
         self, request: web.Request, body: Any, events: list[bytes], headers: dict[str, str]
     ) -> web.StreamResponse:
         """Write ``events``, or, for the models ``mock-cut`` and ``mock-stall``, the first few then
-        reset the connection or stall."""
+        reset the connection or stall; for ``mock-linger``, all of them, then half a second before
+        the end of the body."""
         model = body.get("model") if isinstance(body, dict) else None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
         await response.prepare(request)
@@ -276,6 +278,8 @@ class MockUpstream:
             await self._stall()
         for event in events:
             await response.write(event)
+        if model == "mock-linger":
+            await asyncio.sleep(0.5)
         await response.write_eof()
         return response
 

@@ -112,6 +112,24 @@ def test_a_stream_cut_by_the_upstream_is_recorded_incomplete(
     assert row["complete"] is False and row["model"] == "gpt-4o-mini" and row["status"] == 200
 
 
+def test_an_sdk_that_closes_at_done_has_a_complete_stream(
+    make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream
+) -> None:
+    """The OpenAI SDK closes the connection once it reads ``[DONE]``; an upstream that ends its body
+    a moment later (``mock-linger``: half a second) has still given the whole answer."""
+    gw = make_gateway()
+    key = gw.create_key("team_linger")
+    client = openai.OpenAI(api_key=key, base_url=f"{gw.url}/openai/v1", max_retries=0)
+    streamed = client.chat.completions.with_raw_response.create(
+        model="mock-linger", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert [chunk.choices[0].delta.content for chunk in streamed.parse() if chunk.choices]
+    request_id = streamed.headers["x-gateway-request-id"]
+    row = ledger_row(gw, request_id)
+    assert row["complete"] is True and row["inputTokens"] == MOCK_STREAM_USAGE["prompt_tokens"]
+    assert gw.access_line(request_id)["truncated"] is False
+
+
 async def test_a_thousand_concurrent_requests_make_a_thousand_rows(
     make_gateway: Callable[..., GatewayProcess], upstream: MockUpstream
 ) -> None:
