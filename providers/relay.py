@@ -68,6 +68,7 @@ def ends_stream(sent: bytes) -> bool:
     tail = sent[-48:]
     return any(end in tail for end in _STREAM_ENDS)
 
+
 """The ``Allow`` header of the 405 those get (every other method is relayed as it is; these are the
 ones the providers' APIs use)."""
 
