@@ -57,6 +57,9 @@ NOT_RELAYED = frozenset({"CONNECT", "TRACE"})
 """CONNECT would turn the upstream connection into a tunnel; TRACE echoes the request back, the
 gateway's own credentials included."""
 RELAYED_METHODS = (b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+INJECTED_FORMATS = frozenset({"openai-sse", "workers-ai-sse"})
+"""The providers whose chat completions streams are asked for their usage (``USAGE_STREAM_OPTIONS``):
+the OpenAI-format ones, and Workers AI, whose ``v1/chat/completions`` is OpenAI's."""
 _STREAM_ENDS = (b"[DONE]", b'"message_stop"')
 """What the last event of an OpenAI-format stream (``data: [DONE]``) or an Anthropic one
 (``message_stop``) holds: a client that leaves once it has it (the OpenAI SDK closes the connection at
@@ -98,7 +101,9 @@ class Relay:
         self.pricer = Pricer(prices, provider.slug) if prices is not None else None
         """This provider's prices; ``None``: usage is not metered (``USAGE_METERING=off``)."""
         self.inject_usage = (
-            prices is not None and settings.usage_stream_options == "inject" and provider.stream_format == "openai-sse"
+            prices is not None
+            and settings.usage_stream_options == "inject"
+            and provider.stream_format in INJECTED_FORMATS
         )
         self.timeout = settings.upstream_timeout_seconds
         self.idle_timeout = settings.stream_idle_timeout_seconds

@@ -53,8 +53,23 @@ def _last_event_end(data: bytes) -> int:
     return best
 
 
+def _may_be_usage_only(events: bytes) -> bool:
+    """Whether ``events`` may hold the usage-only event (a byte search, before any parsing)."""
+    return events.replace(b" ", b"").find(_USAGE_ONLY) >= 0 and events.find(b'"usage"') >= 0
+
+
 def _is_usage_only(event: bytes) -> bool:
-    return event.replace(b" ", b"").find(_USAGE_ONLY) >= 0 and event.find(b'"usage"') >= 0
+    """Whether ``event`` is the usage-only chunk: ``"choices": []`` and a usage object. Another
+    chunk without choices (Azure's first, with its prompt filter results and ``"usage": null``)
+    is not."""
+    if not _may_be_usage_only(event):
+        return False
+    lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
+    try:
+        value = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and value.get("choices") == [] and isinstance(value.get("usage"), dict)
 
 
 class UsageChunkHider:
@@ -74,7 +89,7 @@ class UsageChunkHider:
         if len(data) - end > MAX_PENDING:
             end = len(data)  # an event this long is not the small usage chunk: it goes on unheld
         ready, self.pending = data[:end], data[end:]
-        if b'"choices"' not in ready or not _is_usage_only(ready):
+        if b'"choices"' not in ready or not _may_be_usage_only(ready):
             return ready
         kept = []
         start = 0

@@ -296,10 +296,11 @@ class Totals:
         for labels, count in self.unpriced.items():
             unpriced.add_metric(_fit(labels, 2 + len(extra)), count)
         dropped = CounterMetricFamily(
-            "gateway_usage_rows_dropped", "Usage ledger rows dropped because the write queue was full"
+            "gateway_usage_rows_dropped",
+            "Usage ledger rows dropped: the write queue was full, or the store refused the row",
         )
         dropped.add_metric([], self.usage_rows_dropped)
-        families = (tokens, cost, unpriced) + ((dropped,) if self.usage_rows_dropped else ())
+        families = (tokens, cost, unpriced, dropped)  # the drops at 0 too: an alert needs the series
         yield from (family for family in families if family.samples)  # none before metering
 
 

@@ -58,6 +58,23 @@ def test_a_stream_whose_client_did_not_ask_for_usage_is_metered_and_unchanged(
     assert chunks and all(chunk.choices and chunk.usage is None for chunk in chunks)
 
 
+def test_workers_ai_openai_streams_are_asked_for_usage_too(
+    gateway: GatewayProcess, team_key: str, upstream: MockUpstream
+) -> None:
+    client = openai.OpenAI(api_key=team_key, base_url=f"{gateway.url}/workers-ai/v1", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="@cf/meta/llama-3.1-8b-instruct", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = list(raw.parse())
+    assert chunks and all(chunk.choices and chunk.usage is None for chunk in chunks)  # no extra chunk
+    assert upstream.last().json()["stream_options"] == {"include_usage": True}
+    line = gateway.access_line(raw.headers["x-gateway-request-id"])
+    assert (line["input_tokens"], line["output_tokens"]) == (
+        MOCK_STREAM_USAGE["prompt_tokens"],
+        MOCK_STREAM_USAGE["completion_tokens"],
+    )
+
+
 def test_a_stream_whose_client_asked_for_usage_gets_it_as_sent(
     gateway: GatewayProcess, team_key: str, upstream: MockUpstream
 ) -> None:
@@ -140,6 +157,7 @@ def test_tokens_cost_and_unpriced_requests_in_metrics(
     assert f'gateway_cost_usd_total{{model="gpt-4o-mini",provider="openai",team="team_metered"}} {expected}' in text
     assert 'gateway_unpriced_requests_total{model="mystery-model",provider="openai",team="team_metered"} 1.0' in text
     assert sum(1 for line in gw.log_lines() if line.get("event") == "model_unpriced") == 1
+    assert "\ngateway_usage_rows_dropped_total 0.0\n" in text  # shown before any drop: an alert can watch it
 
 
 def test_the_usage_chunk_hider_holds_back_a_bounded_amount() -> None:
@@ -152,3 +170,16 @@ def test_the_usage_chunk_hider_holds_back_a_bounded_amount() -> None:
     assert hide(usage[10:] + b"data: [DONE]\n\n", True) == b"data: [DONE]\n\n"  # the usage-only event is gone
     huge = b"data: " + b"x" * (MAX_PENDING + 10)
     assert hide(huge, False) == huge  # no end in sight: not held, however long
+
+
+def test_the_usage_chunk_hider_keeps_other_chunks_without_choices() -> None:
+    """Only the usage chunk the gateway caused goes: Azure's first chunk (no choices, its prompt
+    filter results, ``"usage": null`` once usage is asked for) and any other stay."""
+    from providers.stream_options import UsageChunkHider
+
+    filters = b'data: {"choices":[],"created":0,"id":"","model":"","prompt_filter_results":[{}],"usage":null}\n\n'
+    content = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}\r\n\r\n'
+    hide = UsageChunkHider()
+    assert hide(filters + content, False) == filters + content
+    assert hide(usage + b"data: [DONE]\n\n", True) == b"data: [DONE]\n\n"

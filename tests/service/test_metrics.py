@@ -335,6 +335,11 @@ def test_the_exposition_matches_prometheus_client_metrics(tmp_path: Path) -> Non
         registry=registry,
     )
     cache = Counter("gateway_auth_cache", "Key lookups by cache result", ["result"], registry=registry)
+    Counter(
+        "gateway_usage_rows_dropped",
+        "Usage ledger rows dropped: the write queue was full, or the store refused the row",
+        registry=registry,
+    )
     metrics = Metrics(tmp_path)
     for provider, status, team, seconds in (
         ("openai", 200, "t", 0.3),
