@@ -315,3 +315,37 @@ def test_several_workers_without_redis_refuse_limits(
     stopped = launch(command, env, tmp_path, port, ready_path=None)
     assert stopped.process.wait(30) == 3
     assert '"event":"limits_need_redis"' in stopped.log_text()  # the supervisor's own lines are text
+
+
+def test_a_second_process_on_the_same_sqlite_file_never_counts_apart(
+    make_gateway: Callable[..., GatewayProcess], tmp_path: Path, upstream: MockUpstream
+) -> None:
+    """Two gateways started apart (no supervisor, no WEB_CONCURRENCY) on one SQLite file: the first
+    keeps the limits in its memory, the second knows it would count apart and refuses limits, and a
+    third cannot start once limits are stored; limits are never kept per process."""
+    first = make_gateway()
+    second = make_gateway()
+    assert httpx.get(f"{first.url}/readyz").json()["limits"] == "memory"
+    assert httpx.get(f"{second.url}/readyz").json()["limits"] == "unshared"
+    key = first.create_key("team_two")
+    refused = httpx.patch(f"{second.url}/teams/team_two", json={"limits": {"maxConcurrent": 5}}, headers=ADMIN)
+    assert refused.status_code == 409 and "SQLite" in refused.json()["error"]
+    limits = {"limits": {"requestsPerMinute": 1}}
+    assert httpx.patch(f"{first.url}/teams/team_two", json=limits, headers=ADMIN).status_code == 200
+    body = {"model": "gpt-4o-mini", "messages": []}
+    auth = {"authorization": f"Bearer {key}"}
+    assert httpx.post(f"{first.url}/openai/v1/chat/completions", json=body, headers=auth).status_code == 200
+    assert httpx.post(f"{first.url}/openai/v1/chat/completions", json=body, headers=auth).status_code == 429
+
+    def unshared_answer() -> bool:  # once the second process's key cache holds the new limits
+        answer = httpx.post(f"{second.url}/openai/v1/chat/completions", json=body, headers=auth)
+        return answer.status_code == 503 and "REDIS_URL" in answer.text
+
+    wait_until(unshared_answer, 5, "the second process refusing the limited request")
+    port = free_port()
+    env = gateway_env(upstream.url, tmp_path)
+    third = launch(
+        [str(BIN / "python"), "-m", "service.server", "--port", str(port)], env, tmp_path, port, ready_path=None
+    )
+    assert third.process.wait(30) == 3
+    assert "limits_need_redis" in third.log_text()

@@ -1,16 +1,22 @@
 """Which limiter a gateway process uses, and what every one offers.
 
 - ``REDIS_URL`` set: ``RedisLimiter``, exact across every worker and replica.
-- One worker process on SQLite: ``MemoryLimiter``, exact in that process.
-- Several worker processes (``WEB_CONCURRENCY`` > 1) or a PostgreSQL store (which is there for
-  replicas) without ``REDIS_URL``: ``UnsharedLimiter``, which enforces nothing per process: the
-  gateway refuses to start while limits are stored, the API refuses to set one, and a request under
-  limits set behind its back (by the CLI) gets 503 saying why.
+- One worker process on SQLite: ``MemoryLimiter``, exact in that process. It holds a lock on the
+  file ``<database>.limits-lock`` beside the database for as long as it runs, so that a second
+  gateway process started on the same file (another ``python -m service.server``) knows.
+- Several worker processes (``WEB_CONCURRENCY`` > 1), a PostgreSQL store (which is there for
+  replicas), or a SQLite file whose lock another gateway process holds, without ``REDIS_URL``:
+  ``UnsharedLimiter``, which enforces nothing per process: the gateway refuses to start while limits
+  are stored, the API refuses to set one, and a request under limits set behind its back (by the CLI,
+  or by the process holding the lock) gets 503 saying why. Only one process ever counts.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from config import Settings
@@ -20,7 +26,8 @@ from service.core.limits.outcome import Grant, Subject, SubjectState
 
 NEEDS_REDIS = (
     "Limits need REDIS_URL when the gateway runs several worker processes or replicas (WEB_CONCURRENCY > 1, "
-    "or a PostgreSQL DATABASE_URL): kept per process they would multiply by the number of processes."
+    "a PostgreSQL DATABASE_URL, or another gateway process already running on this SQLite database): kept "
+    "per process they would multiply by the number of processes."
 )
 
 
@@ -83,6 +90,32 @@ def limiter_for(settings: Settings, seed: Seeder) -> Limiter:
             lease_seconds=settings.limits_lease_seconds,
             fail_mode=settings.limits_fail_mode,
         )
-    if shared_processes(settings):
+    if shared_processes(settings) or (settings.database_path is not None and not _only_process(settings.database_path)):
         return UnsharedLimiter()
     return MemoryLimiter(seed, settings.limits_lease_seconds)
+
+
+_held: dict[str, int] = {}
+"""The locks' descriptors by lock file, kept open (and so the locks held) for the life of the process."""
+
+
+def _only_process(database: Path) -> bool:
+    """Whether this is the one gateway process on the SQLite file ``database``: it takes the lock on
+    ``<database>.limits-lock`` (or holds it already); another process holding it says otherwise. The
+    lock goes with the process, however it ends. A lock file that cannot be made (a read-only
+    directory) answers yes: the store itself then tells what is wrong."""
+    lock = f"{database.resolve()}.limits-lock"
+    if lock in _held:
+        return True
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        return False
+    _held[lock] = descriptor
+    return True
