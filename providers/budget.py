@@ -30,7 +30,9 @@ JSON text (quoted, unescaped): a body without it names none of them, at any dept
 
 
 def _whole(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A maximum the request sets: a whole number from 1. A maximum of 0 is none: providers refuse
+    it or write past it, so it must not reserve nothing against a budget."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return min(value, MAX_OUTPUT_TOKENS)
     return None
 

@@ -292,7 +292,8 @@ LIMIT_OPTIONS = {
     "budgetUsd": "budget_usd",
     "budgetPeriod": "budget_period",
 }
-_NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?")
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+"""A JSON number, as the API would receive it (its range is then checked as the API checks it)."""
 
 
 def limit_value(field: str, raw: str) -> object:
@@ -301,10 +302,10 @@ def limit_value(field: str, raw: str) -> object:
         return None
     if field == "budgetPeriod":
         return raw
-    if _NUMBER.fullmatch(raw) is None:
+    if len(raw) > 40 or _NUMBER.fullmatch(raw) is None:
         option = "--" + LIMIT_OPTIONS[field].replace("_", "-")
-        raise CommandFailed(f"{option} must be a number or 'none', got {raw!r}", USAGE)
-    return float(raw) if "." in raw else int(raw)
+        raise CommandFailed(f"{option} must be a number or 'none', got {raw[:40]!r}", USAGE)
+    return orjson.loads(raw)
 
 
 async def apply_limits(
@@ -352,7 +353,16 @@ async def subject_state(
     return state.json(limits, datetime.now(UTC).timestamp())
 
 
-STATE_COLUMNS = ["spentUsd", "reservedUsd", "remainingUsd", "resetsAt", "requestsThisMinute", "inFlight"]
+STATE_COLUMNS = [
+    "spentUsd",
+    "reservedUsd",
+    "remainingUsd",
+    "periodStart",
+    "resetsAt",
+    "requestsThisMinute",
+    "tokensThisMinute",
+    "inFlight",
+]
 
 
 def emit_limited(args: argparse.Namespace, row: dict[str, Any], columns: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from middleware.key_guard import UnknownKeyGuard
 from providers.connections import ConnectionPool
 from service.core.audit import record_expiries
 from service.core.ledger import Ledger
-from service.core.limits.limiter import NEEDS_REDIS, limiter_for
+from service.core.limits.limiter import NEEDS_REDIS, serving_limiter
 from service.core.limits.outcome import Subject
 from service.core.metrics import Metrics
 from service.core.store import StoreUnavailableError, TokenStore, store_for
@@ -73,7 +73,7 @@ def make_lifespan(settings: Settings, metrics: Metrics) -> Any:
         async def seed(subject: Subject, period: str) -> int:
             return await store.spent(subject.kind, subject.ident, None if period == "total" else period)
 
-        limiter = limiter_for(settings, seed)
+        limiter = serving_limiter(settings, seed)
         if limiter.kind == "unshared" and await store.any_limits():
             log.error("limits_need_redis", message=NEEDS_REDIS)
             sys.stdout.flush()

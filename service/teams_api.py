@@ -287,13 +287,21 @@ def _team_id(request: Request) -> str:
     return check_text(team_id, "teamId", MAX_TEAM_ID)
 
 
+def _no_route_without_id(request: Request) -> None:
+    """``/teams/`` (no id) is no route: the JSON 404 of every path with a trailing slash."""
+    if not request.path_params["team_id"]:
+        raise HTTPException(404)
+
+
 async def show_team(request: Request) -> Response:
+    _no_route_without_id(request)
     require_admin(request)
     team_id = _team_id(request)
     return JSONResponse(await _team_json(request, await _team_or_404(request, team_id)))
 
 
 async def patch_team(request: Request) -> Response:
+    _no_route_without_id(request)
     require_admin(request)
     team_id = _team_id(request)
     await _patch(request, TEAM_FIELDS, "team", team_id)

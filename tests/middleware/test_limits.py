@@ -123,6 +123,7 @@ def test_unpriced_models_under_a_budget(make_gateway: Callable[..., GatewayProce
         sdk.post("/chat/completions", body={"messages": MESSAGES}, cast_to=object)
     assert "The request names no model, so it has no price" in unnamed.value.message
     sdk.close()
+    denying.stop()  # one gateway process at a time on the SQLite file: the second would keep no limits
     allowing = make_gateway(BUDGET_UNPRICED="allow")
     patch(allowing, "/teams/team_unpriced", {"limits": {"budgetUsd": 10}})
     other = openai.OpenAI(base_url=f"{allowing.url}/openai/v1", api_key=allowing.create_key("team_unpriced"))
@@ -131,7 +132,7 @@ def test_unpriced_models_under_a_budget(make_gateway: Callable[..., GatewayProce
 
 
 def test_no_limits_no_headers_and_large_bodies(
-    gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess]
+    gateway: GatewayProcess, make_gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
     key = gateway.create_key("team_free")
     plain = httpx.post(
@@ -140,7 +141,8 @@ def test_no_limits_no_headers_and_large_bodies(
         headers={"authorization": f"Bearer {key}"},
     )
     assert plain.status_code == 200 and not any(name.startswith("x-ratelimit") for name in plain.headers)
-    small = make_gateway(MAX_REQUEST_BYTES="1000")
+    # a database of its own: a second gateway process on one SQLite file keeps no limits
+    small = make_gateway(MAX_REQUEST_BYTES="1000", DATABASE_URL=f"sqlite:///{tmp_path / 'small.db'}")
     patch(small, "/teams/team_small", {"limits": {"tokensPerMinute": 1000}})
     small_key = small.create_key("team_small")
     too_large = httpx.post(

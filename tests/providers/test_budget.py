@@ -23,6 +23,8 @@ def test_the_output_limit_is_the_requests_own() -> None:
     assert output_limit(body({"max_tokens": 10**12})) == 10_000_000
     assert output_limit(body({"max_tokens": True})) is None
     assert output_limit(body({"max_tokens": -1})) is None
+    assert output_limit(body({"max_tokens": 0})) is None  # no cap: a budget reserves the default, never nothing
+    assert output_limit(body({"max_tokens": 0, "max_completion_tokens": 3})) == 3
     # a limit named only inside a message's text is not the request's
     assert output_limit(body({"messages": [{"content": '{"max_tokens": 5}'}]})) is None
     assert output_limit(b'{"max_tokens": 5') is None  # not JSON

@@ -261,10 +261,20 @@ def test_team_and_key_limits_on_the_database_directly(
     with_redis = {**env, "REDIS_URL": "redis://127.0.0.1:6379/0", "REDIS_KEY_PREFIX": redis_prefix}
     state = orjson.loads(gateway(with_redis, "keys", "show", key_id, "--json").stdout)["state"]
     assert state["inFlight"] == 0 and state["spentUsd"] is None
+    table = gateway(with_redis, "keys", "show", key_id).stdout
+    assert all(name in table for name in ("periodStart", "tokensThisMinute", "requestsThisMinute", "inFlight"))
+    exponent = gateway(env, "teams", "set-limits", "team_lim", "--budget-usd", "1e3", "--json")  # as JSON takes it
+    assert orjson.loads(exponent.stdout)["limits"]["budgetUsd"] == 1000
 
     for args, code, message in [
         (("teams", "set-limits", "team_lim"), 2, "needs at least one of"),
         (("teams", "set-limits", "team_lim", "--max-concurrent", "x"), 2, "--max-concurrent must be a number"),
+        (
+            ("teams", "set-limits", "team_lim", "--max-concurrent", "-5"),
+            2,
+            "limits.maxConcurrent",
+        ),  # a number, out of range
+        (("teams", "set-limits", "team_lim", "--budget-usd", "-1"), 2, "limits.budgetUsd"),
         (("teams", "set-limits", "team_lim", "--budget-period", "year"), 2, "limits.budgetPeriod"),
         (("keys", "set-limits", "key_0000000000000000", "--max-concurrent", "1"), 1, "no such key"),
         (("teams", "show", "team_nobody"), 1, "no such team"),

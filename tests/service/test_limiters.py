@@ -175,7 +175,11 @@ async def test_budgets_reserve_the_worst_case_and_settle_the_real_cost(make: Cal
     _, reset = period_bounds("month", datetime.now(UTC))
     assert reset is not None
     assert int(dict(refusal.headers)[b"retry-after"]) > 1
-    await first.admit([subject], 0, 48, "three")
+    three = await first.admit([subject], 0, 48, "three")
+    first.release(three, 10, 60)  # it cost more than it reserved: 112 spent of 100
+    await settled(first, subject, spent=112, reserved=0)
+    await refused(first, [subject], cost=1)
+    await second.admit([subject], 0, 0, "a read")  # reserves nothing, spends nothing: never refused
 
 
 async def test_leases_of_a_process_that_stops_renewing_expire(make: Callable[..., Limiter]) -> None:

@@ -339,10 +339,12 @@ def test_self_service_rotation_can_require_the_admin(make_gateway) -> None:  # t
 
 
 def test_trailing_slashes_are_404_never_a_redirect(gateway: GatewayProcess, team_key: str) -> None:
-    for path in (f"/tokens/{team_key}/", "/tokens/", "/healthz/", f"/tokens/{team_key}/refresh/"):
-        for method in ("GET", "POST", "DELETE"):
+    for path in (f"/tokens/{team_key}/", "/tokens/", "/healthz/", f"/tokens/{team_key}/refresh/", "/teams/", "/keys/"):
+        for method in ("GET", "POST", "DELETE", "PATCH"):
             response = httpx.request(method, gateway.url + path, headers={"host": "evil.example"})
             assert response.status_code in (404, 405), (method, path, response.status_code)
+            if path in ("/teams/", "/keys/") and method in ("GET", "PATCH"):  # not a team or key with no id
+                assert response.status_code == 404, (method, path)
             assert "location" not in response.headers and "error" in response.json()
             assert team_key not in response.text
 

@@ -90,9 +90,18 @@ def limiter_for(settings: Settings, seed: Seeder) -> Limiter:
             lease_seconds=settings.limits_lease_seconds,
             fail_mode=settings.limits_fail_mode,
         )
-    if shared_processes(settings) or (settings.database_path is not None and not _only_process(settings.database_path)):
+    if shared_processes(settings):
         return UnsharedLimiter()
     return MemoryLimiter(seed, settings.limits_lease_seconds)
+
+
+def serving_limiter(settings: Settings, seed: Seeder) -> Limiter:
+    """``limiter_for`` a gateway process that serves requests: a ``MemoryLimiter`` only while no other
+    gateway process on its SQLite file keeps one (the command line's never counts)."""
+    limiter = limiter_for(settings, seed)
+    if limiter.kind == "memory" and settings.database_path is not None and not _only_process(settings.database_path):
+        return UnsharedLimiter()
+    return limiter
 
 
 _held: dict[str, int] = {}

@@ -172,7 +172,8 @@ class MemoryLimiter:
                 raise self._refusal(subject, "tpm", wait, entries, now)
             if limits.budget_micro_usd is not None and period is not None:
                 spent = books.spent.get(period, 0)
-                if spent + books.reserved + cost > limits.budget_micro_usd:
+                # what reserves nothing spends nothing: never refused by a budget, spent or not
+                if cost and spent + books.reserved + cost > limits.budget_micro_usd:
                     wait = budget_retry(subject, spent, cost, now)
                     raise self._refusal(subject, "budget", wait, entries, now, spent, books.reserved)
         second = int(now)

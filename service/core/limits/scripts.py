@@ -190,7 +190,7 @@ for i = 1, n do
     refused = 'rpm'
   elseif tpm >= 0 and f[2] + tokens > tpm then
     refused = 'tpm'
-  elseif budget >= 0 and f[12] + f[13] + cost > budget then
+  elseif budget >= 0 and cost > 0 and f[12] + f[13] + cost > budget then  -- what reserves nothing spends nothing
     refused = 'budget'
   end
   if refused then
