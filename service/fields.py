@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -123,13 +123,16 @@ TEAM_FIELDS: dict[str, Setter] = {
 """``PATCH /teams/{teamId}``."""
 
 
-def apply(payload: Mapping[str, object], table: Mapping[str, Setter], change: Change) -> Change:
-    """Every field of ``payload`` through its function in ``table``; an unknown field is refused."""
+def apply(
+    payload: Mapping[str, object], table: Mapping[str, Setter], change: Change, also: Sequence[str] = ()
+) -> Change:
+    """Every field of ``payload`` through its function in ``table``; an unknown field is refused,
+    naming every field the request takes (``also``: the ones its caller reads itself)."""
     for name, value in payload.items():
         setter = table.get(name)
         if setter is None:
             shown = name if len(name) <= 40 else name[:40] + "…"
-            raise BadRequest(f"Unknown field {shown!r}: expected one of {', '.join(table)}.")
+            raise BadRequest(f"Unknown field {shown!r}: expected one of {', '.join([*also, *table])}.")
         setter(value, change)
     return change
 

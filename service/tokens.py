@@ -170,7 +170,9 @@ def new_key_fields(payload: dict[str, Any], known: tuple[str, ...] | None) -> tu
     assert team_id is not None
     name = _text_field(payload, "name", MAX_NAME, required=False) or team_id
     rest = {k: v for k, v in payload.items() if k not in ("teamId", "name")}
-    change = fields.apply(rest, {**fields.KEY_FIELDS}, fields.Change(known_providers=known, creating=True))
+    change = fields.apply(
+        rest, fields.KEY_FIELDS, fields.Change(known_providers=known, creating=True), also=("teamId", "name")
+    )
     return team_id, name, change
 
 

@@ -228,6 +228,28 @@ def _teams(request: Request) -> TeamDirectory:
     return teams
 
 
+def _once(request: Request, names: Sequence[str]) -> None:
+    """Each of ``names`` given at most once: a repeated one (``groupBy=day&groupBy=model``) is refused
+    rather than read as one of its values."""
+    query = request.query_params
+    for name in names:
+        if len(query.getlist(name)) > 1:
+            raise BadRequest(f"'{name}' is given more than once; give it once (groupBy takes a comma-separated list).")
+
+
+def _output(request: Request) -> str:
+    output = request.query_params.get("format", "json")
+    if output not in ("json", "csv"):
+        raise BadRequest("'format' must be json or csv.")
+    return output
+
+
+def _report_response(report: Mapping[str, Any], output: str) -> Response:
+    if output == "csv":
+        return Response(report_csv(report), media_type="text/csv; charset=utf-8")
+    return _json(report_json(report))
+
+
 def _range(request: Request) -> tuple[str, str]:
     query = request.query_params
     start, end = query.get("from"), query.get("to")
@@ -244,16 +266,13 @@ async def usage(request: Request) -> Response:
     """Admin: usage and cost over a range, grouped and filtered; JSON or CSV."""
     require_admin(request)
     query = request.query_params
-    output = query.get("format", "json")
-    if output not in ("json", "csv"):
-        raise BadRequest("'format' must be json or csv.")
+    _once(request, ("from", "to", "format", "groupBy", *FILTERS))
+    output = _output(request)
     start, end = _range(request)
     group_by = parse_group_by(query.get("groupBy"))
     filters = check_filters({name: query.get(name) for name in FILTERS})
     report = await build_report(_teams(request).store, start, end, group_by, filters)
-    if output == "csv":
-        return Response(report_csv(report), media_type="text/csv; charset=utf-8")
-    return _json(report_json(report))
+    return _report_response(report, output)
 
 
 async def usage_request(request: Request) -> Response:
@@ -271,12 +290,14 @@ async def key_usage(request: Request) -> Response:
     teams = _teams(request)
     if teams.degraded:  # as GET /tokens/{apiKey}: the API speaks for the store, not the cache
         raise StoreUnavailableError("store unavailable")
+    _once(request, ("from", "to", "format"))
+    output = _output(request)
     start, end = _range(request)
     team = await teams.resolve(request.path_params["api_key"])
     if team is None:
         raise NotFound(NOT_FOUND_MESSAGE)
     report = await build_report(teams.store, start, end, KEY_GROUPS, {"key_id": team.key_id})
-    return _json(report_json(report))
+    return _report_response(report, output)
 
 
 routes = [

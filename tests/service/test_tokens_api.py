@@ -40,6 +40,14 @@ def test_create_returns_key_team_name_and_time(gateway: GatewayProcess) -> None:
     assert TIME_RE.fullmatch(body["createdAt"])
 
 
+def test_an_unknown_field_is_refused_naming_every_field_taken(gateway: GatewayProcess) -> None:
+    response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_x", "colour": "red"}, headers=ADMIN)
+    assert response.status_code == 400
+    message = response.json()["error"]
+    assert "'colour'" in message
+    assert all(name in message for name in ("teamId", "name", "allowedModels", "allowedProviders", "expiresAt"))
+
+
 def test_name_defaults_to_team_id(gateway: GatewayProcess) -> None:
     response = httpx.post(f"{gateway.url}/tokens", json={"teamId": "team_noname"}, headers=ADMIN)
     assert response.status_code == 201

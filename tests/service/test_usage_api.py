@@ -296,6 +296,16 @@ def test_a_key_sees_its_own_usage(served: GatewayProcess, tmp_path: Path) -> Non
     bad = httpx.get(f"{served.url}/tokens/{rotated}/usage", params={"from": "2026-11-05", "to": "2026-11-01"})
     assert bad.status_code == 400 and bad.json()["error"] == "'from' must not be after 'to'."
     assert httpx.get(f"{served.url}/tokens/{rotated}").status_code == 200  # its neighbour still answers
+    as_csv = httpx.get(f"{served.url}/tokens/{rotated}/usage", params={**query, "format": "csv"})
+    assert as_csv.headers["content-type"].startswith("text/csv") and as_csv.text.startswith("day,model,requests")
+    assert len(as_csv.text.splitlines()) == 4
+
+
+def test_a_parameter_given_twice_is_refused(served: GatewayProcess) -> None:
+    for query in ("groupBy=day&groupBy=model", "teamId=a&teamId=b", "from=2026-11-01&from=2026-11-02"):
+        response = httpx.get(f"{served.url}/usage?{query}", headers=ADMIN)
+        assert response.status_code == 400 and "more than once" in response.json()["error"], query
+    assert httpx.get(f"{served.url}/usage?groupBy=day,model", headers=ADMIN).status_code == 200
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
