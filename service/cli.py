@@ -489,13 +489,16 @@ def usage_time(raw: str, option: str, now: datetime) -> datetime:
 
 
 def usage_table(report: dict[str, Any]) -> str:
-    """A report for people: costs as $0.001234 or "unpriced", and a total line."""
+    """A report for people: costs as $0.001234 or "unpriced" ("-" with no requests), and a total line."""
     fields = [GROUP_FIELDS[name] for name in report["groupBy"]]
     columns = [*fields, *SUM_FIELDS, "cost", "unpricedRequests"]
     shown = []
     for row in [*report["rows"], {**report["totals"], **dict.fromkeys(fields[:1], "total")}]:
         cost = row["costMicroUsd"]
-        shown.append({**row, "cost": "unpriced" if cost is None else f"${usd(cost)}"})
+        if cost is not None:
+            shown.append({**row, "cost": f"${usd(cost)}"})
+        else:
+            shown.append({**row, "cost": "unpriced" if row["requests"] else "-"})
     return table(shown, columns)
 
 

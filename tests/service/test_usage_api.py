@@ -381,3 +381,12 @@ def test_usage_retention_days_setting() -> None:
     for raw in ("0", "3651", "-5", "1e3", "\u0663", "9" * 5000, "30d"):
         with pytest.raises(SettingsError, match="USAGE_RETENTION_DAYS must be a whole number of days from 1 to 3650"):
             Settings.from_env({"USAGE_RETENTION_DAYS": raw}, env_file=None)
+
+
+def test_the_usage_table_of_an_empty_range_shows_no_cost_rather_than_unpriced() -> None:
+    from service.cli import usage_table
+    from service.usage import totals
+
+    empty = {"groupBy": ["day"], "rows": [], "totals": totals([])}
+    total_line = usage_table(empty).splitlines()[-1].split()
+    assert total_line[0] == "total" and "-" in total_line and "unpriced" not in total_line
