@@ -92,8 +92,10 @@ def time_range(
             end = datetime.combine(today + timedelta(days=1), time(), UTC)
         if start is None:
             start = end - timedelta(days=DEFAULT_DAYS)
-    except OverflowError:
-        raise BadRequest(f"'{last}' must be {TIME_FORMS}.") from None
+    except OverflowError:  # the default start would fall before the year 1
+        raise BadRequest(
+            f"'{last}' is too early for a range of {DEFAULT_DAYS} days before it; give '{first}' too."
+        ) from None
     if start > end:
         raise BadRequest(f"'{first}' must not be after '{last}'.")
     if end - start > timedelta(days=MAX_DAYS):

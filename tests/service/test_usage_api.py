@@ -183,7 +183,7 @@ def test_the_default_range_is_the_last_30_days(served: GatewayProcess) -> None:
         ({"from": "\uff12\uff10\uff12\uff16-11-01"}, "'from' must be a date"),
         ({"from": "2026-11-02", "to": "2026-11-01"}, "'from' must not be after 'to'."),
         ({"from": "2025-01-01", "to": "2026-02-06"}, "The range from 'from' to 'to' must be at most 400 days."),
-        ({"to": "0001-01-05"}, "'to' must be"),
+        ({"to": "0001-01-05"}, "'to' is too early for a range of 30 days before it; give 'from' too."),
         ({"groupBy": "day,week"}, "'groupBy' cannot be 'week': use hour, day, team, key, provider, model."),
         ({"groupBy": ""}, "'groupBy' must list one or more of"),
         ({"groupBy": "day,,model"}, "'groupBy' must list one or more of"),
